@@ -1,0 +1,186 @@
+"""Token-importance criteria: each maps one block's attention to a score per patch token.
+
+A criterion is a plain function ``fn(ctx, **options) -> Tensor (B, n)``, higher = keep, registered
+by name with ``@register_criterion``. Adding one is one function plus its decorator line. The
+context gives the attention logits of the pruning block and cached derived views (probabilities,
+CLS attention), so a criterion computes only what it needs.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .entropy import check_alpha, renyi_entropy
+
+__all__ = [
+    "AttentionContext",
+    "Criterion",
+    "CRITERIA",
+    "register_criterion",
+    "make_criterion",
+    "list_criteria",
+]
+
+Criterion = Callable[["AttentionContext"], Tensor]
+
+
+@dataclass
+class AttentionContext:
+    """What a criterion may read at a pruning block.
+
+    ``logits``: (B, H, N, N) attention logits q.k/sqrt(d) before softmax, queries x keys; token 0 is
+    CLS, tokens 1..n are the candidate patches, a fused token (if any) comes last.
+    """
+
+    logits: Tensor
+    num_patches: int
+    stage: int = 0
+    step: int = 0
+    _probs: Tensor | None = field(default=None, repr=False)
+    _cls_attn: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def probs(self) -> Tensor:
+        """softmax(logits) over keys (B, H, N, N), computed once and shared with the attention output."""
+        if self._probs is None:
+            self._probs = self.logits.softmax(dim=-1)
+        return self._probs
+
+    @property
+    def cls_attn(self) -> Tensor:
+        """Mean over heads of the CLS query's attention to every token (B, N)."""
+        if self._cls_attn is None:
+            row = self._probs[:, :, 0] if self._probs is not None else self.logits[:, :, 0].softmax(-1)
+            self._cls_attn = row.float().mean(dim=1)
+        return self._cls_attn
+
+    def patches(self, t: Tensor, dim: int = -1) -> Tensor:
+        """Slice the candidate patch tokens 1..n out of ``t`` along ``dim``."""
+        return t.narrow(dim, 1, self.num_patches)
+
+
+CRITERIA: dict[str, Callable[..., Tensor]] = {}
+
+
+def register_criterion(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Decorator: make ``fn(ctx, **options)`` available as criterion ``name``."""
+
+    def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        CRITERIA[name] = fn
+        return fn
+
+    return deco
+
+
+def list_criteria() -> list[str]:
+    return sorted(CRITERIA)
+
+
+def criterion_options(fn: Callable[..., Tensor]) -> dict[str, object]:
+    """The keyword options a criterion accepts, with their defaults."""
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    return {p.name: p.default for p in params}
+
+
+def make_criterion(criterion: str | Criterion, **options) -> Criterion:
+    """Bind options to a registered criterion (or a callable), checking them on a tiny input now.
+
+    Unknown option names and invalid values fail here, not at the first forward.
+    """
+    if callable(criterion):
+        fn = functools.partial(criterion, **options) if options else criterion
+    else:
+        if criterion not in CRITERIA:
+            raise ValueError(f"unknown criterion {criterion!r}; known: {', '.join(list_criteria())}")
+        base = CRITERIA[criterion]
+        known = criterion_options(base)
+        bad = sorted(set(options) - set(known))
+        if bad:
+            raise ValueError(
+                f"criterion {criterion!r} has no option {', '.join(bad)}; "
+                f"its options: {', '.join(known) or 'none'}")
+        fn = functools.partial(base, **options)
+    probe = AttentionContext(torch.randn(1, 2, 4, 4), num_patches=3)
+    out = fn(probe)
+    if out.shape != (1, 3):
+        raise ValueError(f"criterion returned shape {tuple(out.shape)} for 3 patches; expected (1, 3)")
+    return fn
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def _mean_heads_log_probs(log_p: Tensor) -> Tensor:
+    """log of the head-mean distribution: log((1/H) sum_h p_h) from per-head log-probabilities."""
+    return torch.logsumexp(log_p, dim=1) - math.log(log_p.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Criteria
+
+
+@register_criterion("renyi")
+def renyi(
+    ctx: AttentionContext,
+    alpha: float = 1.0,
+    direction: str = "row",
+    heads: str = "mean",
+    cls_key: str = "include",
+) -> Tensor:
+    """-H_alpha of each patch's attention: its query's row (default) or the normalized column it receives.
+
+    heads='mean' averages per-head entropies; 'pooled' takes the entropy of the head-mean
+    distribution. cls_key='exclude' drops the CLS key from every row and renormalizes.
+    """
+    alpha = check_alpha(alpha)
+    _choice("direction", direction, ("row", "column"))
+    _choice("heads", heads, ("mean", "pooled"))
+    _choice("cls_key", cls_key, ("include", "exclude"))
+    s = ctx.logits.float() if ctx.logits.dtype in (torch.float16, torch.bfloat16) else ctx.logits
+    first_key = 1 if cls_key == "exclude" else 0
+    keys = s[..., first_key:]  # softmax over a subset of keys = renormalized row
+    if direction == "row":
+        rows = ctx.patches(keys, dim=2)  # (B, H, n, K)
+        if heads == "mean":
+            h = renyi_entropy(rows, alpha, dim=-1).mean(dim=1)
+        else:
+            h = renyi_entropy(_mean_heads_log_probs(rows.log_softmax(-1)), alpha, dim=-1)
+        return -h
+    # Column: the attention key j receives from every query, p_ij / sum_i p_ij. Its entropy is the
+    # entropy of softmax over queries of log p_ij, so renyi_entropy applies along the query axis.
+    log_p = keys.log_softmax(dim=-1)
+    if heads == "pooled":
+        log_p = _mean_heads_log_probs(log_p).unsqueeze(1)
+    cols = log_p.narrow(-1, 1 - first_key, ctx.num_patches)  # candidate keys
+    return -renyi_entropy(cols, alpha, dim=-2).mean(dim=1)
+
+
+@register_criterion("shannon")
+def shannon(ctx: AttentionContext, direction: str = "row", heads: str = "mean", cls_key: str = "include"):
+    """Rényi with alpha = 1: -Shannon entropy of each patch's attention."""
+    return renyi(ctx, alpha=1.0, direction=direction, heads=heads, cls_key=cls_key)
+
+
+@register_criterion("evit")
+def evit(ctx: AttentionContext) -> Tensor:
+    """EViT: the CLS query's attention to each patch, averaged over heads."""
+    return ctx.patches(ctx.cls_attn)
+
+
+@register_criterion("random")
+def random(ctx: AttentionContext, seed: int = 0) -> Tensor:
+    """Uniform random scores, independent per image and stage, reproducible for a seed."""
+    device = ctx.logits.device
+    g = torch.Generator(device=device)
+    g.manual_seed((int(seed) * 1_000_003 + ctx.step * 1009 + ctx.stage) % (2**63))
+    return torch.rand(ctx.logits.shape[0], ctx.num_patches, generator=g, device=device)

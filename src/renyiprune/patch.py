@@ -1,0 +1,221 @@
+"""Make an existing ViT prune tokens in place: ``patch(model, ...)`` / ``unpatch(model)``.
+
+Like ToMe's ``tome.patch.timm``, patching swaps the classes of the model and of the blocks at the
+pruning locations for subclasses; all configuration and the records of the last forward live in
+one ``PruneState`` object at ``model.renyiprune``, shared by those blocks. Nothing is copied, so the
+weights stay the user's.
+
+After a forward, ``model.renyiprune.stages[i]`` holds, for the i-th pruning location:
+``kept`` (B, k) indices into that stage's input patches, ``patch_index`` (B, k) the original patch
+numbers (0..num_patches-1, row-major on the grid) of the survivors, and ``scores`` (B, n).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .criteria import CRITERIA, AttentionContext, Criterion, criterion_options, make_criterion
+from .selection import check_keep_rate, keep_count, select_tokens
+
+__all__ = ["patch", "unpatch", "PruneState", "StageConfig", "StageRecord", "is_patched"]
+
+
+@dataclass
+class StageConfig:
+    """How one pruning location prunes."""
+
+    location: int
+    keep_rate: float
+    criterion: Criterion
+    name: str
+
+
+@dataclass
+class StageRecord:
+    """What one pruning location did in the last forward."""
+
+    location: int
+    kept: Tensor
+    patch_index: Tensor
+    scores: Tensor
+    num_fused: int
+
+
+@dataclass
+class PruneState:
+    """Configuration and per-forward bookkeeping, shared by the patched model and its blocks."""
+
+    stages: list[StageConfig]
+    fuse: bool
+    original_classes: dict[int, type] = field(default_factory=dict)
+    # Filled during a forward:
+    step: int = 0
+    records: list[StageRecord] = field(default_factory=list)
+    patch_index: Tensor | None = None
+
+    @property
+    def locations(self) -> tuple[int, ...]:
+        return tuple(s.location for s in self.stages)
+
+    def begin(self, batch: int, num_patches: int, device: torch.device) -> None:
+        self.records = []
+        self.patch_index = torch.arange(num_patches, device=device).expand(batch, -1)
+
+    def describe(self) -> str:
+        parts = [f"{s.name}@{s.location}:{s.keep_rate:g}" for s in self.stages]
+        return " ".join(parts) + (" +fuse" if self.fuse else "")
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "renyiprune", None), PruneState)
+
+
+def _scored_attention(attn: nn.Module, x: Tensor, criterion: Criterion, ctx_kw: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """Attention with explicit logits: returns (output, scores (B, n), cls_attn (B, N)).
+
+    The criterion reads the logits before they become probabilities; the probabilities are then
+    computed once (or reused if the criterion already asked for them) for the output.
+    """
+    q, k, v = attn.qkv_heads(x)
+    logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
+    ctx = AttentionContext(logits, **ctx_kw)
+    with torch.no_grad():  # scores only rank tokens; no gradient flows through the ranking
+        scores = criterion(ctx)
+    probs = ctx.probs
+    cls_attn = ctx.cls_attn
+    return attn.merge_heads(probs @ v), scores, cls_attn
+
+
+class _PruningBlock:
+    """Mixin placed before a Block class: attention, residual, token selection, then the MLP."""
+
+    _renyiprune: PruneState
+    _renyiprune_stage: int
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = self._renyiprune
+        cfg = state.stages[self._renyiprune_stage]
+        n = state.patch_index.shape[1]
+        y, scores, cls_attn = _scored_attention(
+            self.attn, self.norm1(x), cfg.criterion,
+            dict(num_patches=n, stage=self._renyiprune_stage, step=state.step))
+        x = x + self.drop_path1(y)
+        k = keep_count(n, cfg.keep_rate)
+        x, kept = select_tokens(x, scores, k, cls_attn=cls_attn, fuse=state.fuse)
+        state.patch_index = state.patch_index.gather(1, kept)
+        state.records.append(
+            StageRecord(cfg.location, kept, state.patch_index, scores, num_fused=x.shape[1] - 1 - k))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class _PrunedModel:
+    """Mixin placed before the model class: resets the per-forward state, then runs the model."""
+
+    renyiprune: PruneState
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = self.renyiprune
+        state.begin(x.shape[0], self.patch_embed.num_patches, x.device)
+        out = super().forward(x)
+        state.step += 1
+        return out
+
+
+def _subclass(mixin: type, cls: type) -> type:
+    return type(f"Pruning{cls.__name__}", (mixin, cls), {})
+
+
+def _check_model(model: nn.Module) -> Sequence[nn.Module]:
+    missing = [a for a in ("blocks", "patch_embed", "cls_token") if not hasattr(model, a)]
+    if missing:
+        raise TypeError(
+            f"renyiprune.patch needs a ViT with a CLS token and a 'blocks' list; "
+            f"{type(model).__name__} has no {', '.join(missing)}")
+    blocks = list(model.blocks)
+    for b in blocks:
+        lacking = [a for a in ("norm1", "attn", "norm2", "mlp") if not hasattr(b, a)]
+        if lacking:
+            raise TypeError(f"block {type(b).__name__} has no {', '.join(lacking)}; cannot patch it")
+    return blocks
+
+
+def _per_stage(value, count: int, what: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{what}: got {len(value)} values for {count} pruning locations")
+        return list(value)
+    return [value] * count
+
+
+def patch(
+    model: nn.Module,
+    keep_rate: float | Sequence[float] = 0.7,
+    criterion: str | Criterion | Sequence[str | Criterion] = "renyi",
+    alpha: float | Sequence[float] = 1.0,
+    locations: Sequence[int] = (3, 6, 9),
+    fuse: bool = False,
+    **criterion_options,
+) -> nn.Module:
+    """Make ``model`` prune patch tokens in place, EViT-style, and return it.
+
+    At each block in ``locations`` (0-based), after the attention residual and before the MLP,
+    ceil(keep_rate * n) of the n current patch tokens with the highest criterion score are kept
+    (CLS always). ``keep_rate``, ``criterion`` and ``alpha`` may be one value or one per location.
+    ``alpha`` goes to criteria that take it (renyi); other options go to the criterion as given.
+    ``fuse`` merges the pruned tokens into one extra token weighted by CLS attention. Patching a
+    patched model reconfigures it.
+    """
+    blocks = _check_model(model)
+    if is_patched(model):
+        unpatch(model)
+    locs = [int(i) for i in locations]
+    if any(i < 0 or i >= len(blocks) for i in locs):
+        raise ValueError(f"locations {locs} out of range for a model with {len(blocks)} blocks (0-based)")
+    if locs != sorted(set(locs)):
+        raise ValueError(f"locations must be increasing and distinct, got {locs}")
+    rates = [check_keep_rate(r) for r in _per_stage(keep_rate, len(locs), "keep_rate")]
+    crits = _per_stage(criterion, len(locs), "criterion")
+    alphas = _per_stage(alpha, len(locs), "alpha")
+    stages = []
+    for loc, r, c, a in zip(locs, rates, crits, alphas):
+        opts = dict(criterion_options)
+        if not callable(c) and "alpha" in _options_of(c):
+            opts["alpha"] = a
+        name = getattr(c, "__name__", "custom") if callable(c) else c
+        if "alpha" in opts:
+            name = f"{name}(a={a:g})"
+        stages.append(StageConfig(loc, r, make_criterion(c, **opts), name))
+    state = PruneState(stages=stages, fuse=bool(fuse))
+    state.original_classes[id(model)] = model.__class__
+    model.__class__ = _subclass(_PrunedModel, model.__class__)
+    for si, loc in enumerate(locs):
+        b = blocks[loc]
+        state.original_classes[id(b)] = b.__class__
+        b.__class__ = _subclass(_PruningBlock, b.__class__)
+        b._renyiprune = state
+        b._renyiprune_stage = si
+    model.renyiprune = state
+    return model
+
+
+def _options_of(name: str) -> dict:
+    return criterion_options(CRITERIA[name]) if name in CRITERIA else {}
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore a patched model's original classes and drop its pruning state."""
+    if not is_patched(model):
+        return model
+    state: PruneState = model.renyiprune
+    for m in [model, *model.modules()]:
+        cls = state.original_classes.get(id(m))
+        if cls is not None:
+            m.__class__ = cls
+        for attr in ("_renyiprune", "_renyiprune_stage"):
+            m.__dict__.pop(attr, None)
+    del model.renyiprune
+    return model
