@@ -36,8 +36,14 @@ rows = st.integers(1, 6).flatmap(
     lambda b: st.integers(2, 40).flatmap(
         lambda n: st.lists(
             st.lists(st.floats(-12, 12, allow_nan=False, width=32), min_size=n, max_size=n),
-            min_size=b, max_size=b)))
-alphas = st.sampled_from([0.0, 0.3, 0.5, 0.9, 0.99, 1.0, 1.01, 1.2, 1.49, 1.5, 1.51, 2.0, 3.0, 10.0, math.inf])
+            min_size=b,
+            max_size=b,
+        )
+    )
+)
+alphas = st.sampled_from(
+    [0.0, 0.3, 0.5, 0.9, 0.99, 1.0, 1.01, 1.2, 1.49, 1.5, 1.51, 2.0, 3.0, 10.0, math.inf]
+)
 
 
 @settings(max_examples=300, deadline=None)

@@ -128,12 +128,18 @@ def test_per_stage_settings_and_repatch(images):
     assert sum(type(b).__name__.startswith("Pruning") for b in m.blocks) == 1
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(keep_rate=0.0), "keep rate"), (dict(keep_rate=1.5), "keep rate"),
-    (dict(locations=(3, 9)), "out of range"), (dict(locations=(3, 1)), "increasing"),
-    (dict(alpha=-1), "alpha"), (dict(criterion="bogus"), "unknown criterion"),
-    (dict(keep_rate=[0.5, 0.5]), "locations"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(keep_rate=0.0), "keep rate"),
+        (dict(keep_rate=1.5), "keep rate"),
+        (dict(locations=(3, 9)), "out of range"),
+        (dict(locations=(3, 1)), "increasing"),
+        (dict(alpha=-1), "alpha"),
+        (dict(criterion="bogus"), "unknown criterion"),
+        (dict(keep_rate=[0.5, 0.5]), "locations"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     m = small_vit()
     args = dict(locations=(1, 3, 4))

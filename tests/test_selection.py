@@ -8,8 +8,18 @@ import torch
 from renyiprune.selection import keep_count, select_tokens
 
 
-@pytest.mark.parametrize("n,r,k", [(196, 0.7, 138), (196, 0.5, 98), (10, 0.7, 7), (196, 1.0, 196), (5, 0.01, 1),
-                                   (137, 0.7, 96), (3, 0.9, 3)])
+@pytest.mark.parametrize(
+    "n,r,k",
+    [
+        (196, 0.7, 138),
+        (196, 0.5, 98),
+        (10, 0.7, 7),
+        (196, 1.0, 196),
+        (5, 0.01, 1),
+        (137, 0.7, 96),
+        (3, 0.9, 3),
+    ],
+)
 def test_keep_count(n, r, k):
     assert keep_count(n, r) == k == max(1, math.ceil(round(r * n, 6)))
 

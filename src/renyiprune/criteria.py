@@ -105,7 +105,8 @@ def make_criterion(criterion: str | Criterion, **options) -> Criterion:
         if bad:
             raise ValueError(
                 f"criterion {criterion!r} has no option {', '.join(bad)}; "
-                f"its options: {', '.join(known) or 'none'}")
+                f"its options: {', '.join(known) or 'none'}"
+            )
         fn = functools.partial(base, **options)
     probe = AttentionContext(torch.randn(1, 2, 4, 4), num_patches=3)
     out = fn(probe)

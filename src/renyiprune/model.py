@@ -225,20 +225,42 @@ def register_model(spec: ModelSpec) -> ModelSpec:
 
 
 _DEIT = "https://dl.fbaipublicfiles.com/deit/"
-register_model(ModelSpec(
-    "deit_tiny_patch16_224", dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
-    url=_DEIT + "deit_tiny_patch16_224-a1311bcf.pth", sha256="a1311bcf"))
-register_model(ModelSpec(
-    "deit_small_patch16_224", dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
-    url=_DEIT + "deit_small_patch16_224-cd65a155.pth", sha256="cd65a155"))
-register_model(ModelSpec(
-    "deit_base_patch16_224", dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
-    url=_DEIT + "deit_base_patch16_224-b5f2ef4d.pth", sha256="b5f2ef4d"))
-register_model(ModelSpec(
-    "vit_base_patch16_224", dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
-    url="https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-vitjx/"
-    "jx_vit_base_p16_224-80ecf9dd.pth", sha256="80ecf9dd",
-    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9))
+register_model(
+    ModelSpec(
+        "deit_tiny_patch16_224",
+        dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+        url=_DEIT + "deit_tiny_patch16_224-a1311bcf.pth",
+        sha256="a1311bcf",
+    )
+)
+register_model(
+    ModelSpec(
+        "deit_small_patch16_224",
+        dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+        url=_DEIT + "deit_small_patch16_224-cd65a155.pth",
+        sha256="cd65a155",
+    )
+)
+register_model(
+    ModelSpec(
+        "deit_base_patch16_224",
+        dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+        url=_DEIT + "deit_base_patch16_224-b5f2ef4d.pth",
+        sha256="b5f2ef4d",
+    )
+)
+register_model(
+    ModelSpec(
+        "vit_base_patch16_224",
+        dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+        url="https://github.com/rwightman/pytorch-image-models/releases/download/v0.1-vitjx/"
+        "jx_vit_base_p16_224-80ecf9dd.pth",
+        sha256="80ecf9dd",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        crop_pct=0.9,
+    )
+)
 
 
 def list_models() -> list[str]:
@@ -304,7 +326,8 @@ def create_model(
             if num_classes is None:
                 raise ValueError(
                     f"checkpoint has a {head_w.shape[0]}-class head but the model has {model.num_classes}; "
-                    "pass num_classes to replace the head")
+                    "pass num_classes to replace the head"
+                )
             drop = ("head.",)
         load_state_dict_strict(model, sd, adapt=_adapt_checkpoint(model), drop_prefixes=drop)
     return model.eval()

@@ -12,6 +12,7 @@ numbers (0..num_patches-1, row-major on the grid) of the survivors, and ``scores
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from .criteria import CRITERIA, AttentionContext, Criterion, criterion_options, make_criterion
 from .selection import check_keep_rate, keep_count, select_tokens
 
-__all__ = ["patch", "unpatch", "PruneState", "StageConfig", "StageRecord", "is_patched"]
+__all__ = ["patch", "unpatch", "share_parameters", "PruneState", "StageConfig", "StageRecord", "is_patched"]
 
 
 @dataclass
@@ -74,7 +75,9 @@ def is_patched(model: nn.Module) -> bool:
     return isinstance(getattr(model, "renyiprune", None), PruneState)
 
 
-def _scored_attention(attn: nn.Module, x: Tensor, criterion: Criterion, ctx_kw: dict) -> tuple[Tensor, Tensor, Tensor]:
+def _scored_attention(
+    attn: nn.Module, x: Tensor, criterion: Criterion, ctx_kw: dict
+) -> tuple[Tensor, Tensor, Tensor]:
     """Attention with explicit logits: returns (output, scores (B, n), cls_attn (B, N)).
 
     The criterion reads the logits before they become probabilities; the probabilities are then
@@ -101,14 +104,18 @@ class _PruningBlock:
         cfg = state.stages[self._renyiprune_stage]
         n = state.patch_index.shape[1]
         y, scores, cls_attn = _scored_attention(
-            self.attn, self.norm1(x), cfg.criterion,
-            dict(num_patches=n, stage=self._renyiprune_stage, step=state.step))
+            self.attn,
+            self.norm1(x),
+            cfg.criterion,
+            dict(num_patches=n, stage=self._renyiprune_stage, step=state.step),
+        )
         x = x + self.drop_path1(y)
         k = keep_count(n, cfg.keep_rate)
         x, kept = select_tokens(x, scores, k, cls_attn=cls_attn, fuse=state.fuse)
         state.patch_index = state.patch_index.gather(1, kept)
         state.records.append(
-            StageRecord(cfg.location, kept, state.patch_index, scores, num_fused=x.shape[1] - 1 - k))
+            StageRecord(cfg.location, kept, state.patch_index, scores, num_fused=x.shape[1] - 1 - k)
+        )
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
@@ -134,7 +141,8 @@ def _check_model(model: nn.Module) -> Sequence[nn.Module]:
     if missing:
         raise TypeError(
             f"renyiprune.patch needs a ViT with a CLS token and a 'blocks' list; "
-            f"{type(model).__name__} has no {', '.join(missing)}")
+            f"{type(model).__name__} has no {', '.join(missing)}"
+        )
     blocks = list(model.blocks)
     for b in blocks:
         lacking = [a for a in ("norm1", "attn", "norm2", "mlp") if not hasattr(b, a)]
@@ -181,7 +189,7 @@ def patch(
     crits = _per_stage(criterion, len(locs), "criterion")
     alphas = _per_stage(alpha, len(locs), "alpha")
     stages = []
-    for loc, r, c, a in zip(locs, rates, crits, alphas):
+    for loc, r, c, a in zip(locs, rates, crits, alphas, strict=True):
         opts = dict(criterion_options)
         if not callable(c) and "alpha" in _options_of(c):
             opts["alpha"] = a
@@ -200,6 +208,19 @@ def patch(
         b._renyiprune_stage = si
     model.renyiprune = state
     return model
+
+
+def share_parameters(model: nn.Module) -> nn.Module:
+    """A copy of the module tree whose modules share ``model``'s parameters and buffers.
+
+    Patching the copy swaps only the copy's classes, so several pruning configurations of one
+    model can live side by side without duplicating weights.
+    """
+    if is_patched(model):
+        raise ValueError("share_parameters expects an unpatched model")
+    clone = copy.copy(model)  # new __dict__; _parameters/_buffers dicts stay shared
+    clone._modules = {name: share_parameters(child) for name, child in model._modules.items()}
+    return clone
 
 
 def _options_of(name: str) -> dict:

@@ -1,0 +1,40 @@
+"""The ``renyiprune`` command: one module per subcommand, each with ``add_parser`` and ``run``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import common
+from . import eval as eval_cmd
+
+COMMANDS = [eval_cmd]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="renyiprune",
+        description="Prune ViT patch tokens by the Rényi entropy of their attention, and measure it.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {common.version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for cmd in COMMANDS:
+        cmd.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except common.USER_ERRORS as e:
+        print(f"renyiprune {args.command}: error: {common.one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("renyiprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

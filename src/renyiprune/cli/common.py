@@ -1,0 +1,142 @@
+"""Argument types and helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..data import DataError
+from ..entropy import parse_alpha
+from ..model import create_model, get_spec, list_models
+from ..selection import check_keep_rate
+from ..weights import WeightsError
+
+# Errors a user can cause with what they typed or pointed at: one line, exit 2, no traceback.
+USER_ERRORS = (
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    NotADirectoryError,
+    PermissionError,
+    WeightsError,
+    DataError,
+)
+
+
+def version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _typed(fn, what: str):
+    def parse(text: str):
+        try:
+            return fn(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: {one_line(e)}") from None
+
+    parse.__name__ = what
+    return parse
+
+
+def _list(item):
+    return lambda text: [item(t) for t in text.split(",") if t.strip()]
+
+
+keep_rate = _typed(lambda t: check_keep_rate(float(t)), "keep rate")
+keep_rates = _typed(_list(lambda t: check_keep_rate(float(t))), "keep rates")
+alpha = _typed(parse_alpha, "alpha")
+alphas = _typed(_list(parse_alpha), "alphas")
+names = _typed(_list(str.strip), "list")
+
+
+def _locations(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in {"", "none"}:
+        return ()
+    locs = tuple(int(t) for t in text.split(","))
+    if list(locs) != sorted(set(locs)) or any(i < 0 for i in locs):
+        raise ValueError("block indices must be non-negative, increasing and distinct (0-based), e.g. 3,6,9")
+    return locs
+
+
+locations = _typed(_locations, "locations")
+
+
+def _model_name(text: str) -> str:
+    get_spec(text)
+    return text
+
+
+model_name = _typed(_model_name, "model")
+
+
+def existing_path(text: str) -> Path:
+    p = Path(text).expanduser()
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or directory")
+    return p
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        type=model_name,
+        default="deit_tiny_patch16_224",
+        help=f"model name ({', '.join(list_models())})",
+    )
+    p.add_argument(
+        "--weights",
+        type=existing_path,
+        default=None,
+        help="local .safetensors/.pth weights; without it the official file is downloaded",
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def load_model(args: argparse.Namespace, **kwargs) -> torch.nn.Module:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    model = create_model(args.model, weights=args.weights, pretrained=args.weights is None, **kwargs)
+    return model.to(args.device)
+
+
+def print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=2, allow_nan=False, default=str)
+    sys.stdout.write("\n")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file so that it is either complete or absent (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    """Plain, aligned text table (first column left-aligned, the rest right-aligned)."""
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells):
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in pairs)
+
+    return "\n".join([line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])

@@ -1,0 +1,133 @@
+"""``renyiprune eval``: accuracy and compute of the unpruned model and pruning criteria on one image set."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+from ..criteria import list_criteria
+from ..data import EvalTransform, make_loader
+from ..evaluate import PruneConfig, evaluate, pruned_view
+from . import common
+
+UNPRUNED = {"none", "unpruned", "baseline"}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="top-1/top-5, GMACs and images/s of pruning configurations on an image folder",
+        description="Evaluate the unpruned model and/or pruning criteria on the same images. Several "
+        "--criterion and --alpha/--keep values are crossed and evaluated in one pass.",
+    )
+    common.add_model_args(p)
+    p.add_argument(
+        "--data",
+        type=common.existing_path,
+        required=True,
+        help="folder with labels.tsv (file, class_index, ...) or an ImageFolder tree",
+    )
+    p.add_argument(
+        "--criterion",
+        type=common.names,
+        default=["renyi"],
+        help=f"comma list of: none (unpruned), {', '.join(list_criteria())}",
+    )
+    p.add_argument("--alpha", type=common.alphas, default=[1.0], help="Rényi order(s): 0.5,1,2,inf")
+    p.add_argument("--keep", type=common.keep_rates, default=[0.7], help="keep rate(s) in (0, 1]")
+    p.add_argument("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
+    p.add_argument("--fuse", action="store_true", help="fuse pruned tokens into one extra token (EViT)")
+    p.add_argument("--direction", choices=["row", "column"], default=None, help="renyi: row or column")
+    p.add_argument("--heads", choices=["mean", "pooled"], default=None, help="renyi: head aggregation")
+    p.add_argument("--cls-key", choices=["include", "exclude"], default=None, help="renyi: CLS key")
+    p.add_argument("--seed", type=int, default=None, help="random criterion seed")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images in listing order")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable images (counted) instead of stopping"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run)
+
+
+def configs_from_args(args: argparse.Namespace) -> list[PruneConfig]:
+    renyi_opts = tuple(
+        (k, v)
+        for k, v in (("direction", args.direction), ("heads", args.heads), ("cls_key", args.cls_key))
+        if v is not None
+    )
+    configs: list[PruneConfig] = []
+    for crit in args.criterion:
+        if crit in UNPRUNED:
+            configs.append(PruneConfig(criterion=None))
+            continue
+        if crit not in list_criteria():
+            raise ValueError(f"unknown criterion {crit!r}; choose from none, {', '.join(list_criteria())}")
+        opts: tuple = ()
+        if crit in ("renyi", "shannon"):
+            opts = renyi_opts
+        elif crit == "random" and args.seed is not None:
+            opts = (("seed", args.seed),)
+        alphas = args.alpha if crit == "renyi" else [1.0]
+        for a, r in itertools.product(alphas, args.keep):
+            configs.append(PruneConfig(crit, r, a, tuple(args.locations), args.fuse, opts))
+    return list(dict.fromkeys(configs))  # unique, in order
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be >= 1")
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    configs = configs_from_args(args)
+    model = common.load_model(args)
+    cfg = model.pretrained_cfg
+    transform = EvalTransform(
+        input_size=cfg.img_size,
+        crop_pct=cfg.crop_pct,
+        interpolation=cfg.interpolation,
+        mean=cfg.mean,
+        std=cfg.std,
+    )
+    loader, samples = make_loader(
+        args.data, transform, batch_size=args.batch_size, workers=args.workers, limit=args.limit
+    )
+    depth = len(model.blocks)
+    if any(i >= depth for i in args.locations):
+        raise ValueError(
+            f"--locations {args.locations} out of range for {args.model} ({depth} blocks, 0-based)"
+        )
+    views = {c.label: pruned_view(model, c) for c in configs}
+    results = evaluate(
+        views,
+        loader,
+        device=args.device,
+        skip_bad=args.skip_bad,
+        total=len(samples),
+        progress=not args.no_progress,
+    )
+    if args.json:
+        rows = [r.to_dict() for r in results]
+        common.print_json(rows[0] if len(rows) == 1 else {"results": rows, "images": results[0].images})
+        return 0
+    base = next((r for r in results if r.config == "unpruned"), None)
+    headers = ["config", "top-1 %", "top-5 %", "GMACs", "images/s"]
+    if base:
+        headers += ["Δtop-1", "GMACs ratio"]
+    rows = []
+    for r in results:
+        row = [r.config, f"{r.top1:.2f}", f"{r.top5:.2f}", f"{r.gmacs:.3f}", f"{r.images_per_s:.1f}"]
+        if base:
+            row += [f"{r.top1 - base.top1:+.2f}", f"{base.gmacs / r.gmacs:.2f}x"]
+        rows.append(row)
+    print(
+        f"{args.model} on {args.data} ({results[0].images} images"
+        + (f", {results[0].skipped} unreadable skipped" if results[0].skipped else "")
+        + ")"
+    )
+    print(common.format_table(headers, rows))
+    sys.stdout.flush()
+    return 0

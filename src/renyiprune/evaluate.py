@@ -1,0 +1,135 @@
+"""Top-1/top-5 evaluation of several pruning configurations on the same decoded images.
+
+Each configuration is a parameter-sharing view of one model (``pruned_view``), so every batch is
+decoded and preprocessed once and fed to all of them; forward time is measured per configuration.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .data import Batch, check_bad
+from .flops import count_gmacs
+from .patch import patch, share_parameters
+
+__all__ = ["PruneConfig", "EvalResult", "evaluate", "pruned_view"]
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Arguments of ``renyiprune.patch``; ``criterion=None`` means the unpruned model."""
+
+    criterion: str | None = "renyi"
+    keep_rate: float = 0.7
+    alpha: float = 1.0
+    locations: tuple[int, ...] = (3, 6, 9)
+    fuse: bool = False
+    options: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def label(self) -> str:
+        if self.criterion is None:
+            return "unpruned"
+        text = self.criterion
+        if self.criterion == "renyi":
+            text += f" a={self.alpha:g}"
+        text += "".join(f" {k}={v}" for k, v in self.options)
+        text += f" r={self.keep_rate:g}"
+        return text + (" +fuse" if self.fuse else "")
+
+
+@dataclass
+class EvalResult:
+    """Accuracy (percent, 0-100) and cost of one configuration."""
+
+    config: str
+    top1: float
+    top5: float
+    images: int
+    gmacs: float
+    images_per_s: float
+    skipped: int = 0
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pruned_view(model: nn.Module, config: PruneConfig) -> nn.Module:
+    """A weight-sharing copy of ``model`` that prunes as ``config`` says; the original is untouched."""
+    view = share_parameters(model)
+    if config.criterion is not None:
+        patch(
+            view,
+            keep_rate=config.keep_rate,
+            criterion=config.criterion,
+            alpha=config.alpha,
+            locations=config.locations,
+            fuse=config.fuse,
+            **dict(config.options),
+        )
+    return view
+
+
+@torch.inference_mode()
+def evaluate(
+    models: Mapping[str, nn.Module],
+    batches: Iterable[Batch],
+    *,
+    device: str | torch.device = "cpu",
+    skip_bad: bool = False,
+    total: int | None = None,
+    progress: bool = True,
+) -> list[EvalResult]:
+    """Run every model on every batch; returns one result per model in the mapping's order.
+
+    A bad image stops the run with an error naming it unless ``skip_bad``; skipped images are counted.
+    """
+    names = list(models)
+    correct1 = dict.fromkeys(names, 0)
+    correct5 = dict.fromkeys(names, 0)
+    seconds = dict.fromkeys(names, 0.0)
+    images = skipped = 0
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    bar = tqdm(total=total, unit="img", desc="eval", disable=not progress, leave=False)
+    for batch in batches:
+        skipped += check_bad(batch, skip_bad)
+        n = batch.labels.shape[0]
+        bar.update(n + len(batch.bad))
+        if n == 0:
+            continue
+        x = batch.images.to(device, non_blocking=True)
+        y = batch.labels.to(device)
+        for name in names:
+            sync()
+            t0 = time.perf_counter()
+            logits = models[name](x)
+            sync()
+            seconds[name] += time.perf_counter() - t0
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hit = top5 == y[:, None]
+            correct1[name] += int(hit[:, 0].sum())
+            correct5[name] += int(hit.any(dim=1).sum())
+        images += n
+    bar.close()
+    results = []
+    for name in names:
+        gmacs = count_gmacs(models[name])
+        results.append(
+            EvalResult(
+                config=name,
+                top1=100.0 * correct1[name] / max(images, 1),
+                top5=100.0 * correct5[name] / max(images, 1),
+                images=images,
+                gmacs=gmacs,
+                images_per_s=images / seconds[name] if seconds[name] > 0 else 0.0,
+                skipped=skipped,
+            )
+        )
+    return results
