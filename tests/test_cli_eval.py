@@ -1,0 +1,108 @@
+"""`renyiprune eval` end to end on real images: JSON output, bad images, bad arguments."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from renyiprune.cli import main
+from renyiprune.model import MODELS
+
+
+@pytest.fixture(scope="module")
+def weights(shared_assets):
+    return shared_assets / "weights" / "deit_tiny_patch16_224.safetensors"
+
+
+@pytest.fixture
+def folder(shared_assets, tmp_path):
+    """An ImageFolder tree with a grayscale, a CMYK and an RGBA image and (optionally) a corrupt JPEG."""
+    src = sorted((shared_assets / "imagenet-sample-1000" / "images").glob("*.JPEG"))
+    root = tmp_path / "data"
+    for i, mode in enumerate(["L", "CMYK", "RGBA"]):
+        d = root / f"class{i}"
+        d.mkdir(parents=True)
+        img = Image.open(src[i]).convert(mode)
+        img.save(d / ("img.png" if mode == "RGBA" else "img.jpg"))
+    return root
+
+
+def add_corrupt(root):
+    data = (root / "class0" / "img.jpg").read_bytes()
+    (root / "class0" / "broken.jpg").write_bytes(data[: len(data) // 3])
+
+
+def test_json_output_one_config(folder, weights, capsys):
+    rc = main(["eval", "--weights", str(weights), "--data", str(folder), "--criterion", "renyi",
+               "--alpha", "2", "--keep", "0.7", "--json", "--no-progress", "--workers", "0"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"top1", "top5", "images", "gmacs", "images_per_s"} <= set(out)
+    assert out["images"] == 3 and 0 <= out["top1"] <= 100 and 0.7 < out["gmacs"] < 0.9
+
+
+def test_corrupt_image_stops_or_is_skipped(folder, weights, capsys):
+    add_corrupt(folder)
+    args = ["eval", "--weights", str(weights), "--data", str(folder), "--criterion", "none,evit",
+            "--no-progress", "--workers", "0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and len(err.strip().splitlines()) == 1
+    assert main(args + ["--skip-bad", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["images"] for r in out["results"]] == [3, 3]
+    assert [r["skipped"] for r in out["results"]] == [1, 1]
+
+
+def test_table_with_several_configs(folder, weights, capsys):
+    assert main(["eval", "--weights", str(weights), "--data", str(folder), "--criterion", "none,evit,renyi",
+                 "--alpha", "1,inf", "--no-progress", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    for label in ("unpruned", "evit r=0.7", "renyi a=1 r=0.7", "renyi a=inf r=0.7"):
+        assert label in out
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--alpha", "-1"], "alpha"), (["--keep", "0"], "keep rate"), (["--keep", "1.5"], "keep rate"),
+    (["--locations", "9,3"], "locations"), (["--locations", "3,12"], "out of range"),
+    (["--model", "resnet50"], "model"), (["--criterion", "bogus"], "unknown criterion"),
+    (["--data", "/nonexistent/dir"], "no such file"),
+])
+def test_bad_arguments_one_line_no_traceback(extra, needle, folder, weights):
+    args = ["eval", "--weights", str(weights), "--data", str(folder), "--no-progress", *extra]
+    p = subprocess.run([sys.executable, "-m", "renyiprune", *args], capture_output=True, text=True)
+    assert p.returncode == 2
+    assert needle in p.stderr and "Traceback" not in p.stderr
+    assert p.stdout == ""
+
+
+def test_empty_folder_and_mismatched_weights(tmp_path, weights, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", "--weights", str(weights), "--data", str(tmp_path / "empty"), "--no-progress"]) == 2
+    assert "no images" in capsys.readouterr().err
+    assert main(["eval", "--model", "deit_small_patch16_224", "--weights", str(weights),
+                 "--data", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "mis-shaped" in err and "pos_embed" in err
+
+
+def test_no_network_names_weights_flag(monkeypatch, tmp_path, folder, capsys):
+    from dataclasses import replace
+
+    monkeypatch.setenv("RENYIPRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(MODELS, "deit_tiny_patch16_224",
+                        replace(MODELS["deit_tiny_patch16_224"], url="http://127.0.0.1:9/deit.pth"))
+    assert main(["eval", "--data", str(folder), "--no-progress"]) == 2
+    assert "--weights" in capsys.readouterr().err
+    assert not any((tmp_path / "cache").glob("*")) if (tmp_path / "cache").exists() else True
+
+
+def test_console_script_installed():
+    exe = str(Path(sys.executable).with_name("renyiprune"))
+    exe = exe if Path(exe).exists() else shutil.which("renyiprune")
+    p = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert p.returncode == 0 and "eval" in p.stdout
