@@ -1,0 +1,84 @@
+"""Token merging math (ToMe's bipartite soft matching) on plain tensors; nothing here knows models.
+
+Tokens are split alternately into sets A (even positions) and B (odd positions). Each A token's
+most similar B token (cosine similarity of a metric, e.g. the attention keys averaged over heads)
+is its match; the r A tokens with the most similar matches are merged into them. Merged features
+are size-weighted means, and sizes add, so that later blocks can use proportional attention
+(log(size) added to the attention logits of each key).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Matching", "bipartite_matching", "merge_into_kept"]
+
+
+@dataclass
+class Matching:
+    """The result of one matching: which A tokens merge into which B tokens (batched indices)."""
+
+    unmerged: Tensor  # (B, nA - r) indices into A of tokens kept as they are, ascending
+    merged: Tensor  # (B, r) indices into A of tokens merged away
+    targets: Tensor  # (B, r) indices into B that each merged A token joins
+
+    def merge(self, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
+        """Apply the matching to features x (B, N, C) with token sizes (B, N, 1).
+
+        Returns the new tokens [unmerged A..., B...] (size-weighted means) and their sizes.
+        """
+        weighted = torch.cat([x * size, size], dim=-1)
+        src, dst = weighted[:, ::2], weighted[:, 1::2]
+        c = weighted.shape[-1]
+        keep = src.gather(1, self.unmerged.unsqueeze(-1).expand(-1, -1, c))
+        moved = src.gather(1, self.merged.unsqueeze(-1).expand(-1, -1, c))
+        dst = dst.scatter_add(1, self.targets.unsqueeze(-1).expand(-1, -1, c), moved)
+        out = torch.cat([keep, dst], dim=1)
+        new_size = out[..., -1:]
+        return out[..., :-1] / new_size, new_size
+
+
+def bipartite_matching(metric: Tensor, r: int, protect_first: bool = True) -> Matching:
+    """Match r tokens of set A into set B by cosine similarity of ``metric`` (B, N, D).
+
+    With ``protect_first`` token 0 (CLS, in A) is never merged. r is capped at the number of
+    mergeable A tokens. Unmerged A tokens keep their original order, so CLS stays first.
+    """
+    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a, b = m[:, ::2], m[:, 1::2]
+    n_a = a.shape[1]
+    r = max(0, min(r, n_a - (1 if protect_first else 0), b.shape[1]))
+    scores = a @ b.transpose(-1, -2)  # (B, nA, nB) cosine similarities
+    if protect_first:
+        scores[:, 0] = -torch.inf
+    best, best_idx = scores.max(dim=-1)
+    order = best.argsort(dim=-1, descending=True)
+    merged = order[:, :r]
+    unmerged = order[:, r:].sort(dim=-1).values
+    return Matching(unmerged, merged, best_idx.gather(1, merged))
+
+
+def merge_into_kept(x: Tensor, size: Tensor, metric: Tensor, kept: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Merge every pruned patch into its most similar kept patch (size-weighted); CLS untouched.
+
+    x (B, 1 + n, C) with sizes (B, 1 + n, 1); ``metric`` (B, 1 + n, D) for the similarity;
+    ``kept`` (B, k) sorted indices into patches 0..n-1. Returns [CLS, kept...] and their sizes.
+    """
+    B, _, C = x.shape
+    k = kept.shape[1]
+    pruned_mask = torch.ones(B, n, dtype=torch.bool, device=x.device).scatter(1, kept, False)
+    m = metric[:, 1:] / metric[:, 1:].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    m_kept = m.gather(1, kept.unsqueeze(-1).expand(-1, -1, m.shape[-1]))
+    target = (m @ m_kept.transpose(-1, -2)).argmax(dim=-1)  # (B, n): best kept match of every patch
+    # kept patches "merge" into themselves; pruned ones into their match; summing does the rest
+    own = torch.full((B, n), -1, dtype=torch.long, device=x.device).scatter(
+        1, kept, torch.arange(k, device=x.device).expand(B, -1))
+    target = torch.where(pruned_mask, target, own)
+    weighted = torch.cat([x[:, 1:] * size[:, 1:], size[:, 1:]], dim=-1)
+    acc = weighted.new_zeros(B, k, C + 1).scatter_add(1, target.unsqueeze(-1).expand(-1, -1, C + 1), weighted)
+    new_size = acc[..., -1:]
+    out = torch.cat([x[:, :1], acc[..., :-1] / new_size], dim=1)
+    return out, torch.cat([size[:, :1], new_size], dim=1)
