@@ -1,0 +1,120 @@
+"""Analytic GMACs of a ViT forward from its token counts, and schedules solved for a compute budget.
+
+Per block with N_a tokens in attention and N_m in the MLP, width C (method notes, "Counting compute"):
+3·N_a·C² (qkv) + 2·N_a²·C (scores and weighted sum) + N_a·C² (projection) + 2·r_mlp·N_m·C² (MLP),
+plus the patch embedding (patches · p²·in_chans · C) and the head (C · classes).
+The fixed token counts of a schedule make this exact; ``count_gmacs`` measures the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .selection import keep_count
+
+__all__ = ["VitShape", "prune_counts", "tome_counts", "solve_keep_rate", "solve_tome_r"]
+
+Counts = list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class VitShape:
+    """The dimensions that decide a ViT's compute."""
+
+    embed_dim: int
+    depth: int
+    num_patches: int
+    mlp_ratio: float = 4.0
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+
+    @classmethod
+    def of(cls, model) -> VitShape:
+        """Read the shape of a ``renyiprune.model.VisionTransformer`` (or a timm-like ViT)."""
+        blk = model.blocks[0]
+        return cls(
+            embed_dim=model.embed_dim if hasattr(model, "embed_dim") else model.cls_token.shape[-1],
+            depth=len(model.blocks),
+            num_patches=model.patch_embed.num_patches,
+            mlp_ratio=blk.mlp.fc1.out_features / blk.mlp.fc1.in_features,
+            patch_size=model.patch_embed.patch_size[0],
+            in_chans=model.patch_embed.proj.in_channels,
+            num_classes=getattr(model.head, "out_features", 0),
+        )
+
+    def gmacs(self, counts: Counts) -> float:
+        """GMACs per image for per-block (tokens in attention, tokens in MLP)."""
+        C = self.embed_dim
+        total = self.num_patches * self.patch_size**2 * self.in_chans * C + C * self.num_classes
+        for na, nm in counts:
+            total += 4 * na * C * C + 2 * na * na * C + 2 * self.mlp_ratio * nm * C * C
+        return total / 1e9
+
+    def unpruned(self) -> Counts:
+        n = self.num_patches + 1
+        return [(n, n)] * self.depth
+
+
+def prune_counts(
+    shape: VitShape, locations: Sequence[int], keep_rates: Sequence[float], fuse: bool
+) -> Counts:
+    """Token counts when ceil(r·n) patches are kept at each location (plus a fused token)."""
+    rates = dict(zip(locations, keep_rates, strict=True))
+    n, extra, counts = shape.num_patches, 0, []
+    for i in range(shape.depth):
+        na = 1 + n + extra
+        if i in rates:
+            k = keep_count(n, rates[i])
+            extra = 1 if (fuse and (k < n or extra)) else extra
+            n = k
+        counts.append((na, 1 + n + extra))
+    return counts
+
+
+def tome_counts(shape: VitShape, r: Sequence[int]) -> Counts:
+    """Token counts when block i merges r[i] tokens after its attention (ToMe's caps applied)."""
+    n, counts = shape.num_patches + 1, []
+    for i in range(shape.depth):
+        ri = max(0, min(r[i], (n - 1) // 2))  # CLS is never merged; at most half the rest
+        counts.append((n, n - ri))
+        n -= ri
+    return counts
+
+
+def _bisect(f: Callable[[float], float], lo: float, hi: float, target: float, steps: int = 40) -> float:
+    """Largest x in [lo, hi] with f(x) <= target, f non-decreasing."""
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) <= target else (lo, mid)
+    return lo
+
+
+def solve_keep_rate(shape: VitShape, budget: float, locations: Sequence[int], fuse: bool = False) -> float:
+    """The largest common keep rate whose GMACs are <= budget × the unpruned model's."""
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    target = budget * shape.gmacs(shape.unpruned())
+
+    def cost(r: float) -> float:
+        return shape.gmacs(prune_counts(shape, locations, [r] * len(locations), fuse))
+
+    if cost(1e-6) > target:
+        raise ValueError(f"budget {budget} is below what pruning at blocks {list(locations)} can reach "
+                         f"({cost(1e-6) / shape.gmacs(shape.unpruned()):.3f})")
+    r = _bisect(cost, 1e-6, 1.0, target) if cost(1.0) > target else 1.0
+    # snap to the largest r giving the same keep counts, rounded for display
+    return math.floor(r * 1e6) / 1e6
+
+
+def solve_tome_r(shape: VitShape, budget: float) -> int:
+    """The smallest constant r (tokens merged per block) whose GMACs are <= budget × unpruned."""
+    if not 0 < budget <= 1:
+        raise ValueError(f"budget must be in (0, 1], got {budget}")
+    target = budget * shape.gmacs(shape.unpruned())
+    for r in range(0, shape.num_patches + 1):
+        if shape.gmacs(tome_counts(shape, [r] * shape.depth)) <= target:
+            return r
+    raise ValueError(f"budget {budget} is below what merging can reach")
