@@ -185,3 +185,73 @@ def random(ctx: AttentionContext, seed: int = 0) -> Tensor:
     g = torch.Generator(device=device)
     g.manual_seed((int(seed) * 1_000_003 + ctx.step * 1009 + ctx.stage) % (2**63))
     return torch.rand(ctx.logits.shape[0], ctx.num_patches, generator=g, device=device)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# More criteria (sweeps): head disagreement, column norms, a Rényi/CLS hybrid
+
+
+def _received(ctx: AttentionContext) -> Tensor:
+    """Attention each candidate patch receives per head, averaged over queries: (B, H, n), float32."""
+    return ctx.patches(ctx.probs.float().mean(dim=2), dim=-1)
+
+
+@register_criterion("headvar")
+def headvar(ctx: AttentionContext, robust: bool = False) -> Tensor:
+    """Disagreement of heads about a patch (arXiv 2507.19175): variance over heads of the attention it
+    receives; ``robust`` uses the median absolute deviation from the head median instead."""
+    a = _received(ctx)
+    if not robust:
+        return a.var(dim=1, unbiased=False)
+    med = a.median(dim=1, keepdim=True).values
+    return (a - med).abs().median(dim=1).values
+
+
+@register_criterion("column_norm")
+def column_norm(ctx: AttentionContext, norm: float = 4.0) -> Tensor:
+    """l_n norm of each patch key's column of the head-mean attention (Su et al., arXiv 2603.27900);
+    ranking by it matches ranking by the column Rényi entropy of order n."""
+    n = float(norm)
+    if not n >= 1.0:
+        raise ValueError(f"norm must be >= 1, got {norm!r}")
+    cols = ctx.patches(ctx.probs.float().mean(dim=1), dim=-1)  # (B, N queries, n keys)
+    if math.isinf(n):
+        return cols.amax(dim=1)
+    # Scale by the column maximum so that p^n cannot underflow to 0 for small attention.
+    peak = cols.amax(dim=1, keepdim=True).clamp_min(torch.finfo(cols.dtype).tiny)
+    return peak.squeeze(1) * (cols / peak).pow(n).sum(dim=1).pow(1.0 / n)
+
+
+def _standardize(s: Tensor) -> Tensor:
+    """Per-image z-score over the patches (B, n)."""
+    s = s.float()
+    return (s - s.mean(dim=1, keepdim=True)) / s.std(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _ranks(s: Tensor) -> Tensor:
+    """Per-image rank of each patch in [0, 1] (0 = lowest score)."""
+    r = s.argsort(dim=1).argsort(dim=1).float()
+    return r / max(s.shape[1] - 1, 1)
+
+
+@register_criterion("hybrid")
+def hybrid(
+    ctx: AttentionContext,
+    alpha: float = 1.0,
+    lam: float = 0.5,
+    combine: str = "z",
+    direction: str = "row",
+    heads: str = "mean",
+    cls_key: str = "include",
+) -> Tensor:
+    """(1 - lam) * Rényi score + lam * EViT's CLS attention, each standardized per image (``combine='z'``)
+    or turned into ranks (``'rank'``); lam = 0 ranks as renyi, lam = 1 as evit."""
+    lam = float(lam)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam!r}")
+    _choice("combine", combine, ("z", "rank"))
+    ent = renyi(ctx, alpha=alpha, direction=direction, heads=heads, cls_key=cls_key)
+    cls = evit(ctx)
+    f = _standardize if combine == "z" else _ranks
+    return (1.0 - lam) * f(ent) + lam * f(cls)

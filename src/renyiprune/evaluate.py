@@ -18,12 +18,38 @@ from .data import Batch, check_bad
 from .flops import count_gmacs
 from .patch import patch, share_parameters
 
-__all__ = ["PruneConfig", "EvalResult", "evaluate", "pruned_view"]
+__all__ = ["PruneConfig", "EvalResult", "evaluate", "pruned_view", "parse_stages"]
+
+
+def parse_stages(spec: str) -> tuple[list[str], list[float], tuple[int, ...]]:
+    """Parse a per-stage criterion ``renyi:2@3+evit@6+evit@9`` (``name[:alpha]@block`` joined by ``+``)
+    into per-location criteria, alphas (1 where none is given) and locations."""
+    from .criteria import list_criteria
+    from .entropy import parse_alpha
+
+    crits, alphas, locs = [], [], []
+    for part in spec.split("+"):
+        head, at, loc = part.strip().partition("@")
+        if not at or not loc.strip().isdigit():
+            raise ValueError(f"per-stage criterion {part!r} needs name[:alpha]@block, e.g. renyi:2@3")
+        name, _, a = head.partition(":")
+        if name not in list_criteria():
+            raise ValueError(f"unknown criterion {name!r} in {spec!r}; known: {', '.join(list_criteria())}")
+        crits.append(name)
+        alphas.append(parse_alpha(a) if a else 1.0)
+        locs.append(int(loc))
+    if locs != sorted(set(locs)):
+        raise ValueError(f"per-stage locations must increase: {spec!r}")
+    return crits, alphas, tuple(locs)
 
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """Arguments of ``renyiprune.patch``; ``criterion=None`` means the unpruned model."""
+    """Arguments of ``renyiprune.patch``; ``criterion=None`` means the unpruned model.
+
+    A criterion containing ``@`` is a per-stage spec (``parse_stages``); its locations replace
+    ``locations``. ``options`` go to every stage's criterion.
+    """
 
     criterion: str | None = "renyi"
     keep_rate: float = 0.7
@@ -37,7 +63,7 @@ class PruneConfig:
         if self.criterion is None:
             return "unpruned"
         text = self.criterion
-        if self.criterion == "renyi":
+        if self.criterion in ("renyi", "hybrid"):
             text += f" a={self.alpha:g}"
         text += "".join(f" {k}={v}" for k, v in self.options)
         text += f" r={self.keep_rate:g}"
@@ -65,12 +91,15 @@ def pruned_view(model: nn.Module, config: PruneConfig) -> nn.Module:
     """A weight-sharing copy of ``model`` that prunes as ``config`` says; the original is untouched."""
     view = share_parameters(model)
     if config.criterion is not None:
+        crit, alpha, locs = config.criterion, config.alpha, config.locations
+        if "@" in crit:
+            crit, alpha, locs = parse_stages(crit)
         patch(
             view,
             keep_rate=config.keep_rate,
-            criterion=config.criterion,
-            alpha=config.alpha,
-            locations=config.locations,
+            criterion=crit,
+            alpha=alpha,
+            locations=locs,
             fuse=config.fuse,
             **dict(config.options),
         )

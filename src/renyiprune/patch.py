@@ -178,6 +178,8 @@ def patch(
     patched model reconfigures it.
     """
     blocks = _check_model(model)
+    if isinstance(criterion, str) and criterion == "best":  # the shipped tuned policy's choice
+        criterion, alpha, criterion_options = _resolve_best(model, keep_rate, criterion_options)
     if is_patched(model):
         unpatch(model)
     locs = [int(i) for i in locations]
@@ -208,6 +210,17 @@ def patch(
         b._renyiprune_stage = si
     model.renyiprune = state
     return model
+
+
+def _resolve_best(model: nn.Module, keep_rate, options: dict) -> tuple[str, float, dict]:
+    """criterion="best": (criterion, alpha, options) from the policy shipped for this model and keep rate."""
+    from .policy import resolve_best
+
+    if isinstance(keep_rate, (list, tuple)):
+        raise ValueError('criterion="best" takes one keep_rate')
+    name = getattr(getattr(model, "pretrained_cfg", None), "name", "deit_tiny_patch16_224")
+    crit, alpha, tuned = resolve_best(float(keep_rate), name)
+    return crit, alpha, {**tuned, **options}
 
 
 def share_parameters(model: nn.Module) -> nn.Module:

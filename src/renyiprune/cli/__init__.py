@@ -7,8 +7,10 @@ import sys
 
 from . import common
 from . import eval as eval_cmd
+from . import sweep as sweep_cmd
+from . import tune as tune_cmd
 
-COMMANDS = [eval_cmd]
+COMMANDS = [eval_cmd, sweep_cmd, tune_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,10 +8,25 @@ import sys
 
 from ..criteria import list_criteria
 from ..data import EvalTransform, make_loader
-from ..evaluate import PruneConfig, evaluate, pruned_view
+from ..entropy import parse_alpha
+from ..evaluate import PruneConfig, evaluate, parse_stages, pruned_view
+from ..policy import entry_config, load_policy, policy_entry
 from . import common
 
 UNPRUNED = {"none", "unpruned", "baseline"}
+
+
+def _alphas_or_auto(text: str) -> list:
+    """Comma list of Rényi orders; 'auto' takes the tuned order from the policy."""
+    items = [t.strip().lower() for t in text.split(",") if t.strip()]
+    return [t if t == "auto" else parse_alpha(t) for t in items]
+
+
+def _criteria(values: list[str]) -> list[str]:
+    """Join 'renyi:2@3,evit@6,evit@9' (all items per-stage) into one spec 'renyi:2@3+evit@6+evit@9'."""
+    if len(values) > 1 and all("@" in v and "+" not in v for v in values):
+        return ["+".join(values)]
+    return values
 
 
 def add_parser(sub) -> None:
@@ -32,9 +47,17 @@ def add_parser(sub) -> None:
         "--criterion",
         type=common.names,
         default=["renyi"],
-        help=f"comma list of: none (unpruned), {', '.join(list_criteria())}",
+        help=f"comma list of: none (unpruned), best (tuned policy's choice), {', '.join(list_criteria())}; "
+        "or one per-stage spec renyi:2@3,evit@6,evit@9 (several: join stages with +)",
     )
-    p.add_argument("--alpha", type=common.alphas, default=[1.0], help="Rényi order(s): 0.5,1,2,inf")
+    p.add_argument(
+        "--alpha",
+        type=common._typed(_alphas_or_auto, "alphas"),
+        default=[1.0],
+        help="Rényi order(s): 0.5,1,2,inf, or auto (from --policy)",
+    )
+    p.add_argument("--policy", type=common.existing_path, default=None,
+                   help="tuned policy JSON for --alpha auto / --criterion best (default: the one shipped)")
     p.add_argument("--keep", type=common.keep_rates, default=[0.7], help="keep rate(s) in (0, 1]")
     p.add_argument("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
     p.add_argument("--fuse", action="store_true", help="fuse pruned tokens into one extra token (EViT)")
@@ -60,9 +83,12 @@ def configs_from_args(args: argparse.Namespace) -> list[PruneConfig]:
         if v is not None
     )
     configs: list[PruneConfig] = []
-    for crit in args.criterion:
+    for crit in _criteria(args.criterion):
         if crit in UNPRUNED:
             configs.append(PruneConfig(criterion=None))
+            continue
+        if crit == "best" or "@" in crit:
+            configs.extend(_policy_or_stage_configs(args, crit))
             continue
         if crit not in list_criteria():
             raise ValueError(f"unknown criterion {crit!r}; choose from none, {', '.join(list_criteria())}")
@@ -71,10 +97,26 @@ def configs_from_args(args: argparse.Namespace) -> list[PruneConfig]:
             opts = renyi_opts
         elif crit == "random" and args.seed is not None:
             opts = (("seed", args.seed),)
-        alphas = args.alpha if crit == "renyi" else [1.0]
+        alphas = args.alpha if crit in ("renyi", "hybrid") else [1.0]
         for a, r in itertools.product(alphas, args.keep):
+            if a == "auto":
+                entry = policy_entry(_policy(args), r, crit)
+                a = float(entry.get("alpha", 1.0))
+                opts = tuple(sorted({**dict(opts), **entry.get("options", {})}.items()))
             configs.append(PruneConfig(crit, r, a, tuple(args.locations), args.fuse, opts))
     return list(dict.fromkeys(configs))  # unique, in order
+
+
+def _policy(args: argparse.Namespace) -> dict:
+    return load_policy(getattr(args, "policy", None), getattr(args, "model", "deit_tiny_patch16_224"))
+
+
+def _policy_or_stage_configs(args: argparse.Namespace, crit: str) -> list[PruneConfig]:
+    """'best': the policy's choice per keep rate; 'a@3+b@6': one per-stage config per keep rate."""
+    if crit == "best":
+        return [entry_config(policy_entry(_policy(args), r), r, args.locations, args.fuse) for r in args.keep]
+    locs = parse_stages(crit)[2]
+    return [PruneConfig(crit, r, 1.0, locs, args.fuse) for r in args.keep]
 
 
 def run(args: argparse.Namespace) -> int:

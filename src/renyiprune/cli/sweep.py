@@ -1,0 +1,184 @@
+"""``renyiprune sweep``: many pruning configurations on the same images, resumable, with tables and plots."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..criteria import list_criteria
+from ..data import EvalTransform, list_samples
+from ..entropy import parse_alpha
+from ..evaluate import parse_stages
+from ..policy import is_calibration
+from ..sweep import ResultLog, SweepConfig, run_sweep
+from ..tables import markdown_tables, to_csv
+from . import common
+
+TUNED = ("renyi", "hybrid")  # criteria crossed with --alphas
+
+
+def _on_off(text: str) -> list[bool]:
+    vals = {"off": False, "on": True, "false": False, "true": True, "0": False, "1": True}
+    out = []
+    for t in text.split(","):
+        if t.strip().lower() not in vals:
+            raise argparse.ArgumentTypeError(f"expected off,on; got {t!r}")
+        out.append(vals[t.strip().lower()])
+    return list(dict.fromkeys(out))
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by sweep and tune-alpha."""
+    common.add_model_args(p)
+    p.add_argument("--data", type=common.existing_path, required=True, help="labels.tsv folder / ImageFolder")
+    p.add_argument("--keep", type=common.keep_rates, default=[0.5, 0.6, 0.7, 0.8, 0.9], help="keep rates")
+    p.add_argument("--alphas", type=common.alphas, default=[0.5, 1.0, 2.0, 3.0, float("inf")], help="Rényi α")
+    p.add_argument("--lambdas", type=common._typed(common._list(float), "lambdas"), default=[0.5],
+                   help="hybrid: weight of EViT's CLS attention, in [0, 1]")  # fmt: skip
+    p.add_argument("--fuse", type=_on_off, default=[False], help="off, on or off,on")
+    p.add_argument("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
+    p.add_argument("--limit", type=int, default=None, help="first N images in listing order")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (decoding)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="evaluate criteria x alphas x keep rates x fusion on the same images (resumable)",
+        description="Decode every image once, run the blocks before the first pruning location once, then "
+        "each configuration; finished ones are appended to OUT/results.jsonl and skipped on a rerun. Writes "
+        "OUT/results.csv, OUT/results.md and OUT/pareto.png/.svg.",
+    )
+    add_data_args(p)
+    p.add_argument(
+        "--criteria",
+        type=common.names,
+        default=["evit", "random", "renyi"],
+        help=f"comma list of {', '.join(list_criteria())}; renyi:2 = one alpha; "
+        "per-stage: renyi:2@3+evit@6+evit@9",
+    )
+    p.add_argument("--budget", type=common.names, default=[], help="criteria also run in budget mode")
+    p.add_argument("--no-unpruned", action="store_true", help="leave out the unpruned reference")
+    p.add_argument("--out", type=Path, required=True, help="output folder (results.jsonl is resumed)")
+    p.set_defaults(run=run)
+
+
+def build_configs(args: argparse.Namespace, criteria, budget=()) -> list[SweepConfig]:
+    """Cross criteria (alphas, lambdas where they apply) with keep rates and fusion settings."""
+    configs = []
+    locs = tuple(args.locations)
+    for fuse, (crit, is_budget) in itertools.product(
+        args.fuse, [(c, False) for c in criteria] + [(c, True) for c in budget]
+    ):
+        alphas = args.alphas if crit in TUNED else [1.0]
+        if "@" in crit:
+            parse_stages(crit)
+        elif ":" in crit:  # 'hybrid:2': this criterion at one alpha only
+            crit, a = crit.split(":", 1)
+            alphas = [parse_alpha(a)]
+        if "@" not in crit and crit not in list_criteria():
+            raise ValueError(f"unknown criterion {crit!r}; known: {', '.join(list_criteria())}")
+        lams = args.lambdas if crit == "hybrid" else [None]
+        for a, lam, r in itertools.product(alphas, lams, args.keep):
+            opts = (("lam", float(lam)),) if lam is not None else ()
+            configs.append(SweepConfig(crit, r, a, locs, fuse, opts, budget=is_budget))
+    return list(dict.fromkeys(configs))
+
+
+def fingerprint(args: argparse.Namespace, samples: list, part: str = "all") -> dict:
+    """What makes results comparable: model, weights, data folder, image list, which part of it."""
+    names = "\n".join(s.path.name for s in samples).encode()
+    import hashlib
+
+    return {
+        "model": args.model,
+        "weights": Path(args.weights).name if args.weights else "pretrained",
+        "data": str(Path(args.data).resolve()),
+        "images": len(samples),
+        "part": part,
+        "list_sha256": hashlib.sha256(names).hexdigest()[:16],
+    }
+
+
+def transform_of(model) -> EvalTransform:
+    c = model.pretrained_cfg
+    return EvalTransform(c.img_size, c.crop_pct, c.interpolation, c.mean, c.std)
+
+
+def loader_of(samples, transform, args):
+    from torch.utils.data import DataLoader
+
+    from ..data import ImageDataset, collate
+
+    return DataLoader(
+        ImageDataset(samples, transform), batch_size=args.batch_size, shuffle=False,
+        num_workers=args.workers, collate_fn=collate,
+    )  # fmt: skip
+
+
+def sweep_samples(args, samples, configs, log_path: Path, part: str, model) -> tuple[list[dict], dict]:
+    """Run ``configs`` on ``samples`` (resuming ``log_path``); returns records and timing."""
+    log = ResultLog(log_path, fingerprint(args, samples, part))
+    transform = transform_of(model)
+    return run_sweep(
+        model,
+        configs,
+        lambda: loader_of(samples, transform, args),
+        total=len(samples),
+        log=log,
+        batch_size=args.batch_size,
+        device=args.device,
+        skip_bad=args.skip_bad,
+        calibration=lambda idx: torch.tensor([is_calibration(samples[int(i)].path) for i in idx]),
+        progress=not args.no_progress,
+    )
+
+
+def write_outputs(out: Path, records: list[dict], title: str) -> None:
+    """results.csv, results.md and pareto.png/.svg in ``out``, each written atomically."""
+    common.atomic_write_text(out / "results.csv", to_csv(records))
+    common.atomic_write_text(out / "results.md", markdown_tables(records))
+    from ..pareto import pareto_plot
+
+    pareto_plot(records, out / "pareto", title=title)
+
+
+def check_args(args) -> None:
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be >= 1")
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    if any(not 0.0 <= lam <= 1.0 for lam in args.lambdas):
+        raise ValueError("--lambdas must be in [0, 1]")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    configs = build_configs(args, args.criteria, args.budget)
+    if not args.no_unpruned:
+        configs.insert(0, SweepConfig(None, 1.0, 1.0, (), False))
+    samples = list_samples(args.data)[: args.limit]
+    model = common.load_model(args)
+    depth = len(model.blocks)
+    if any(i >= depth for i in args.locations):
+        raise ValueError(f"--locations {args.locations} out of range ({depth} blocks, 0-based)")
+    t0 = time.perf_counter()
+    records, timing = sweep_samples(args, samples, configs, args.out / "results.jsonl", "all", model)
+    timing["total_s"] = time.perf_counter() - t0
+    write_outputs(args.out, records, f"{args.model}, {records[0]['images']} images")
+    common.atomic_write_text(args.out / "timing.json", json.dumps(timing, indent=2) + "\n")
+    print(markdown_tables(records))
+    print(
+        f"{len(configs)} configurations ({timing['ran']} run now, {len(configs) - timing['ran']} resumed); "
+        f"decode + prefix {timing['cache_s']:.1f} s, configurations {timing['configs_s']:.1f} s; "
+        f"outputs in {args.out}"
+    )
+    return 0

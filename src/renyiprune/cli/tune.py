@@ -1,0 +1,122 @@
+"""``renyiprune tune-alpha``: choose α (and λ) per keep rate on a calibration half, report on the other half.
+
+The images are split by a hash of their file name (``policy.split_samples``). Every candidate runs on
+the calibration half only; the chosen setting, Shannon and EViT then run on the evaluation half, which
+the choice never sees. The result is a policy JSON for ``eval --alpha auto --policy FILE`` /
+``--criterion best``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from ..data import list_samples
+from ..policy import choose, entry_config, split_samples
+from ..sweep import SweepConfig
+from . import common
+from .sweep import add_data_args, build_configs, check_args, sweep_samples
+
+REFERENCES = ("evit", "shannon")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "tune-alpha",
+        help="choose α/λ per keep rate on a calibration half, report top-1 on the evaluation half",
+        description="Split the images by a hash of the file name; sweep the candidates on the calibration "
+        "half, pick the best per keep rate, evaluate it against Shannon and EViT on the evaluation half "
+        "and write a policy JSON.",
+    )
+    add_data_args(p)
+    p.set_defaults(keep=[0.5, 0.7, 0.9], fuse=[True])
+    p.add_argument(
+        "--criterion",
+        type=common.names,
+        default=["renyi"],
+        help="candidate criteria, comma list (renyi, hybrid, headvar, ...); the best overall is 'best'",
+    )
+    p.add_argument("--out", type=Path, required=True, help="work folder (calibration/evaluation jsonl)")
+    p.add_argument("--policy-out", type=Path, default=None, help="policy JSON (default OUT/policy.json)")
+    p.set_defaults(run=run)
+
+
+def calibrate(args: argparse.Namespace, model, calib: list) -> dict[float, dict]:
+    """Sweep the candidates and references on the calibration images; choose per keep rate."""
+    if len(args.fuse) != 1:
+        raise ValueError("tune-alpha tunes for one fusion setting: --fuse on or --fuse off")
+    candidates = build_configs(args, args.criterion)
+    refs = build_configs(argparse.Namespace(**{**vars(args), "alphas": [1.0]}), REFERENCES)
+    configs = list(dict.fromkeys(candidates + refs))
+    records, _ = sweep_samples(args, calib, configs, args.out / "calibration.jsonl", "calibration", model)
+    rec = dict(zip(configs, records, strict=True))
+    chosen = {}
+    for r in args.keep:
+        cands = [rec[c] for c in candidates if c.keep_rate == r]
+        entry = choose(cands)
+        entry["reference"] = {
+            c.criterion: {"calibration_top1": rec[c]["top1"], "gmacs": rec[c]["gmacs"]}
+            for c in refs
+            if c.keep_rate == r
+        }
+        chosen[r] = entry
+    return chosen
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    samples = list_samples(args.data)[: args.limit]
+    calib, evals = split_samples(samples)
+    if not calib or not evals:
+        raise ValueError(f"{len(samples)} images split into {len(calib)} + {len(evals)}; need both halves")
+    model = common.load_model(args)
+    chosen = calibrate(args, model, calib)
+    # Only now is the evaluation half read: the chosen settings and the references, per keep rate.
+    fuse, locs = args.fuse[0], tuple(args.locations)
+    configs: dict[tuple, SweepConfig] = {}
+    for r, entry in chosen.items():
+        for name, setting in [("best", entry["best"]), *entry["by_criterion"].items()]:
+            configs[(r, name)] = SweepConfig(**vars(entry_config(setting, r, locs, fuse)))
+        for ref in REFERENCES:
+            configs[(r, ref + "_ref")] = SweepConfig(ref, r, 1.0, locs, fuse)
+    uniq = list(dict.fromkeys(configs.values()))
+    records, _ = sweep_samples(args, evals, uniq, args.out / "evaluation.jsonl", "evaluation", model)
+    ev = dict(zip(uniq, records, strict=True))
+    rows = []
+    for r, entry in chosen.items():
+        entry["best"]["evaluation_top1"] = ev[configs[(r, "best")]]["top1"]
+        for name, setting in entry["by_criterion"].items():
+            setting["evaluation_top1"] = ev[configs[(r, name)]]["top1"]
+        for ref in REFERENCES:
+            e = ev[configs[(r, ref + "_ref")]]
+            entry["reference"][ref].update(evaluation_top1=e["top1"], gmacs=e["gmacs"])
+        b, ref = entry["best"], entry["reference"]
+        rows.append(
+            [f"{r:g}", b["label"], f"{b['calibration_top1']:.2f}", f"{ref['evit']['calibration_top1']:.2f}",
+             f"{b['evaluation_top1']:.2f}", f"{ref['evit']['evaluation_top1']:.2f}",
+             f"{ref['shannon']['evaluation_top1']:.2f}",
+             f"{b['evaluation_top1'] - ref['evit']['evaluation_top1']:+.2f}",
+             f"{b['gmacs'] / ref['evit']['gmacs']:.3f}"]
+        )  # fmt: skip
+    policy = {
+        "model": args.model,
+        "locations": list(locs),
+        "fuse": fuse,
+        "split": "calibration = SHA-256 of the file name ends in an even byte (renyiprune.policy)",
+        "calibration_images": len(calib),
+        "evaluation_images": len(evals),
+        "candidates": sorted(set(args.criterion)),
+        "alphas": ["inf" if math.isinf(a) else a for a in args.alphas],
+        "lambdas": args.lambdas,
+        "keep": {f"{r:g}": entry for r, entry in chosen.items()},
+    }
+    out = args.policy_out or args.out / "policy.json"
+    common.atomic_write_text(out, json.dumps(policy, indent=2, allow_nan=False) + "\n")
+    headers = ["keep", "chosen (calibration)", "cal top-1", "cal EViT", "eval top-1", "eval EViT",
+               "eval Shannon", "Δ vs EViT", "GMACs/EViT"]  # fmt: skip
+    print(f"{len(calib)} calibration / {len(evals)} evaluation images; fusion {'on' if fuse else 'off'}")
+    print(common.format_table(headers, rows))
+    print(f"policy written to {out}")
+    return 0

@@ -1,0 +1,386 @@
+"""Evaluate many pruning configurations on the same images, cheaply and resumably.
+
+Every image is decoded and preprocessed once per sweep, and the blocks before the first pruning
+location run once per image for all configurations: their output tokens are cached (``TokenCache``)
+and each configuration's weight-sharing view (``evaluate.pruned_view``) runs only the remaining
+blocks. Configurations then run one at a time, and each finished one is appended as one JSON line
+(flushed and fsynced) to ``results.jsonl``, so an interrupted sweep loses at most the configuration
+in flight and a rerun skips what is done.
+
+``budget=True`` in a config is per-image adaptive keep: a score threshold, calibrated on the
+calibration images so that their mean keep rate at the first location is ``keep_rate``, sets how
+many patches each image keeps (the same rate is applied at the later locations); images with equal
+counts run together and GMACs are the mean over images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .criteria import AttentionContext, make_criterion
+from .data import Batch, check_bad
+from .evaluate import PruneConfig, parse_stages, pruned_view
+from .flops import count_gmacs
+
+__all__ = [
+    "SweepConfig",
+    "TokenCache",
+    "ResultLog",
+    "embed",
+    "first_location",
+    "build_cache",
+    "run_view",
+    "run_config",
+    "run_sweep",
+    "config_to_dict",
+    "config_from_dict",
+]
+
+
+BUDGET_STEP = 8  # budget mode: per-image keep counts are multiples of this many patches
+
+
+@dataclass(frozen=True)
+class SweepConfig(PruneConfig):
+    """A ``PruneConfig`` plus ``budget``: per-image adaptive keep instead of a fixed rate."""
+
+    budget: bool = False
+
+    @property
+    def label(self) -> str:
+        text = super().label
+        return text.replace(" r=", " budget r=", 1) if self.budget else text
+
+    @property
+    def prune_config(self) -> PruneConfig:
+        d = {k: v for k, v in asdict(self).items() if k != "budget"}
+        return PruneConfig(**d)
+
+
+def config_to_dict(c: PruneConfig) -> dict:
+    """JSON-safe dict of a config (alpha inf as the string "inf")."""
+    d = asdict(c)
+    d["alpha"] = "inf" if math.isinf(c.alpha) else c.alpha
+    d["locations"] = list(c.locations)
+    d["options"] = {k: v for k, v in c.options}
+    d.setdefault("budget", False)
+    return d
+
+
+def config_from_dict(d: dict) -> SweepConfig:
+    """Inverse of ``config_to_dict``."""
+    return SweepConfig(
+        criterion=d["criterion"],
+        keep_rate=float(d["keep_rate"]),
+        alpha=float(d["alpha"]),
+        locations=tuple(int(i) for i in d["locations"]),
+        fuse=bool(d["fuse"]),
+        options=tuple(sorted(d.get("options", {}).items())),
+        budget=bool(d.get("budget", False)),
+    )
+
+
+def first_location(config: PruneConfig, depth: int) -> int:
+    """The first pruning block of ``config`` (``depth`` for the unpruned model)."""
+    if config.criterion is None:
+        return depth
+    locs = parse_stages(config.criterion)[2] if "@" in config.criterion else config.locations
+    return min(locs) if locs else depth
+
+
+def embed(model: nn.Module, x: Tensor) -> Tensor:
+    """Patch embedding, CLS token and position embedding: the tokens entering block 0."""
+    t = model.patch_embed(x)
+    return torch.cat([model.cls_token.expand(t.shape[0], -1, -1), t], dim=1) + model.pos_embed
+
+
+@dataclass
+class TokenCache:
+    """Tokens entering block ``start`` for every image of the sweep, with labels and sample indices."""
+
+    tokens: Tensor  # (N, T, C)
+    labels: Tensor  # (N,)
+    indices: Tensor  # (N,) positions in the sample list
+    start: int
+    skipped: int = 0
+    seconds: float = 0.0
+
+
+@torch.inference_mode()
+def build_cache(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    start: int,
+    *,
+    total: int,
+    device: str | torch.device = "cpu",
+    skip_bad: bool = False,
+    progress: bool = True,
+    storage: str | Path | None = None,
+) -> TokenCache:
+    """Run ``model``'s (unpatched) embedding and ``blocks[:start]`` once per batch and keep the output.
+
+    ``storage``: a file to hold the tokens memory-mapped (for image sets that do not fit in memory).
+    """
+    t0 = time.perf_counter()
+    p = model.pos_embed
+    shape = (total, p.shape[1], p.shape[2])
+    if storage is not None:
+        tokens = torch.from_file(str(storage), shared=True, size=math.prod(shape), dtype=p.dtype).view(shape)
+    else:
+        tokens = torch.empty(shape, dtype=p.dtype)
+    labels = torch.empty(total, dtype=torch.int64)
+    indices = torch.empty(total, dtype=torch.int64)
+    n = skipped = 0
+    blocks = list(model.blocks)[:start]
+    bar = tqdm(total=total, unit="img", desc=f"decode + blocks[:{start}]", disable=not progress, leave=False)
+    for batch in batches:
+        skipped += check_bad(batch, skip_bad)
+        b = batch.labels.shape[0]
+        bar.update(b + len(batch.bad))
+        if b == 0:
+            continue
+        x = embed(model, batch.images.to(device))
+        for blk in blocks:
+            x = blk(x)
+        tokens[n : n + b] = x.cpu()
+        labels[n : n + b] = batch.labels
+        indices[n : n + b] = batch.indices
+        n += b
+    bar.close()
+    return TokenCache(tokens[:n], labels[:n], indices[:n], start, skipped, time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def run_view(
+    view: nn.Module,
+    cache: TokenCache,
+    *,
+    rows: Tensor | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    bar: tqdm | None = None,
+) -> Tensor:
+    """Logits of ``view`` for the cached images ``rows`` (default all), from ``blocks[cache.start:]`` on.
+
+    Equivalent to ``view(images)``: the pruning state is reset per batch and its step advanced, as
+    the patched model's forward does.
+    """
+    rows = torch.arange(cache.tokens.shape[0]) if rows is None else rows
+    state = getattr(view, "renyiprune", None)
+    blocks = list(view.blocks)[cache.start :]
+    num_patches = view.patch_embed.num_patches
+    out = []
+    for i in range(0, rows.shape[0], batch_size):
+        x = cache.tokens[rows[i : i + batch_size]].to(device)
+        if state is not None:
+            state.begin(x.shape[0], num_patches, x.device)
+        for blk in blocks:
+            x = blk(x)
+        out.append(view.forward_head(view.norm(x)).float().cpu())
+        if state is not None:
+            state.step += 1
+        if bar is not None:
+            bar.update(x.shape[0])
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def _hits(logits: Tensor, labels: Tensor) -> tuple[int, int]:
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit = top5 == labels[:, None]
+    return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
+
+
+@torch.inference_mode()
+def first_stage_scores(
+    model: nn.Module, cache: TokenCache, config: PruneConfig, rows: Tensor, batch_size: int = 64
+) -> Tensor:
+    """Criterion scores (len(rows), n) of ``config``'s first stage, from the cached tokens."""
+    if "@" in (config.criterion or ""):
+        raise ValueError("budget mode takes one criterion, not a per-stage spec")
+    opts = dict(config.options)
+    from .patch import _options_of
+
+    if "alpha" in _options_of(config.criterion):
+        opts["alpha"] = config.alpha
+    fn = make_criterion(config.criterion, **opts)
+    start = first_location(config, len(model.blocks))
+    if start != cache.start:
+        raise ValueError(f"budget mode needs the cache at block {start}, it is at {cache.start}")
+    blk = model.blocks[start]
+    out = []
+    for i in range(0, rows.shape[0], batch_size):
+        x = cache.tokens[rows[i : i + batch_size]]
+        q, k, _ = blk.attn.qkv_heads(blk.norm1(x))
+        logits = (q * blk.attn.scale) @ k.transpose(-2, -1)
+        out.append(fn(AttentionContext(logits, num_patches=x.shape[1] - 1)).float())
+    return torch.cat(out)
+
+
+def _run_budget(
+    model: nn.Module,
+    config: SweepConfig,
+    cache: TokenCache,
+    calibration: Tensor,
+    batch_size: int,
+    device,
+    bar: tqdm | None,
+) -> tuple[int, int, float, dict]:
+    """Per-image keep counts from a calibrated threshold; returns hits, mean GMACs and details."""
+    all_rows = torch.arange(cache.tokens.shape[0])
+    calib_rows = all_rows[calibration]
+    if calib_rows.numel() == 0:
+        raise ValueError("budget mode needs calibration images")
+    cal = first_stage_scores(model, cache, config, calib_rows, batch_size).flatten()
+    # Keep score >= tau; tau is the (1 - r) quantile of the pooled calibration scores.
+    tau = float(cal.kthvalue(max(1, round((1.0 - config.keep_rate) * cal.numel()))).values)
+    scores = first_stage_scores(model, cache, config, all_rows, batch_size)
+    n = scores.shape[1]
+    # Counts are rounded to multiples of BUDGET_STEP patches so that images share batches (and GMACs).
+    counts = (scores >= tau).sum(dim=1).float().div(BUDGET_STEP).round().mul(BUDGET_STEP).long()
+    counts = counts.clamp(min(BUDGET_STEP, n), n)
+    top1 = top5 = 0
+    gmacs = 0.0
+    for k in counts.unique().tolist():
+        rows = all_rows[counts == k]
+        view = pruned_view(model, replace(config.prune_config, keep_rate=k / n))
+        logits = run_view(view, cache, rows=rows, batch_size=batch_size, device=device, bar=bar)
+        h1, h5 = _hits(logits, cache.labels[rows])
+        top1, top5 = top1 + h1, top5 + h5
+        gmacs += count_gmacs(view) * rows.numel()
+    m = cache.tokens.shape[0]
+    details = {"threshold": tau, "mean_keep_rate": float(counts.float().mean() / n)}
+    return top1, top5, gmacs / max(m, 1), details
+
+
+def run_config(
+    model: nn.Module,
+    config: PruneConfig,
+    cache: TokenCache,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    calibration: Tensor | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate one configuration on the cached images: top-1/top-5 (percent), GMACs, images, seconds."""
+    depth = len(model.blocks)
+    if first_location(config, depth) < cache.start:
+        raise ValueError(f"{config.label} prunes before block {cache.start}, where the cache starts")
+    m = cache.tokens.shape[0]
+    bar = tqdm(total=m, unit="img", desc=config.label, disable=not progress, leave=False)
+    t0 = time.perf_counter()
+    details: dict = {}
+    if getattr(config, "budget", False):
+        calib = calibration if calibration is not None else torch.ones(m, dtype=torch.bool)
+        top1, top5, gmacs, details = _run_budget(model, config, cache, calib, batch_size, device, bar)
+    else:
+        pc = config.prune_config if isinstance(config, SweepConfig) else config
+        view = pruned_view(model, pc)
+        logits = run_view(view, cache, batch_size=batch_size, device=device, bar=bar)
+        top1, top5 = _hits(logits, cache.labels)
+        gmacs = count_gmacs(view)
+    seconds = time.perf_counter() - t0
+    bar.close()
+    return {
+        "label": config.label,
+        "config": config_to_dict(config),
+        "top1": 100.0 * top1 / max(m, 1),
+        "top5": 100.0 * top5 / max(m, 1),
+        "gmacs": gmacs,
+        "images": m,
+        "seconds": seconds,
+        **({"details": details} if details else {}),
+    }
+
+
+class ResultLog:
+    """Append-only JSON-lines file of finished configurations, keyed by config and run fingerprint."""
+
+    def __init__(self, path: str | Path, fingerprint: dict):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+
+    def key(self, config: PruneConfig) -> str:
+        return json.dumps({"config": config_to_dict(config), "run": self.fingerprint}, sort_keys=True)
+
+    def load(self) -> dict[str, dict]:
+        """Finished records of this run's fingerprint; a torn last line (killed mid-write) is ignored."""
+        done: dict[str, dict] = {}
+        if not self.path.exists():
+            return done
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("run") == self.fingerprint and "config" in rec:
+                done[self.key(config_from_dict(rec["config"]))] = rec
+        return done
+
+    def append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({**record, "run": self.fingerprint}, sort_keys=True, allow_nan=False)
+        with open(self.path, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() > 0:  # a previous run killed mid-line: start on a fresh line
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write(line.encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def run_sweep(
+    model: nn.Module,
+    configs: Sequence[PruneConfig],
+    make_batches: Callable[[], Iterable[Batch]],
+    *,
+    total: int,
+    log: ResultLog | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    skip_bad: bool = False,
+    calibration: Callable[[Tensor], Tensor] | None = None,
+    progress: bool = True,
+    storage: str | Path | None = None,
+) -> tuple[list[dict], dict]:
+    """Evaluate ``configs`` (skipping those ``log`` has), appending each finished one to ``log``.
+
+    ``make_batches()`` is called only if something is left to do. ``calibration`` maps the cached
+    sample indices to a boolean mask of the calibration images (budget mode). Returns the records in
+    ``configs`` order and timing {"cache_s", "configs_s", "skipped"}.
+    """
+    done = log.load() if log else {}
+    keyed = [(c, log.key(c) if log else str(i)) for i, c in enumerate(configs)]
+    todo = [(c, k) for c, k in keyed if k not in done]
+    timing = {"cache_s": 0.0, "configs_s": 0.0, "skipped": 0, "ran": len(todo)}
+    if todo:
+        depth = len(model.blocks)
+        start = min(first_location(c, depth) for c, _ in todo)
+        cache = build_cache(
+            model, make_batches(), start, total=total, device=device, skip_bad=skip_bad,
+            progress=progress, storage=storage,
+        )  # fmt: skip
+        timing["cache_s"], timing["skipped"] = cache.seconds, cache.skipped
+        mask = calibration(cache.indices) if calibration else None
+        for c, k in tqdm(todo, desc="configs", unit="cfg", disable=not progress):
+            rec = run_config(
+                model, c, cache, batch_size=batch_size, device=device, calibration=mask, progress=progress
+            )
+            timing["configs_s"] += rec["seconds"]
+            if log:
+                log.append(rec)
+            done[k] = rec
+    return [done[k] for _, k in keyed], timing

@@ -1,0 +1,103 @@
+"""headvar, column_norm and hybrid against naive loop references; they plug into patch()."""
+
+import math
+
+import pytest
+import torch
+
+import renyiprune as rp
+from renyiprune.criteria import CRITERIA, AttentionContext
+from renyiprune.entropy import renyi_entropy
+from renyiprune.model import VisionTransformer
+
+
+def ctx(seed=0, B=2, H=3, N=7):
+    g = torch.Generator().manual_seed(seed)
+    return AttentionContext(3 * torch.randn(B, H, N, N, generator=g, dtype=torch.float64), num_patches=N - 1)
+
+
+def naive_received(c):
+    p = c.logits.softmax(-1)
+    B, H, N, _ = p.shape
+    out = torch.zeros(B, H, N - 1, dtype=p.dtype)
+    for b in range(B):
+        for h in range(H):
+            for j in range(1, N):
+                out[b, h, j - 1] = sum(p[b, h, i, j] for i in range(N)) / N
+    return out
+
+
+def test_headvar_matches_naive_variance_and_mad():
+    c = ctx()
+    a = naive_received(c)
+    B, H, n = a.shape
+    var = torch.zeros(B, n, dtype=a.dtype)
+    mad = torch.zeros(B, n, dtype=a.dtype)
+    for b in range(B):
+        for j in range(n):
+            vals = sorted(float(a[b, h, j]) for h in range(H))
+            mean = sum(vals) / H
+            var[b, j] = sum((v - mean) ** 2 for v in vals) / H
+            med = vals[H // 2]  # H = 3: the middle value
+            mad[b, j] = sorted(abs(v - med) for v in vals)[H // 2]
+    torch.testing.assert_close(CRITERIA["headvar"](c).double(), var)
+    torch.testing.assert_close(CRITERIA["headvar"](c, robust=True).double(), mad)
+
+
+@pytest.mark.parametrize("norm", [1.0, 2.0, 4.0, math.inf])
+def test_column_norm_matches_naive_norm(norm):
+    c = ctx(1)
+    p = c.logits.softmax(-1).mean(dim=1)  # (B, N, N)
+    B, N, _ = p.shape
+    ref = torch.zeros(B, N - 1, dtype=p.dtype)
+    for b in range(B):
+        for j in range(1, N):
+            col = [float(p[b, i, j]) for i in range(N)]
+            ref[b, j - 1] = max(col) if math.isinf(norm) else sum(v**norm for v in col) ** (1 / norm)
+    torch.testing.assert_close(CRITERIA["column_norm"](c, norm=norm).double(), ref)
+
+
+def test_column_norm_ranks_like_column_renyi_of_its_order():
+    """Su et al.: the l_n norm ranks keys like the Rényi-n entropy of the normalized column, up to the
+    column sum; with columns of equal sum the two orders agree exactly."""
+    p = torch.rand(1, 1, 6, 6).double()
+    p = p / p.sum(dim=2, keepdim=True)  # every column sums to 1 (and rows need not)
+    c = AttentionContext(p.log(), num_patches=5)
+    c._probs = p
+    cols = p[0, 0, :, 1:].T  # (5, N)
+    h = renyi_entropy(cols.log(), 4.0)
+    norm = CRITERIA["column_norm"](c, norm=4.0)[0]
+    assert torch.equal(norm.argsort(), (-h).argsort())
+
+
+@pytest.mark.parametrize("combine", ["z", "rank"])
+def test_hybrid_is_the_weighted_sum_and_its_ends_rank_as_renyi_and_evit(combine):
+    c = ctx(2)
+    ent = -renyi_entropy(c.patches(c.logits, dim=2), 2.0).mean(dim=1)
+    cls = c.logits[:, :, 0].softmax(-1).mean(dim=1)[:, 1:]
+
+    def f(s):
+        if combine == "z":
+            return (s - s.mean(1, keepdim=True)) / s.std(1, keepdim=True)
+        return s.argsort(1).argsort(1).double() / (s.shape[1] - 1)
+
+    for lam in (0.0, 0.3, 1.0):
+        got = CRITERIA["hybrid"](c, alpha=2.0, lam=lam, combine=combine).double()
+        torch.testing.assert_close(got, (1 - lam) * f(ent) + lam * f(cls), atol=1e-6, rtol=1e-6)
+    assert torch.equal(CRITERIA["hybrid"](c, lam=1.0).argsort(1), cls.argsort(1))
+    assert torch.equal(CRITERIA["hybrid"](c, alpha=2.0, lam=0.0).argsort(1), ent.argsort(1))
+    with pytest.raises(ValueError):
+        rp.patch(VisionTransformer(img_size=32, patch_size=8, embed_dim=24, depth=4, num_heads=3),
+                 criterion="hybrid", lam=2.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("criterion", ["headvar", "column_norm", "hybrid"])
+@pytest.mark.parametrize("fuse", [False, True])
+def test_new_criteria_prune_a_model(criterion, fuse):
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=24, depth=4, num_heads=3, num_classes=5).eval()
+    rp.patch(m, keep_rate=0.5, criterion=criterion, alpha=2.0, locations=(1, 2), fuse=fuse)
+    with torch.no_grad():
+        out = m(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    assert [r.kept.shape[1] for r in m.renyiprune.records] == [8, 4]

@@ -1,0 +1,144 @@
+"""sweep: the cached-prefix forward equals the full forward; resumable jsonl; tables, plots and the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from renyiprune import sweep as sw
+from renyiprune.data import Batch
+from renyiprune.evaluate import PruneConfig, pruned_view
+from renyiprune.model import VisionTransformer
+from renyiprune.sweep import SweepConfig
+from renyiprune.tables import markdown_tables, to_csv
+
+
+def small_vit():
+    torch.manual_seed(0)
+    cfg = dict(img_size=32, patch_size=8, embed_dim=24, depth=6, num_heads=3, num_classes=7)
+    return VisionTransformer(**cfg).eval()
+
+
+def batches(n=10, bs=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    y = torch.randint(0, 7, (n,), generator=g)
+    return [Batch(x[i : i + bs], y[i : i + bs], torch.arange(i, min(i + bs, n)), []) for i in range(0, n, bs)]
+
+
+CONFIGS = [
+    PruneConfig(None, 1.0, 1.0, (), False),
+    PruneConfig("evit", 0.5, 1.0, (1, 3), True),
+    PruneConfig("renyi", 0.7, 2.0, (2, 4), False),
+    PruneConfig("random", 0.6, 1.0, (1, 2, 4), True),
+    PruneConfig("hybrid", 0.5, float("inf"), (1, 3), True, (("lam", 0.3),)),
+    PruneConfig("headvar@1+renyi:3@3", 0.5, 1.0, (), True),
+    PruneConfig("column_norm", 0.7, 1.0, (0, 3), False),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label)
+def test_cached_prefix_equals_full_forward(config):
+    model = small_vit()
+    start = sw.first_location(config, len(model.blocks))
+    cache = sw.build_cache(model, batches(), min(start, 1) if start else 0, total=10, progress=False)
+    ref_view, view = pruned_view(model, config), pruned_view(model, config)
+    with torch.no_grad():
+        ref = torch.cat([ref_view(b.images) for b in batches()])
+    out = sw.run_view(view, cache, batch_size=4)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cache.labels, torch.cat([b.labels for b in batches()]))
+
+
+class Interrupted(Exception):
+    """Stands for a kill in the middle of a configuration."""
+
+
+def test_sweep_is_resumable_and_loses_only_the_config_in_flight(tmp_path, monkeypatch):
+    model = small_vit()
+    grid = [(c, r, f) for c in ("evit", "renyi") for r in (0.5, 0.7) for f in (False, True)]
+    configs = [SweepConfig(c, r, 2.0, (1, 3), f) for c, r, f in grid]
+    log = sw.ResultLog(tmp_path / "results.jsonl", {"run": "test"})
+    real = sw.run_config
+    calls = []
+
+    def flaky(model, config, cache, **kw):
+        calls.append(config)
+        if len(calls) == 3:
+            raise Interrupted
+        return real(model, config, cache, **kw)
+
+    monkeypatch.setattr(sw, "run_config", flaky)
+    with pytest.raises(Interrupted):
+        sw.run_sweep(model, configs, batches, total=10, log=log, progress=False)
+    assert len(log.load()) == 2
+    with open(log.path, "a") as f:  # a line torn by a kill is ignored
+        f.write('{"label": "torn')
+    calls.clear()
+    records, timing = sw.run_sweep(model, configs, batches, total=10, log=log, progress=False)
+    assert len(calls) == len(configs) - 2 and timing["ran"] == len(configs) - 2
+    assert [r["label"] for r in records] == [c.label for c in configs]
+    lines = [json.loads(x) for x in log.path.read_text().splitlines() if x.startswith('{"config')]
+    assert len(lines) == len(configs)
+    calls.clear()
+
+    def no_images():
+        raise AssertionError("nothing left to do: images must not be read")
+
+    again, timing = sw.run_sweep(model, configs, no_images, total=10, log=log, progress=False)
+    assert not calls and timing["ran"] == 0 and again == records
+    # Another fingerprint (other data) does not reuse these results.
+    assert sw.ResultLog(log.path, {"run": "other"}).load() == {}
+
+
+def test_config_round_trip():
+    c = SweepConfig("hybrid", 0.5, float("inf"), (3, 6, 9), True, (("lam", 0.25),), budget=True)
+    assert sw.config_from_dict(json.loads(json.dumps(sw.config_to_dict(c)))) == c
+
+
+def test_budget_mode_keeps_on_average_the_rate():
+    model = small_vit()
+    cache = sw.build_cache(model, batches(n=24), 1, total=24, progress=False)
+    cfg = SweepConfig("renyi", 0.5, 2.0, (1, 3), True, budget=True)
+    rec = sw.run_config(model, cfg, cache, batch_size=8, progress=False)
+    assert abs(rec["details"]["mean_keep_rate"] - 0.5) < 0.2
+    fixed = sw.run_config(model, SweepConfig("renyi", 0.5, 2.0, (1, 3), True), cache, progress=False)
+    assert 0.5 * fixed["gmacs"] < rec["gmacs"] < 2 * fixed["gmacs"]
+
+
+def _records():
+    model = small_vit()
+    configs = [SweepConfig(None, 1.0, 1.0, (), False)] + [
+        SweepConfig(c, r, 2.0, (1, 3), True) for c in ("evit", "renyi") for r in (0.5, 0.7)
+    ]
+    return sw.run_sweep(model, configs, batches, total=10, progress=False)[0]
+
+
+def test_tables_and_plot(tmp_path):
+    records = _records()
+    csv = to_csv(records)
+    assert csv.splitlines()[0].startswith("label,criterion,alpha,keep_rate") and len(csv.splitlines()) == 6
+    md = markdown_tables(records)
+    assert "| criterion | keep 0.5 | keep 0.7 |" in md and "unpruned (reference)" in md
+    assert "renyi α=2" in md and md.count("**") >= 4  # best per column in bold
+    from renyiprune.pareto import pareto_plot
+
+    paths = pareto_plot(records, tmp_path / "pareto")
+    assert [p.suffix for p in paths] == [".png", ".svg"] and all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_cli_sweep_on_real_images(shared_assets, tmp_path, capsys):
+    from renyiprune.cli import main
+
+    w = shared_assets / "weights" / "deit_tiny_patch16_224.safetensors"
+    d = shared_assets / "imagenet-sample-1000"
+    args = ["sweep", "--weights", str(w), "--data", str(d), "--criteria", "evit,renyi", "--alphas", "2",
+            "--keep", "0.7", "--fuse", "off,on", "--limit", "6", "--out", str(tmp_path), "--no-progress",
+            "--workers", "0"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "5 configurations (5 run now, 0 resumed)" in out
+    for f in ("results.jsonl", "results.csv", "results.md", "pareto.png", "pareto.svg", "timing.json"):
+        assert (tmp_path / f).is_file()
+    assert main(args) == 0
+    assert "(0 run now, 5 resumed)" in capsys.readouterr().out
