@@ -9,8 +9,9 @@ from . import common
 from . import eval as eval_cmd
 from . import sweep as sweep_cmd
 from . import tune as tune_cmd
+from . import visualize as visualize_cmd
 
-COMMANDS = [eval_cmd, sweep_cmd, tune_cmd]
+COMMANDS = [eval_cmd, sweep_cmd, tune_cmd, visualize_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,338 @@
+"""``renyiprune visualize``: entropy maps, pruning masks, entropy histograms and attention distance.
+
+Everything is rendered into a hidden staging folder next to ``--out`` and moved into ``--out`` only
+when every figure and ``index.html`` are complete, so a failed run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import inspect_attention as ia
+from ..criteria import list_criteria
+from ..data import BadImageError, DataError, EvalTransform, list_samples, load_image
+from ..entropy import parse_alpha
+from ..report_html import FigureEntry, render_index
+from ..selection import check_keep_rate
+from . import common
+
+FORMATS = ("png", "svg", "pdf")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "visualize",
+        help="figures of attention entropy, pruning masks, histograms and attention distance",
+        description="Render entropy maps and pruning masks per image, and histograms and entropy vs "
+        "attention distance over all images, into --out with an index.html.",
+    )
+    common.add_model_args(p)
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (or use --data)")
+    p.add_argument("--data", default=None, help="folder with labels.tsv or an ImageFolder tree")
+    p.add_argument("--limit", type=int, default=None, help="use the first N images of --data")
+    p.add_argument("--alphas", default="1,2,inf", help="Rényi orders, e.g. 1,2,inf")
+    p.add_argument("--keep", default="0.7", help="keep rate in (0, 1]")
+    p.add_argument("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
+    p.add_argument("--blocks", type=common.locations, default=None, help="blocks of the entropy maps (all)")
+    p.add_argument("--criteria", default="renyi,evit,random", help="mask rows; renyi gives one row per α")
+    p.add_argument("--fuse", action="store_true", help="fuse pruned tokens into one extra token (EViT)")
+    p.add_argument("--direction", choices=["row", "column"], default=None, help="renyi: row or column")
+    p.add_argument("--heads", choices=["mean", "pooled"], default=None, help="renyi: head aggregation")
+    p.add_argument("--cls-key", choices=["include", "exclude"], default=None, help="renyi: CLS key")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", default="png", help="comma list of png, svg, pdf")
+    p.add_argument("--image-figures", type=int, default=8, help="per-image figures for at most N images")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run)
+
+
+@dataclass
+class Options:
+    """Validated arguments."""
+
+    alphas: list[float]
+    keep: float
+    formats: list[str]
+    specs: list[ia.MaskSpec]
+    renyi_opts: dict
+    paths: list[Path]
+    out: Path
+    config: dict = field(default_factory=dict)
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _mask_specs(names: list[str], alphas: list[float], renyi_opts: dict, seed: int) -> list[ia.MaskSpec]:
+    from ..plots import alpha_label
+
+    known = list_criteria()
+    specs = []
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown criterion {name!r}; choose from {', '.join(known)}")
+        if name == "renyi":
+            opts = tuple(renyi_opts.items())
+            specs += [ia.MaskSpec(f"renyi α={alpha_label(a)}", "renyi", a, opts) for a in alphas]
+        elif name == "random":
+            specs.append(ia.MaskSpec("random", "random", options=(("seed", seed),)))
+        elif name == "shannon":
+            specs.append(ia.MaskSpec("shannon", "shannon", options=tuple(renyi_opts.items())))
+        else:
+            specs.append(ia.MaskSpec(name, name))
+    if not specs:
+        raise ValueError("--criteria names no criterion")
+    return specs
+
+
+def _image_paths(args: argparse.Namespace) -> list[Path]:
+    if args.images and args.data:
+        raise ValueError("give IMAGE files or --data, not both")
+    if args.data:
+        if args.limit is not None and args.limit < 1:
+            raise ValueError("--limit must be >= 1")
+        return [s.path for s in list_samples(args.data)][: args.limit]
+    if not args.images:
+        raise ValueError("give at least one IMAGE or --data DIR")
+    paths = [Path(p).expanduser() for p in args.images]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"image not found: {p}")
+    return paths
+
+
+def parse_options(args: argparse.Namespace) -> Options:
+    """Check every argument before any work is done; ValueError/DataError name the bad one."""
+    alphas = [parse_alpha(a) for a in _split(args.alphas)]
+    if not alphas:
+        raise ValueError("--alphas needs at least one order")
+    alphas = list(dict.fromkeys(alphas))
+    try:
+        keep = check_keep_rate(float(args.keep))
+    except ValueError:
+        raise ValueError(f"--keep must be a number in (0, 1], got {args.keep!r}") from None
+    formats = list(dict.fromkeys(f.lower() for f in _split(args.format)))
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ValueError(f"--format must be a comma list of {', '.join(FORMATS)}; got {args.format!r}")
+    if args.image_figures < 0 or args.batch_size < 1:
+        raise ValueError("--image-figures must be >= 0 and --batch-size >= 1")
+    renyi_opts = {
+        k: v
+        for k, v in (("direction", args.direction), ("heads", args.heads), ("cls_key", args.cls_key))
+        if v
+    }
+    specs = _mask_specs(_split(args.criteria), alphas, renyi_opts, args.seed)
+    return Options(alphas, keep, formats, specs, renyi_opts, _image_paths(args), Path(args.out).expanduser())
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60] or "image"
+
+
+def _load(path: Path):
+    try:
+        return load_image(path)
+    except Exception as e:  # PIL raises many types; one line naming the file
+        raise BadImageError(str(path), f"{type(e).__name__}: {e}") from None
+
+
+class _Writer:
+    """Saves figures in every requested format into the staging folder and remembers the entries."""
+
+    def __init__(self, staging: Path, formats: list[str], seed: int):
+        self.staging, self.formats, self.seed = staging, formats, seed
+        self.entries: list[FigureEntry] = []
+        self.sizes: dict[str, list[int]] = {}
+
+    def add(self, fig, stem: str, section: str, title: str, caption: str) -> None:
+        from ..plots import DPI, save_figure
+
+        files = []
+        for fmt in self.formats:
+            name = f"{stem}.{fmt}"
+            save_figure(fig, self.staging / name, self.seed)
+            files.append(name)
+        w, h = fig.get_size_inches()
+        self.sizes[stem] = [round(w * DPI), round(h * DPI)]
+        self.entries.append(FigureEntry(section, title, tuple(files), caption))
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import plots
+
+    opt = parse_options(args)
+    model = common.load_model(args)
+    depth = len(model.blocks)
+    blocks = list(args.blocks) if args.blocks is not None else list(range(depth))
+    for what, locs in (("--locations", args.locations), ("--blocks", blocks)):
+        if any(i >= depth for i in locs):
+            raise ValueError(f"{what} {tuple(locs)} out of range for {args.model} ({depth} blocks, 0-based)")
+    if not args.locations:
+        raise ValueError("--locations needs at least one pruning block")
+    cfg = model.pretrained_cfg
+    tf = EvalTransform(cfg.img_size, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std)
+    grid, ps = model.patch_embed.grid_size, model.patch_embed.patch_size[0]
+    locs = tuple(args.locations)
+    a_txt = ", ".join(plots.alpha_label(a) for a in opt.alphas)
+    opt.config = {
+        "model": args.model,
+        "weights": str(args.weights) if args.weights else "official download",
+        "images": len(opt.paths),
+        "alphas": a_txt,
+        "keep rate": opt.keep,
+        "pruning blocks (1-based)": ", ".join(str(i + 1) for i in locs),
+        "fuse": args.fuse,
+        "criteria": ", ".join(s.label for s in opt.specs),
+        "renyi options": ", ".join(f"{k}={v}" for k, v in opt.renyi_opts.items()) or "row, mean, include",
+        "seed": args.seed,
+    }
+
+    opt.out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{opt.out.name}.", suffix=".tmp", dir=opt.out.parent))
+    try:
+        writer = _Writer(staging, opt.formats, args.seed)
+        _render(args, opt, model, tf, grid, ps, blocks, locs, writer)
+        common.atomic_write_text(
+            staging / "figures.json",
+            json.dumps({"config": opt.config, "sizes_px": writer.sizes}, indent=2, default=str) + "\n",
+        )
+        common.atomic_write_text(
+            staging / "index.html", render_index("renyiprune visualize", opt.config, writer.entries)
+        )
+        _publish(staging, opt.out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"wrote {len(writer.entries)} figures and index.html to {opt.out}")
+    return 0
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move the finished files into ``out``, index.html last (each move is an atomic rename)."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in staging.iterdir())
+    names.sort(key=lambda n: n == "index.html")
+    for name in names:
+        os.replace(staging / name, out / name)
+
+
+ENTROPY_CAPTION = (
+    "Rényi entropy H_α (nats) of each patch's attention as the renyi criterion computes it ({opts}), in the "
+    "unpruned model: one row per α, one column per block, one colour scale per α row. Dark = focused "
+    "attention, kept first by renyi pruning."
+)
+MASKS_CAPTION = "Patches left after each pruning stage (grey = pruned), one row per criterion; {cfg}."
+FUSED_NOTE = " The fused token's share is the number (and fraction) of original patches merged into it."
+HIST_CAPTION = (
+    "For renyi pruning at each α: the entropy of every candidate patch at each pruning stage, split into "
+    "kept and pruned, over {count} images; standardized per panel (mean and std in nats in the title) so "
+    "that shapes compare across α; densities. {cfg}."
+)
+DIST_CAPTION = (
+    "One point per block and head of the unpruned model: mean attention distance in pixels (Raghu et al. "
+    "2021: sum_j a_ij·|pos_i − pos_j| over patch keys, attention renormalized without CLS, averaged over "
+    "patch queries) against the mean row entropy H_α of that head's patch queries, coloured by block; "
+    "{count} images."
+)
+
+
+class _Totals:
+    """Sums over all images: attention distance and entropy per head, stage entropies for histograms."""
+
+    def __init__(self, depth: int, heads: int, alphas: list[float], stages: int):
+        self.count = 0
+        self.distance = torch.zeros(depth, heads, dtype=torch.float64)
+        self.entropy = {a: torch.zeros(depth, heads, dtype=torch.float64) for a in alphas}
+        self.hist: dict[float, list[list]] = {a: [[] for _ in range(stages)] for a in alphas}
+
+    def add_logits(self, logits: list[torch.Tensor], grid, patch_size: int) -> None:
+        for b, lg in enumerate(logits):
+            self.distance[b] += ia.attention_distance(lg, grid, patch_size).double().sum(0).cpu()
+            for a, total in self.entropy.items():
+                total[b] += ia.head_entropy(lg, a).double().sum(0).cpu()
+        self.count += logits[0].shape[0]
+
+    def histogram_data(self) -> dict:
+        return {
+            a: [
+                (torch.cat([h for h, _ in st]).numpy(), torch.cat([k for _, k in st]).numpy())
+                for st in stages
+            ]
+            for a, stages in self.hist.items()
+        }
+
+
+@torch.inference_mode()
+def _render(args, opt: Options, model, tf, grid, ps, blocks, locs, writer: _Writer) -> None:
+    from .. import plots
+
+    cfg_txt = f"{args.model}, keep {opt.keep:g} at blocks {', '.join(str(i + 1) for i in locs)}"
+    cfg_txt += ", fused" if args.fuse else ""
+    n_patches = grid[0] * grid[1]
+    totals = _Totals(len(model.blocks), model.blocks[0].attn.num_heads, opt.alphas, len(locs))
+    bar = tqdm(total=len(opt.paths), unit="img", desc="visualize", disable=args.no_progress, leave=False)
+    for start in range(0, len(opt.paths), args.batch_size):
+        paths = opt.paths[start : start + args.batch_size]
+        pil = [_load(p) for p in paths]
+        x = torch.stack([tf(im) for im in pil]).to(args.device)
+        logits = ia.block_logits(model, x)
+        totals.add_logits(logits, grid, ps)
+        wanted = [i for i in range(len(paths)) if start + i < args.image_figures]
+        masks = {}
+        for a in opt.alphas:  # renyi pruning at each α: histogram data, and its mask rows for free
+            spec = ia.MaskSpec("", "renyi", a, tuple(opt.renyi_opts.items()))
+            records = ia.prune_records(model, x, spec, opt.keep, locs, args.fuse)
+            for s, pair in enumerate(ia.stage_entropies(records)):
+                totals.hist[a][s].append(pair)
+            masks[spec] = ia.masks_from_records(records, n_patches, args.fuse)
+        if wanted:
+            for spec in opt.specs:
+                key = replace(spec, label="")
+                if key not in masks:
+                    masks[key] = ia.pruning_masks(model, x, spec, opt.keep, locs, args.fuse)
+        for i in wanted:
+            crop = np.asarray(tf.center_crop(tf.resize(pil[i])))
+            name, stem = paths[i].name, f"{start + i:03d}_{_safe(paths[i].stem)}"
+            one = [lg[i : i + 1] for lg in logits]
+            maps = {
+                a: m.numpy()
+                for a, m in ia.entropy_maps(one, opt.alphas, blocks, grid, **opt.renyi_opts).items()
+            }
+            fig = plots.entropy_maps_figure(crop, maps, blocks, f"Per-patch attention entropy: {name}")
+            caption = ENTROPY_CAPTION.format(opts=opt.config["renyi options"])
+            writer.add(fig, f"{stem}_entropy", "Entropy maps", f"Entropy maps: {name}", caption)
+            rows = []
+            for spec in opt.specs:
+                kept, fused = masks[replace(spec, label="")]
+                rows.append((spec.label, kept[i].numpy(), fused))
+            fig = plots.masks_figure(crop, rows, locs, grid, f"Pruned patches after each stage: {name}")
+            caption = MASKS_CAPTION.format(cfg=cfg_txt) + (FUSED_NOTE if args.fuse else "")
+            writer.add(fig, f"{stem}_masks", "Pruning masks", f"Pruning masks: {name}", caption)
+        bar.update(len(paths))
+    bar.close()
+
+    n = totals.count
+    fig = plots.histograms_figure(
+        totals.histogram_data(), locs, f"Entropy of kept vs pruned patches ({n} images)"
+    )
+    caption = HIST_CAPTION.format(count=n, cfg=cfg_txt)
+    writer.add(fig, "histograms", "Over all images", "Entropy of kept vs pruned patches", caption)
+    dist = (totals.distance / n).numpy()
+    ent = {a: (v / n).numpy() for a, v in totals.entropy.items()}
+    fig = plots.distance_figure(dist, ent, f"Entropy vs mean attention distance per head ({n} images)")
+    caption = DIST_CAPTION.format(count=n)
+    writer.add(fig, "distance", "Over all images", "Entropy vs attention distance", caption)
