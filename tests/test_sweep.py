@@ -60,11 +60,12 @@ def test_sweep_is_resumable_and_loses_only_the_config_in_flight(tmp_path, monkey
     configs = [SweepConfig(c, r, 2.0, (1, 3), f) for c, r, f in grid]
     log = sw.ResultLog(tmp_path / "results.jsonl", {"run": "test"})
     real = sw.run_config
-    calls = []
+    calls, fail_at = [], [3]
 
     def flaky(model, config, cache, **kw):
         calls.append(config)
-        if len(calls) == 3:
+        if len(calls) == fail_at[0]:
+            fail_at[0] = 0  # only the first run is killed
             raise Interrupted
         return real(model, config, cache, **kw)
 

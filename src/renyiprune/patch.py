@@ -179,7 +179,9 @@ def patch(
     """
     blocks = _check_model(model)
     if isinstance(criterion, str) and criterion == "best":  # the shipped tuned policy's choice
-        criterion, alpha, criterion_options = _resolve_best(model, keep_rate, criterion_options)
+        criterion, alpha, locations, criterion_options = _resolve_best(
+            model, keep_rate, locations, criterion_options
+        )
     if is_patched(model):
         unpatch(model)
     locs = [int(i) for i in locations]
@@ -212,15 +214,19 @@ def patch(
     return model
 
 
-def _resolve_best(model: nn.Module, keep_rate, options: dict) -> tuple[str, float, dict]:
-    """criterion="best": (criterion, alpha, options) from the policy shipped for this model and keep rate."""
+def _resolve_best(model: nn.Module, keep_rate, locations, options: dict) -> tuple:
+    """criterion="best": (criterion, alpha, locations, options) from the policy shipped for this model;
+    a per-stage choice ('headvar@3+evit@6+evit@9') brings its own locations."""
+    from .evaluate import parse_stages
     from .policy import resolve_best
 
     if isinstance(keep_rate, (list, tuple)):
         raise ValueError('criterion="best" takes one keep_rate')
     name = getattr(getattr(model, "pretrained_cfg", None), "name", "deit_tiny_patch16_224")
     crit, alpha, tuned = resolve_best(float(keep_rate), name)
-    return crit, alpha, {**tuned, **options}
+    if "@" in crit:
+        crit, alpha, locations = parse_stages(crit)
+    return crit, alpha, locations, {**tuned, **options}
 
 
 def share_parameters(model: nn.Module) -> nn.Module:

@@ -324,7 +324,7 @@ class ResultLog:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if rec.get("run") == self.fingerprint and "config" in rec:
+            if rec.pop("run", None) == self.fingerprint and "config" in rec:
                 done[self.key(config_from_dict(rec["config"]))] = rec
         return done
 
