@@ -207,12 +207,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         writer = _Writer(staging, opt.formats, args.seed)
         _render(args, opt, model, tf, grid, ps, blocks, locs, writer)
-        common.atomic_write_text(
-            staging / "figures.json",
-            json.dumps({"config": opt.config, "sizes_px": writer.sizes}, indent=2, default=str) + "\n",
+        # Plain writes: the staging folder is private and _publish moves each file with an atomic rename.
+        sizes = {"config": opt.config, "sizes_px": writer.sizes}
+        (staging / "figures.json").write_text(
+            json.dumps(sizes, indent=2, default=str) + "\n", encoding="utf-8"
         )
-        common.atomic_write_text(
-            staging / "index.html", render_index("renyiprune visualize", opt.config, writer.entries)
+        (staging / "index.html").write_text(
+            render_index("renyiprune visualize", opt.config, writer.entries), encoding="utf-8"
         )
         _publish(staging, opt.out)
     finally:
@@ -240,7 +241,7 @@ FUSED_NOTE = " The fused token's share is the number (and fraction) of original 
 HIST_CAPTION = (
     "For renyi pruning at each α: the entropy of every candidate patch at each pruning stage, split into "
     "kept and pruned, over {count} images; standardized per panel (mean and std in nats in the title) so "
-    "that shapes compare across α; densities. {cfg}."
+    "that shapes compare across α (values beyond ±4 std are drawn at the edges); densities. {cfg}."
 )
 DIST_CAPTION = (
     "One point per block and head of the unpruned model: mean attention distance in pixels (Raghu et al. "
@@ -314,14 +315,14 @@ def _render(args, opt: Options, model, tf, grid, ps, blocks, locs, writer: _Writ
             }
             fig = plots.entropy_maps_figure(crop, maps, blocks, f"Per-patch attention entropy: {name}")
             caption = ENTROPY_CAPTION.format(opts=opt.config["renyi options"])
-            writer.add(fig, f"{stem}_entropy", "Entropy maps", f"Entropy maps: {name}", caption)
+            writer.add(fig, f"{stem}_entropy", f"Image {name}", f"Entropy maps: {name}", caption)
             rows = []
             for spec in opt.specs:
                 kept, fused = masks[replace(spec, label="")]
                 rows.append((spec.label, kept[i].numpy(), fused))
             fig = plots.masks_figure(crop, rows, locs, grid, f"Pruned patches after each stage: {name}")
             caption = MASKS_CAPTION.format(cfg=cfg_txt) + (FUSED_NOTE if args.fuse else "")
-            writer.add(fig, f"{stem}_masks", "Pruning masks", f"Pruning masks: {name}", caption)
+            writer.add(fig, f"{stem}_masks", f"Image {name}", f"Pruning masks: {name}", caption)
         bar.update(len(paths))
     bar.close()
 

@@ -1,0 +1,322 @@
+"""Training data sets read from their official on-disk layouts, and a checksum-verified downloader.
+
+Each layout is turned into a :class:`DatasetSplit`: a list of ``data.Sample`` (path, 0-based label), the
+number of classes, and how many pixels to crop off the bottom of every image (FGVC-Aircraft's banner).
+
+* ``flowers102``: Oxford Flowers-102, ``jpg/image_00001.jpg``, ``imagelabels.mat`` (1-based labels of the
+  8189 images) and ``setid.mat`` (1-based image ids: ``trnid`` train, ``valid`` val, ``tstid`` test).
+* ``fgvc-aircraft``: FGVC-Aircraft 2013b, ``data/images/<id>.jpg``, ``data/images_variant_<split>.txt``
+  (``<id> <variant>`` per line) and ``data/variants.txt`` (the 100 variants; line order = class index).
+  Every image carries a 20-pixel copyright banner at the bottom, cropped off as the dataset's README says.
+* ``imagenet100``: an ImageNet ``train/`` / ``val/`` tree of WordNet-id folders, restricted to the 100
+  classes of Tian et al. 2019 (CMC) shipped as ``imagenet100.txt``; class index = sorted WordNet id.
+* ``imagefolder`` / ``labels-tsv``: :func:`renyiprune.data.list_samples` on ``root/<split>`` when that
+  folder exists, else on ``root`` itself (then the same images serve every split).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from PIL import Image
+
+from .data import LABELS_FILE, DataError, Sample, list_samples, load_image
+
+__all__ = [
+    "DATASETS",
+    "DEFAULT_SPLITS",
+    "AIRCRAFT_BANNER_PX",
+    "DatasetSplit",
+    "load_split",
+    "open_sample",
+    "imagenet100_classes",
+    "download_dataset",
+]
+
+DATASETS = ("imagefolder", "labels-tsv", "flowers102", "fgvc-aircraft", "imagenet100")
+#: (training split, evaluation split) used when the command line names none.
+DEFAULT_SPLITS = {
+    "imagefolder": ("train", "val"),
+    "labels-tsv": ("train", "val"),
+    "flowers102": ("trainval", "test"),
+    "fgvc-aircraft": ("trainval", "test"),
+    "imagenet100": ("train", "val"),
+}
+AIRCRAFT_BANNER_PX = 20
+
+
+@dataclass
+class DatasetSplit:
+    """One split of a data set: samples with 0-based labels, class count/names, bottom crop in pixels."""
+
+    name: str
+    split: str
+    root: Path
+    samples: list[Sample]
+    num_classes: int
+    classes: list[str] = field(default_factory=list)
+    crop_bottom: int = 0
+
+
+def open_sample(sample: Sample, crop_bottom: int = 0) -> Image.Image:
+    """Decode one sample as RGB, cropping ``crop_bottom`` pixel rows off the bottom (0: none)."""
+    img = load_image(sample.path)
+    if crop_bottom:
+        w, h = img.size
+        if h <= crop_bottom:
+            raise DataError(f"{sample.path}: image height {h} is not above the {crop_bottom}-pixel banner")
+        img = img.crop((0, 0, w, h - crop_bottom))
+    return img
+
+
+def load_split(name: str, root: str | Path, split: str) -> DatasetSplit:
+    """Read ``split`` of data set ``name`` (one of :data:`DATASETS`) from ``root``; DataError if it can't."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--data-root {root} is not a directory")
+    readers = {
+        "imagefolder": _folder,
+        "labels-tsv": _folder,
+        "flowers102": _flowers102,
+        "fgvc-aircraft": _aircraft,
+        "imagenet100": _imagenet100,
+    }
+    if name not in readers:
+        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    ds = readers[name](name, root, split)
+    if not ds.samples:
+        raise DataError(f"{name} split {split!r} under {root} holds no images")
+    return ds
+
+
+# ------------------------------------------------------------------------------------- ImageFolder, tsv
+
+
+def _folder(name: str, root: Path, split: str) -> DatasetSplit:
+    folder = root / split if (root / split).is_dir() else root
+    if name == "labels-tsv" and not (folder / LABELS_FILE).is_file():
+        raise DataError(f"labels-tsv: no {LABELS_FILE} in {folder}")
+    if name == "imagefolder" and (folder / LABELS_FILE).is_file():
+        raise DataError(f"imagefolder: {folder} holds a {LABELS_FILE}; use --dataset labels-tsv")
+    samples = list_samples(folder)
+    classes: list[str] = []
+    if name == "imagefolder":
+        classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    num = max(len(classes), 1 + max(s.label for s in samples))
+    return DatasetSplit(name, split, folder, samples, num, classes)
+
+
+# ------------------------------------------------------------------------------------------ Flowers-102
+
+_FLOWERS_SPLITS = {"train": ("trnid",), "val": ("valid",), "test": ("tstid",), "trainval": ("trnid", "valid")}
+
+
+def _flowers102(name: str, root: Path, split: str) -> DatasetSplit:
+    from scipy.io import loadmat
+
+    if split not in _FLOWERS_SPLITS:
+        raise DataError(f"flowers102 splits are {', '.join(_FLOWERS_SPLITS)}; got {split!r}")
+    for f in ("imagelabels.mat", "setid.mat", "jpg"):
+        if not (root / f).exists():
+            raise DataError(f"flowers102: {root / f} not found (expected jpg/, imagelabels.mat, setid.mat)")
+    labels = loadmat(root / "imagelabels.mat")["labels"].ravel().astype(int)  # 1-based, one per image
+    setid = loadmat(root / "setid.mat")
+    ids = [int(i) for key in _FLOWERS_SPLITS[split] for i in setid[key].ravel()]  # 1-based image ids
+    samples = []
+    for i in sorted(ids):
+        if not 1 <= i <= len(labels):
+            raise DataError(f"flowers102: setid.mat names image {i} but imagelabels.mat has {len(labels)}")
+        path = root / "jpg" / f"image_{i:05d}.jpg"
+        if not path.is_file():
+            raise DataError(f"flowers102: image file not found: {path}")
+        samples.append(Sample(path, int(labels[i - 1]) - 1))
+    return DatasetSplit(name, split, root, samples, 102, [str(k) for k in range(1, 103)])
+
+
+# ---------------------------------------------------------------------------------------- FGVC-Aircraft
+
+_AIRCRAFT_SPLITS = ("train", "val", "trainval", "test")
+
+
+def _aircraft(name: str, root: Path, split: str) -> DatasetSplit:
+    if split not in _AIRCRAFT_SPLITS:
+        raise DataError(f"fgvc-aircraft splits are {', '.join(_AIRCRAFT_SPLITS)}; got {split!r}")
+    if not (root / "data").is_dir() and (root / "fgvc-aircraft-2013b" / "data").is_dir():
+        root = root / "fgvc-aircraft-2013b"
+    data = root / "data"
+    listing, variants_file = data / f"images_variant_{split}.txt", data / "variants.txt"
+    for f in (listing, variants_file, data / "images"):
+        if not f.exists():
+            raise DataError(f"fgvc-aircraft: {f} not found (expected the fgvc-aircraft-2013b data/ folder)")
+    classes = [v.strip() for v in variants_file.read_text(encoding="utf-8").splitlines() if v.strip()]
+    index = {v: k for k, v in enumerate(classes)}
+    samples = []
+    for lineno, line in enumerate(listing.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        image_id, _, variant = line.strip().partition(" ")
+        if variant not in index:
+            raise DataError(f"{listing}:{lineno}: variant {variant!r} is not in {variants_file.name}")
+        path = data / "images" / f"{image_id}.jpg"
+        if not path.is_file():
+            raise DataError(f"{listing}:{lineno}: image file not found: {path}")
+        samples.append(Sample(path, index[variant]))
+    return DatasetSplit(name, split, root, samples, len(classes), classes, crop_bottom=AIRCRAFT_BANNER_PX)
+
+
+# ----------------------------------------------------------------------------------------- ImageNet-100
+
+
+def imagenet100_classes() -> list[str]:
+    """The 100 WordNet ids of ImageNet-100 (CMC), sorted: position = class index."""
+    text = resources.files("renyiprune").joinpath("imagenet100.txt").read_text(encoding="utf-8")
+    return sorted(w.strip() for w in text.splitlines() if w.strip() and not w.startswith("#"))
+
+
+def _imagenet100(name: str, root: Path, split: str) -> DatasetSplit:
+    folder = root / split
+    if not folder.is_dir():
+        raise DataError(
+            f"imagenet100: {folder} not found (expected {root}/train and {root}/val class folders)"
+        )
+    classes = imagenet100_classes()
+    missing = [w for w in classes if not (folder / w).is_dir()]
+    if missing:
+        raise DataError(
+            f"imagenet100: {len(missing)} of the 100 class folders are missing in {folder}: "
+            + ", ".join(missing[:5])
+            + (" ..." if len(missing) > 5 else "")
+        )
+    samples = []
+    for label, wnid in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(folder / wnid, followlinks=True)):
+            samples.extend(
+                Sample(Path(dirpath) / f, label)
+                for f in sorted(files)
+                if not f.startswith(".") and Path(f).suffix.lower() in {".jpeg", ".jpg", ".png"}
+            )
+    return DatasetSplit(name, split, folder, samples, 100, classes)
+
+
+# ------------------------------------------------------------------------------------------- downloads
+
+
+@dataclass(frozen=True)
+class Remote:
+    """One published file: URL and the MD5 that the common loaders (torchvision, R torch, ...) verify."""
+
+    url: str
+    md5: str
+    extract: bool = False
+
+
+_VGG = "https://www.robots.ox.ac.uk/~vgg/data/"
+DOWNLOADS = {
+    "flowers102": [
+        Remote(_VGG + "flowers/102/102flowers.tgz", "52808999861908f626f3c1f4e79d11fa", extract=True),
+        Remote(_VGG + "flowers/102/imagelabels.mat", "e0620be6f572b9609742df49c70aed4d"),
+        Remote(_VGG + "flowers/102/setid.mat", "a5357ecc9cb78c4bef273ce3793fc85c"),
+    ],
+    "fgvc-aircraft": [
+        Remote(
+            _VGG + "fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
+            "d4acdd33327262359767eeaa97a4f732",
+            extract=True,
+        ),
+    ],
+}
+
+
+def download_dataset(name: str, root: str | Path, progress: bool = True) -> Path:
+    """Download and unpack data set ``name`` into ``root``; every file is MD5-checked before it is kept.
+
+    Each file is streamed to a temporary name and renamed into place only after its checksum verifies;
+    archives are unpacked into a temporary folder that is renamed into place when complete. ImageNet
+    needs a registered account, so ``imagenet100`` raises a DataError explaining how to lay it out.
+    """
+    root = Path(root).expanduser()
+    if name == "imagenet100":
+        raise DataError(
+            "ImageNet cannot be downloaded without an image-net.org account: download ILSVRC2012 train/val "
+            "yourself, lay it out as DIR/train/<wnid>/*.JPEG and DIR/val/<wnid>/*.JPEG, and train with "
+            "--dataset imagenet100 --data-root DIR (only the 100 CMC classes are read)"
+        )
+    if name not in DOWNLOADS:
+        raise DataError(f"no download for {name!r}; downloadable: {', '.join(DOWNLOADS)}, imagenet100")
+    root.mkdir(parents=True, exist_ok=True)
+    for remote in DOWNLOADS[name]:
+        target = root / Path(remote.url).name
+        if not (target.is_file() and _md5(target) == remote.md5):
+            _fetch_verified(remote, target, progress)
+        if remote.extract:
+            _extract(target, root)
+    return root
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class _Md5Writer:
+    """A file wrapper that hashes what is written through it."""
+
+    def __init__(self, out) -> None:
+        self.out, self.md5 = out, hashlib.md5(usedforsecurity=False)
+
+    def write(self, chunk: bytes) -> int:
+        self.md5.update(chunk)
+        return self.out.write(chunk)
+
+
+def _fetch_verified(remote: Remote, target: Path, progress: bool) -> None:
+    # The streaming, progress bar and network-error classification are renyiprune.weights' (which
+    # verifies SHA-256 only; these data sets publish MD5 sums), so only the message is changed here.
+    from .weights import WeightsError, _fetch
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            writer = _Md5Writer(out)
+            try:
+                _fetch(remote.url, writer, target.name, progress)
+            except WeightsError as e:
+                raise DataError(
+                    f"could not download {remote.url}: {str(e).split(': ', 1)[-1].split('. Download')[0]}. "
+                    f"Download it on a machine with access, copy it to {target} and rerun (it is "
+                    "checksum-verified and unpacked), or unpack it yourself and pass --data-root."
+                ) from None
+        if writer.md5.hexdigest() != remote.md5:
+            raise DataError(
+                f"MD5 mismatch for {remote.url}: expected {remote.md5}, got {writer.md5.hexdigest()}; "
+                "the download was discarded"
+            )
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _extract(archive: Path, root: Path) -> None:
+    """Unpack ``archive`` into ``root`` through a temporary folder; top-level entries already there stay."""
+    tmp = Path(tempfile.mkdtemp(prefix=".extract.", dir=root))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        for entry in tmp.iterdir():
+            if not (root / entry.name).exists():
+                os.replace(entry, root / entry.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"renyiprune: unpacked {archive.name} into {root}", file=sys.stderr)
