@@ -1,0 +1,111 @@
+"""``renyiprune train``: fine-tune a ViT with token pruning active (EViT recipe); torchrun for many processes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..criteria import list_criteria
+from ..datasets import DATASETS
+from ..train import TrainConfig, train
+from . import common
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.strip().lower() in ("", "none", "0") else float(text)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune with pruning in the loop (EViT recipe), resumable, torchrun for several processes",
+        description="Fine-tune MODEL on a data set with token pruning active. Writes OUT/last.pt (full state, "
+        "atomic, each epoch and every --save-every steps), OUT/model.safetensors (weights for eval "
+        "--weights), OUT/metrics.jsonl and OUT/metrics.csv. Run several processes with "
+        "torchrun --nproc_per_node K -m renyiprune train ... (--batch-size is per process).",
+    )
+    common.add_model_args(p)
+    p.add_argument("--dataset", choices=DATASETS, default="imagefolder", help="on-disk layout of --data-root")
+    p.add_argument("--data-root", type=common.existing_path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, metrics)")
+    p.add_argument("--train-split", default=None, help="default: trainval (flowers, aircraft) or train")
+    p.add_argument("--eval-split", default=None, help="default: test (flowers, aircraft) or val")
+    p.add_argument("--num-classes", type=int, default=None, help="default: the data set's class count")
+    p.add_argument("--limit", type=int, default=None, help="use the first N images of each split")
+    g = p.add_argument_group("pruning while training")
+    g.add_argument("--keep", type=common.keep_rate, default=0.7)
+    g.add_argument("--criterion", default="renyi", help=f"none or one of {', '.join(list_criteria())}")
+    g.add_argument("--alpha", type=common.alpha, default=2.0)
+    g.add_argument("--locations", type=common.locations, default=(3, 6, 9))
+    g.add_argument("--fuse", action="store_true", help="fuse pruned tokens into one extra token")
+    g.add_argument("--eval-keep", type=common.keep_rates, default=[0.5, 0.7, 0.9],
+                   help="keep rates evaluated after each epoch (plus the unpruned model)")  # fmt: skip
+    g = p.add_argument_group("recipe (EViT/DeiT fine-tuning defaults)")
+    g.add_argument("--epochs", type=int, default=30)
+    g.add_argument("--batch-size", type=int, default=64, help="per process")
+    g.add_argument("--lr", type=float, default=2e-5, help="for a global batch of 512 (see --no-lr-scale)")
+    g.add_argument("--no-lr-scale", action="store_true", help="use --lr as given, not lr * batch / 512")
+    g.add_argument("--min-lr", type=float, default=2e-6)
+    g.add_argument("--warmup-lr", type=float, default=1e-6)
+    g.add_argument("--warmup-epochs", type=float, default=5.0)
+    g.add_argument("--weight-decay", type=float, default=1e-6)
+    g.add_argument("--clip-grad", type=_optional_float, default=None, help="max gradient norm (off)")
+    g.add_argument("--smoothing", type=float, default=0.1)
+    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
+    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
+    g.add_argument("--randaug-n", type=int, default=2, help="RandAugment operations (0: off)")
+    g.add_argument("--randaug-m", type=float, default=9.0, help="RandAugment magnitude out of 10")
+    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    g.add_argument("--drop-path", type=float, default=0.1)
+    g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision (CUDA)")
+    g.add_argument("--ema-decay", type=float, default=0.0, help="keep an EMA of the weights (0: off)")
+    g = p.add_argument_group("operations")
+    g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
+    g.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after N steps")
+    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: never)")
+    g.add_argument("--no-eval-before", action="store_true", help="skip the evaluation before training")
+    g.add_argument("--resume", action="store_true", help="continue OUT/last.pt exactly")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    g.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if args.criterion != "none" and args.criterion not in list_criteria():
+        raise ValueError(f"unknown criterion {args.criterion!r}; choose none or {', '.join(list_criteria())}")
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    return TrainConfig(
+        data_root=str(args.data_root), out=str(args.out), dataset=args.dataset, model=args.model,
+        weights=str(args.weights) if args.weights else None, pretrained=args.weights is None,
+        train_split=args.train_split, eval_split=args.eval_split, num_classes=args.num_classes,
+        limit=args.limit, keep=args.keep, criterion=args.criterion, alpha=args.alpha,
+        locations=tuple(args.locations), fuse=args.fuse, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, lr_scale=not args.no_lr_scale, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
+        warmup_epochs=args.warmup_epochs, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+        smoothing=args.smoothing, mixup=args.mixup, cutmix=args.cutmix, randaug_n=args.randaug_n,
+        randaug_m=args.randaug_m, reprob=args.reprob, drop_path=args.drop_path, amp=args.amp,
+        ema_decay=args.ema_decay, eval_keep=tuple(args.eval_keep), eval_before=not args.no_eval_before,
+        eval_every=args.eval_every, save_every=args.save_every, max_steps=args.max_steps, seed=args.seed,
+        workers=args.workers, device=args.device, threads=args.threads, resume=args.resume,
+        progress=not args.no_progress,
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    try:
+        result = train(cfg)
+    finally:
+        from ..distributed import cleanup
+
+        cleanup()
+    if result["eval"] and (not torch.distributed.is_available() or not torch.distributed.is_initialized()):
+        rows = [[r["config"], f"{r['top1']:.2f}", f"{r['top5']:.2f}", f"{r['gmacs']:.3f}"] for r in result["eval"]]
+        print(f"after {result['global_step']} steps; weights in {Path(cfg.out) / 'model.safetensors'}")
+        print(common.format_table(["config", "top-1 %", "top-5 %", "GMACs"], rows))
+    return 0

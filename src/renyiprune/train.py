@@ -1,0 +1,487 @@
+"""Fine-tuning with token pruning in the loop (EViT's recipe), resumable and distributed.
+
+``train(TrainConfig(...))`` builds the model with a head for the data set's classes, patches a
+parameter-sharing copy of it to prune while it trains (scores are computed under ``no_grad`` by
+``renyiprune.patch``), and runs AdamW with warm-up + cosine, label smoothing, mixup/cutmix, RandAugment,
+random erasing, drop-path, optional clipping, AMP and EMA. After every epoch it evaluates the model
+unpruned and pruned at several keep rates. Every checkpoint (each epoch, every ``save_every`` steps) is
+atomic and holds everything needed to continue bit-exactly: all randomness is a function of
+(seed, epoch, sample index) per image and (seed, step, rank) per step, and the data position is stored.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from . import distributed as D
+from .augment import TrainTransform, mixup_cutmix, soft_target_cross_entropy
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, save_weights, set_rng_state
+from .data import EvalTransform, ImageDataset, collate
+from .datasets import DEFAULT_SPLITS, DatasetSplit, load_split, open_sample
+from .evaluate import PruneConfig, evaluate, pruned_view
+from .model import create_model
+from .patch import patch, share_parameters
+
+__all__ = ["TrainConfig", "WarmupCosine", "train", "CHECKPOINT", "WEIGHTS", "METRICS"]
+
+CHECKPOINT = "last.pt"  # full training state, overwritten atomically
+WEIGHTS = "model.safetensors"  # model weights only: renyiprune eval --weights OUT/model.safetensors
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; defaults are EViT's DeiT fine-tuning recipe (lr is per 512 images)."""
+
+    data_root: str
+    out: str
+    dataset: str = "imagefolder"
+    model: str = "deit_tiny_patch16_224"
+    weights: str | None = None
+    pretrained: bool = False  # download the official weights when weights is None
+    model_kwargs: dict = field(default_factory=dict)  # extra VisionTransformer arguments (tests)
+    train_split: str | None = None
+    eval_split: str | None = None
+    num_classes: int | None = None
+    limit: int | None = None  # first N training images (and evaluation images)
+    # pruning while training
+    keep: float = 0.7
+    criterion: str = "renyi"  # "none": train unpruned
+    alpha: float = 2.0
+    locations: tuple[int, ...] = (3, 6, 9)
+    fuse: bool = False
+    # schedule and optimiser
+    epochs: int = 30
+    batch_size: int = 64  # per process
+    lr: float = 2e-5
+    lr_scale: bool = True  # lr * global batch / 512
+    min_lr: float = 2e-6
+    warmup_lr: float = 1e-6
+    warmup_epochs: float = 5.0
+    weight_decay: float = 1e-6
+    clip_grad: float | None = None
+    # regularisation
+    smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_switch_prob: float = 0.5
+    randaug_n: int = 2
+    randaug_m: float = 9.0
+    reprob: float = 0.25
+    drop_path: float = 0.1
+    train_crop: bool = True
+    # precision, EMA
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    ema_decay: float = 0.0  # 0 = no EMA
+    # evaluation, operations
+    eval_keep: tuple[float, ...] = (0.5, 0.7, 0.9)
+    eval_before: bool = True
+    eval_every: int = 1  # epochs; 0 = never
+    save_every: int = 0  # steps; 0 = only at epoch ends
+    max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total
+    seed: int = 0
+    workers: int = 2
+    device: str = "cpu"
+    threads: int | None = None
+    resume: bool = False
+    progress: bool = True
+
+
+class WarmupCosine:
+    """LR factor per step: linear warm-up from ``warmup_lr`` to ``lr``, then cosine down to ``min_lr``."""
+
+    def __init__(self, lr: float, warmup_lr: float, min_lr: float, warmup_steps: int, total_steps: int):
+        self.lr, self.warmup_lr, self.min_lr = lr, min(warmup_lr, lr), min(min_lr, lr)
+        self.warmup_steps, self.total_steps = warmup_steps, max(total_steps, 1)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            value = self.warmup_lr + (self.lr - self.warmup_lr) * step / self.warmup_steps
+        else:
+            t = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
+            value = self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+        return value / self.lr if self.lr > 0 else 0.0
+
+
+def _seed_of(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class AugmentedImages(Dataset):
+    """Training images: decoded (banner cropped), augmented with a seed from (seed, epoch, index)."""
+
+    def __init__(self, split: DatasetSplit, transform: TrainTransform, seed: int) -> None:
+        self.split, self.transform, self.seed, self.epoch = split, transform, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.split.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        sample = self.split.samples[index]
+        img = open_sample(sample, self.split.crop_bottom)
+        return self.transform(img, _seed_of(self.seed, self.epoch, index)), int(sample.label)
+
+
+@dataclass(frozen=True)
+class _BannerCropped:
+    """Evaluation transform that first crops the data set's bottom banner (FGVC-Aircraft)."""
+
+    transform: EvalTransform
+    crop_bottom: int
+
+    @property
+    def input_size(self) -> int:
+        return self.transform.input_size
+
+    def __call__(self, img) -> Tensor:
+        if self.crop_bottom:
+            img = img.crop((0, 0, img.width, img.height - self.crop_bottom))
+        return self.transform(img)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """timm's rule: no weight decay on biases, norms (1-d tensors), position embedding and CLS token."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class _Log:
+    """Rank-0 metrics: JSON lines (appended; on resume, lines past the checkpoint are dropped) and a CSV."""
+
+    def __init__(self, out: Path, enabled: bool, resume_step: int | None) -> None:
+        self.path, self.enabled, self.out = out / METRICS, enabled, out
+        if not enabled:
+            return
+        lines = []
+        if resume_step is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("global_step", 0) <= resume_step:
+                    lines.append(line)
+        self.path.write_text("".join(x + "\n" for x in lines))
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        if self.tb is not None:
+            step = record.get("global_step", 0)
+            for k, v in record.items():
+                if isinstance(v, float):
+                    self.tb.add_scalar(f"{record['kind']}/{k}", v, step)
+        if record["kind"] == "eval":
+            self._write_csv()
+
+    def _write_csv(self) -> None:
+        """metrics.csv: one row per (evaluation, configuration)."""
+        rows = [json.loads(x) for x in self.path.read_text().splitlines()]
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["epoch", "global_step", "config", "top1", "top5", "gmacs", "images", "train_loss"])
+        for r in rows:
+            if r["kind"] == "eval":
+                for c in r["results"]:
+                    w.writerow(
+                        [
+                            r["epoch"],
+                            r["global_step"],
+                            c["config"],
+                            f"{c['top1']:.3f}",
+                            f"{c['top5']:.3f}",
+                            f"{c['gmacs']:.4f}",
+                            c["images"],
+                            r.get("train_loss"),
+                        ]
+                    )
+        from .cli.common import atomic_write_text
+
+        atomic_write_text(self.out / "metrics.csv", buf.getvalue())
+
+
+def _eval_configs(cfg: TrainConfig) -> list[PruneConfig]:
+    configs = [PruneConfig(criterion=None)]
+    if cfg.criterion != "none":
+        for r in dict.fromkeys(cfg.eval_keep):
+            configs.append(PruneConfig(cfg.criterion, r, cfg.alpha, tuple(cfg.locations), cfg.fuse))
+    return configs
+
+
+def _evaluate(model: nn.Module, cfg: TrainConfig, split: DatasetSplit, progress: bool) -> list[dict]:
+    pc = model.pretrained_cfg
+    tf = EvalTransform(pc.img_size, pc.crop_pct, pc.interpolation, pc.mean, pc.std)
+    samples = split.samples[: cfg.limit] if cfg.limit else split.samples
+    loader = DataLoader(
+        ImageDataset(samples, _BannerCropped(tf, split.crop_bottom)),
+        batch_size=max(cfg.batch_size, 1),
+        num_workers=cfg.workers,
+        collate_fn=collate,
+    )
+    views = {c.label: pruned_view(model, c) for c in _eval_configs(cfg)}
+    results = evaluate(views, loader, device=cfg.device, total=len(samples), progress=progress)
+    return [r.to_dict() for r in results]
+
+
+def _state(model, ema, opt, sched, scaler, cfg, epoch, step_in_epoch, global_step) -> dict:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+        "position": {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step},
+        "config": json.loads(json.dumps(asdict(cfg), default=str)),
+    }
+    if ema is not None:
+        state["model_ema"] = ema.state_dict()
+    return state
+
+
+def _save(out: Path, state: dict) -> None:
+    meta = {"model": state["config"]["model"], "global_step": str(state["position"]["global_step"])}
+    save_weights(out / WEIGHTS, state["model"], meta)
+    if "model_ema" in state:
+        save_weights(out / "model_ema.safetensors", state["model_ema"], meta)
+    save_checkpoint(out / CHECKPOINT, state)  # last: its presence means the weights above are as new
+
+
+def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] | None = None) -> dict:
+    """Run (or resume) a fine-tuning run; returns the last evaluation and the run's position.
+
+    ``callback(global_step, module, loss)`` is called after each backward pass (gradients in place,
+    already averaged across processes), before clipping and the optimiser step.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dist = D.init_distributed(cfg.device)
+    device = torch.device(dist.device)
+    use_cuda = device.type == "cuda"
+    out = Path(cfg.out)
+    ckpt_path = out / CHECKPOINT
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if ckpt_path.exists() and not cfg.resume:
+            raise ValueError(f"{ckpt_path} exists; pass --resume to continue it, or choose another --out")
+    if cfg.amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"--amp must be none, bf16 or fp16, got {cfg.amp!r}")
+
+    train_split, eval_split = (
+        cfg.train_split or DEFAULT_SPLITS[cfg.dataset][0],
+        cfg.eval_split or DEFAULT_SPLITS[cfg.dataset][1],
+    )
+    train_ds = load_split(cfg.dataset, cfg.data_root, train_split)
+    eval_ds = load_split(cfg.dataset, cfg.data_root, eval_split)
+    if cfg.limit:
+        train_ds.samples = train_ds.samples[: cfg.limit]
+    num_classes = cfg.num_classes or train_ds.num_classes
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(
+        cfg.model,
+        weights=cfg.weights,
+        pretrained=cfg.pretrained and cfg.weights is None,
+        num_classes=num_classes,
+        drop_path_rate=cfg.drop_path,
+        **cfg.model_kwargs,
+    ).to(device)
+    ema = copy.deepcopy(model) if cfg.ema_decay > 0 else None
+    trainee = share_parameters(model)  # the pruning copy trains; `model` stays unpatched for evaluation
+    if cfg.criterion != "none":
+        patch(trainee, cfg.keep, cfg.criterion, cfg.alpha, cfg.locations, cfg.fuse)
+    trainee.train()
+    net = trainee
+    if dist.enabled:
+        net = nn.parallel.DistributedDataParallel(trainee, device_ids=[device.index] if use_cuda else None)
+
+    global_batch = cfg.batch_size * dist.world_size
+    lr = cfg.lr * global_batch / 512 if cfg.lr_scale else cfg.lr
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=lr)
+    sampler = DistributedSampler(
+        range(len(train_ds.samples)), dist.world_size, dist.rank, shuffle=True, seed=cfg.seed
+    )
+    steps_per_epoch = len(sampler) // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"{len(sampler)} training images per process is less than one batch of {cfg.batch_size}"
+        )
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    scale = WarmupCosine(lr, cfg.warmup_lr, cfg.min_lr, warmup_steps, total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, scale)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.amp == "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+
+    epoch = step_in_epoch = global_step = 0
+    if cfg.resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and "model_ema" in state:
+            ema.load_state_dict(state["model_ema"])
+        set_rng_state(state["rng"])
+        pos = state["position"]
+        epoch, step_in_epoch, global_step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
+        if dist.is_main:
+            print(
+                f"renyiprune train: resuming {ckpt_path} at epoch {epoch} step {step_in_epoch}",
+                file=sys.stderr,
+            )
+    log = _Log(out, dist.is_main, global_step if cfg.resume else None)
+    pc = model.pretrained_cfg
+    transform = TrainTransform(
+        pc.img_size,
+        pc.mean,
+        pc.std,
+        pc.interpolation,
+        hflip=0.5,
+        randaug_n=cfg.randaug_n,
+        randaug_m=cfg.randaug_m,
+        reprob=cfg.reprob,
+        train_crop=cfg.train_crop,
+    )
+    images = AugmentedImages(train_ds, transform, cfg.seed)
+    show = cfg.progress and dist.is_main
+    last_eval: list[dict] = []
+
+    def run_eval(ep: int, train_loss: float | None) -> None:
+        nonlocal last_eval
+        if dist.is_main:
+            t0 = time.perf_counter()
+            last_eval = _evaluate(model, cfg, eval_ds, show)
+            log.write(
+                {
+                    "kind": "eval",
+                    "epoch": ep,
+                    "global_step": global_step,
+                    "train_loss": train_loss,
+                    "eval_seconds": time.perf_counter() - t0,
+                    "results": last_eval,
+                }
+            )
+            if show:
+                summary = ", ".join(f"{r['config']}: {r['top1']:.2f}%" for r in last_eval)
+                print(f"renyiprune train: epoch {ep} top-1 {summary}", file=sys.stderr)
+        if dist.enabled:
+            torch.distributed.barrier()
+
+    if cfg.eval_before and global_step == 0 and cfg.eval_every:
+        run_eval(0, None)
+    stop = False
+    while epoch < cfg.epochs and not stop:
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        batches = [order[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(steps_per_epoch)]
+        images.epoch = epoch
+        loader = DataLoader(images, batch_sampler=batches[step_in_epoch:], num_workers=cfg.workers)
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=step_in_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not show,
+            file=sys.stderr,
+            unit="step",
+        )
+        t_epoch, losses = time.perf_counter(), []
+        for x, y in loader:
+            torch.manual_seed(_seed_of(cfg.seed, global_step, dist.rank))  # drop-path etc.
+            rng = np.random.default_rng(_seed_of(cfg.seed, global_step, dist.rank, 1))  # mixup/cutmix
+            x, y = x.to(device, non_blocking=True), y.to(device)
+            if cfg.mixup > 0 or cfg.cutmix > 0:
+                x, target = mixup_cutmix(
+                    x, y, num_classes, rng, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob, cfg.smoothing
+                )
+            else:
+                target = None
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_cuda and amp_dtype is not None):
+                logits = net(x)
+            if target is not None:
+                loss = soft_target_cross_entropy(logits, target)
+            else:
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.smoothing)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {global_step}; stopping")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if callback is not None:
+                callback(global_step, trainee, loss.detach())
+            scaler.unscale_(opt)
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+                        pe.lerp_(pm, 1.0 - cfg.ema_decay)
+            global_step += 1
+            step_in_epoch += 1
+            loss_all = float(D.all_reduce_mean(loss.detach()))
+            losses.append(loss_all)
+            log.write(
+                {
+                    "kind": "step",
+                    "epoch": epoch,
+                    "step": step_in_epoch,
+                    "global_step": global_step,
+                    "loss": loss_all,
+                    "lr": opt.param_groups[0]["lr"],
+                    "grad_norm": float(grad_norm),
+                }
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_all:.4f}")
+            at_end = step_in_epoch == steps_per_epoch
+            stop = cfg.max_steps is not None and global_step >= cfg.max_steps
+            if at_end:
+                epoch, step_in_epoch = epoch + 1, 0
+            if dist.is_main and (at_end or stop or (cfg.save_every and global_step % cfg.save_every == 0)):
+                _save(out, _state(model, ema, opt, sched, scaler, cfg, epoch, step_in_epoch, global_step))
+            if stop:
+                break
+        bar.close()
+        if losses and step_in_epoch == 0:  # an epoch finished
+            seconds = time.perf_counter() - t_epoch
+            log.write(
+                {
+                    "kind": "epoch",
+                    "epoch": epoch,
+                    "global_step": global_step,
+                    "seconds": seconds,
+                    "train_loss": float(np.mean(losses)),
+                    "steps": len(losses),
+                }
+            )
+            if cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+                run_eval(epoch, float(np.mean(losses)))
+    if dist.enabled:
+        torch.distributed.barrier()
+    return {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "eval": last_eval}

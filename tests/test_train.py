@@ -1,0 +1,135 @@
+"""Training: exact resume, atomic checkpoints under a kill, DDP (gloo, 2 processes) = 1 process, weights reload."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+from renyiprune.checkpoint import load_checkpoint
+from renyiprune.model import create_model
+from renyiprune.train import CHECKPOINT, METRICS, WEIGHTS, TrainConfig, train
+from renyiprune.weights import read_state_dict
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def data(shared_assets, tmp_path_factory):
+    """An ImageFolder of 12 real photos (shrunk to 64 px) in 3 classes."""
+    root = tmp_path_factory.mktemp("train_data")
+    src = sorted((shared_assets / "imagenet-sample-1000" / "images").glob("*.JPEG"))[:12]
+    for i, p in enumerate(src):
+        img = Image.open(p).convert("RGB")
+        img.thumbnail((64, 64))
+        (root / f"c{i % 3}").mkdir(exist_ok=True)
+        img.save(root / f"c{i % 3}" / f"{i}.jpg")
+    return root
+
+
+def config(data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        model_kwargs=TINY, locations=(1, 2), keep=0.5, fuse=True, epochs=2, batch_size=4, lr=1e-3,
+        lr_scale=False, warmup_epochs=0.5, workers=0, threads=1, progress=False, eval_keep=(0.5,),
+        eval_every=0,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(str(data), str(out), **base)
+
+
+def steps(out: Path) -> dict[int, float]:
+    recs = [json.loads(x) for x in (out / METRICS).read_text().splitlines()]
+    return {r["global_step"]: r["loss"] for r in recs if r["kind"] == "step"}
+
+
+def test_resume_continues_exactly(data, tmp_path):
+    # Full recipe: random crops, RandAugment, erasing, mixup/cutmix, drop-path, pruning with fusion.
+    full = train(config(data, tmp_path / "a", drop_path=0.1, reprob=0.5, clip_grad=1.0))
+    assert full["global_step"] == 6
+    train(config(data, tmp_path / "b", drop_path=0.1, reprob=0.5, clip_grad=1.0, max_steps=4))  # "crash"
+    pos = load_checkpoint(tmp_path / "b" / CHECKPOINT)["position"]
+    assert pos == {"epoch": 1, "step_in_epoch": 1, "global_step": 4}  # mid-epoch
+    with pytest.raises(ValueError, match="--resume"):
+        train(config(data, tmp_path / "b"))
+    train(config(data, tmp_path / "b", drop_path=0.1, reprob=0.5, clip_grad=1.0, resume=True))
+    a, b = steps(tmp_path / "a"), steps(tmp_path / "b")
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert b == a  # bit-identical losses, including the steps after the resume
+    wa, wb = read_state_dict(tmp_path / "a" / WEIGHTS), read_state_dict(tmp_path / "b" / WEIGHTS)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_saved_weights_load_for_eval(data, tmp_path):
+    out = tmp_path / "run"
+    result = train(config(data, out, epochs=1, eval_every=1, mixup=0, cutmix=0, ema_decay=0.9))
+    assert {r["config"] for r in result["eval"]} == {"unpruned", "renyi a=2 r=0.5 +fuse"}
+    for f in (WEIGHTS, CHECKPOINT):  # the .safetensors and the full checkpoint both load strictly
+        model = create_model("deit_tiny_patch16_224", weights=out / f, num_classes=3, **TINY)
+        assert model.head.out_features == 3
+    assert (out / "model_ema.safetensors").is_file()
+    csv = (out / "metrics.csv").read_text().splitlines()
+    assert csv[0].startswith("epoch,global_step,config,top1") and len(csv) == 5  # before + after, 2 configs
+
+
+KILL_BETWEEN_WRITES = """
+import os, signal, sys, torch
+from renyiprune import checkpoint
+path = sys.argv[1]
+checkpoint.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "position": {"global_step": 1}})
+real = os.replace
+def die(src, dst):  # the new file is fully written to its temporary name; die before the rename
+    os.kill(os.getpid(), signal.SIGKILL)
+os.replace = die
+checkpoint.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "position": {"global_step": 2}})
+"""
+
+
+def test_checkpoint_survives_a_kill_between_writes(tmp_path):
+    path = tmp_path / "last.pt"
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(KILL_BETWEEN_WRITES), str(path)])
+    assert proc.returncode == -9
+    state = load_checkpoint(path)  # the old checkpoint, complete
+    assert state["position"]["global_step"] == 1 and torch.equal(state["model"]["w"], torch.zeros(3))
+    assert read_state_dict(path).keys() == {"w"}
+
+
+def _grads_to_file(step, module, loss):
+    if step == 0:
+        out = Path(os.environ["RP_GRAD_OUT"])
+        grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+        torch.save(grads, out / f"grads{os.environ.get('RANK', '0')}.pt")
+
+
+def _ddp_worker(rank, world, port, cfg):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # fmt: skip
+    try:
+        train(cfg, callback=_grads_to_file)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_match_one(data, tmp_path, monkeypatch):
+    # Per-image augmentation is seeded by the image, so it is on; batch-level randomness is off.
+    kw = dict(mixup=0, cutmix=0, drop_path=0, max_steps=1, epochs=1, reprob=0.5)
+    monkeypatch.setenv("RP_GRAD_OUT", str(tmp_path))
+    train(config(data, tmp_path / "one", batch_size=4, **kw), callback=_grads_to_file)
+    one = torch.load(tmp_path / "grads0.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = config(data, tmp_path / "two", batch_size=2, **kw)  # 2 x 2 = the same global batch of 4
+    mp.spawn(_ddp_worker, args=(2, port, cfg), nprocs=2, join=True)
+    two = [torch.load(tmp_path / f"grads{r}.pt") for r in (0, 1)]
+    assert one.keys() == two[0].keys()
+    for name, g in one.items():
+        torch.testing.assert_close(two[0][name], g, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(two[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    assert steps(tmp_path / "two")[1] == pytest.approx(steps(tmp_path / "one")[1], rel=1e-6)
