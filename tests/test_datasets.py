@@ -1,4 +1,4 @@
-"""Training data sets in their official layouts (built tiny from the shared real images), downloads, augmentation."""
+"""Training data sets in their official layouts (tiny trees of real photos), downloads, augmentation."""
 
 import io
 import random
@@ -33,7 +33,8 @@ def test_flowers102_official_layout(tmp_path, photos):
     for i, img in enumerate(photos[:6], start=1):
         img.save(tmp_path / "jpg" / f"image_{i:05d}.jpg")
     savemat(tmp_path / "imagelabels.mat", {"labels": np.array([[1, 2, 102, 1, 2, 102]], dtype=np.uint8)})
-    savemat(tmp_path / "setid.mat", {"trnid": np.array([[4, 1]]), "valid": np.array([[2, 5]]), "tstid": [[3, 6]]})
+    setid = {"trnid": np.array([[4, 1]]), "valid": np.array([[2, 5]]), "tstid": np.array([[3, 6]])}
+    savemat(tmp_path / "setid.mat", setid)
     train = ds.load_split("flowers102", tmp_path, "train")
     assert [(s.path.name, s.label) for s in train.samples] == [("image_00001.jpg", 0), ("image_00004.jpg", 0)]
     assert train.num_classes == 102 and train.crop_bottom == 0

@@ -1,4 +1,4 @@
-"""Training: exact resume, atomic checkpoints under a kill, DDP (gloo, 2 processes) = 1 process, weights reload."""
+"""Training: exact resume, atomic checkpoints under a kill, DDP (gloo, 2 processes) = 1 process, reload."""
 
 import json
 import os

@@ -6,12 +6,14 @@ import argparse
 import sys
 
 from . import common
+from . import download as download_cmd
 from . import eval as eval_cmd
 from . import sweep as sweep_cmd
+from . import train as train_cmd
 from . import tune as tune_cmd
 from . import visualize as visualize_cmd
 
-COMMANDS = [eval_cmd, sweep_cmd, tune_cmd, visualize_cmd]
+COMMANDS = [eval_cmd, sweep_cmd, tune_cmd, visualize_cmd, train_cmd, download_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

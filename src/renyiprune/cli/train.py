@@ -1,4 +1,4 @@
-"""``renyiprune train``: fine-tune a ViT with token pruning active (EViT recipe); torchrun for many processes."""
+"""``renyiprune train``: fine-tune a ViT with token pruning active (EViT recipe); torchrun for several."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "train",
         help="fine-tune with pruning in the loop (EViT recipe), resumable, torchrun for several processes",
-        description="Fine-tune MODEL on a data set with token pruning active. Writes OUT/last.pt (full state, "
-        "atomic, each epoch and every --save-every steps), OUT/model.safetensors (weights for eval "
+        description="Fine-tune MODEL on a data set with token pruning active. Writes OUT/last.pt (full "
+        "state, atomic, each epoch and every --save-every steps), OUT/model.safetensors (weights for eval "
         "--weights), OUT/metrics.jsonl and OUT/metrics.csv. Run several processes with "
         "torchrun --nproc_per_node K -m renyiprune train ... (--batch-size is per process).",
     )
@@ -105,7 +105,9 @@ def run(args: argparse.Namespace) -> int:
 
         cleanup()
     if result["eval"] and (not torch.distributed.is_available() or not torch.distributed.is_initialized()):
-        rows = [[r["config"], f"{r['top1']:.2f}", f"{r['top5']:.2f}", f"{r['gmacs']:.3f}"] for r in result["eval"]]
+        rows = [
+            [r["config"], f"{r['top1']:.2f}", f"{r['top5']:.2f}", f"{r['gmacs']:.3f}"] for r in result["eval"]
+        ]
         print(f"after {result['global_step']} steps; weights in {Path(cfg.out) / 'model.safetensors'}")
         print(common.format_table(["config", "top-1 %", "top-5 %", "GMACs"], rows))
     return 0
