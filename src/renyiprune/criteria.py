@@ -12,7 +12,6 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -31,39 +30,138 @@ __all__ = [
 Criterion = Callable[["AttentionContext"], Tensor]
 
 
-@dataclass
 class AttentionContext:
     """What a criterion may read at a pruning block.
 
     ``logits``: (B, H, N, N) attention logits q.k/sqrt(d) before softmax, queries x keys; token 0 is
     CLS, tokens 1..n are the candidate patches, a fused token (if any) comes last.
+
+    A pruning block also passes its queries, keys and scale (``attention_logits``) and lets
+    the context turn the logits buffer into the probabilities in place, so that the block holds one
+    (B, H, N, N) tensor at a time and ``row_entropy`` is derived from the probabilities without another
+    pass over the logits. Reading ``logits`` after that recomputes them (same matmul, same values).
     """
 
-    logits: Tensor
-    num_patches: int
-    stage: int = 0
-    step: int = 0
-    _probs: Tensor | None = field(default=None, repr=False)
-    _cls_attn: Tensor | None = field(default=None, repr=False)
+    def __init__(
+        self,
+        logits: Tensor,
+        num_patches: int,
+        stage: int = 0,
+        step: int = 0,
+        *,
+        query: Tensor | None = None,
+        key: Tensor | None = None,
+        scale: float = 1.0,
+        reuse_logits: bool = False,
+    ):
+        self._logits: Tensor | None = logits
+        self.num_patches = num_patches
+        self.stage = stage
+        self.step = step
+        self._query = query
+        self._key = key
+        self._scale = scale  # logits = (query @ key^T) * scale
+        # In-place softmax needs a way to get the logits back, and no autograd graph through them.
+        self._reuse = reuse_logits and query is not None and key is not None and not logits.requires_grad
+        self._probs: Tensor | None = None
+        self._cls_attn: Tensor | None = None
+        self._entropy: dict[float, Tensor] = {}
+
+    def __repr__(self) -> str:
+        shape = tuple((self._logits if self._logits is not None else self._probs).shape)
+        return f"AttentionContext(logits={shape}, num_patches={self.num_patches}, stage={self.stage})"
+
+    @property
+    def logits(self) -> Tensor:
+        """The attention logits (B, H, N, N); once a criterion has read them they are never overwritten."""
+        if self._logits is None:  # became the probabilities in place: recompute
+            self._logits = attention_logits(self._query, self._key, self._scale)
+        self._reuse = False
+        return self._logits
 
     @property
     def probs(self) -> Tensor:
         """softmax(logits) over keys (B, H, N, N), computed once and shared with the attention output."""
         if self._probs is None:
-            self._probs = self.logits.softmax(dim=-1)
+            s = self._logits if self._logits is not None else self.logits
+            if not self._reuse:
+                self._probs = s.softmax(dim=-1)
+            elif s.dtype in (torch.float32, torch.float64):
+                self._probs = torch.softmax(s, dim=-1, out=s)  # in place: one N x N buffer
+                self._logits = None
+            else:  # float16/bfloat16 (autocast): in place too, with the normalizer summed in float32
+                s.sub_(s.amax(dim=-1, keepdim=True)).exp_()
+                self._probs = s.div_(s.sum(dim=-1, keepdim=True, dtype=torch.float32))
+                self._logits = None
         return self._probs
 
     @property
     def cls_attn(self) -> Tensor:
         """Mean over heads of the CLS query's attention to every token (B, N)."""
         if self._cls_attn is None:
-            row = self._probs[:, :, 0] if self._probs is not None else self.logits[:, :, 0].softmax(-1)
+            s = self._logits if self._logits is not None else None
+            row = self._probs[:, :, 0] if self._probs is not None else s[:, :, 0].softmax(-1)
             self._cls_attn = row.float().mean(dim=1)
         return self._cls_attn
 
     def patches(self, t: Tensor, dim: int = -1) -> Tensor:
         """Slice the candidate patch tokens 1..n out of ``t`` along ``dim``."""
         return t.narrow(dim, 1, self.num_patches)
+
+    def row_entropy(self, alpha: float) -> Tensor:
+        """Per-head Rényi entropy H_alpha of each candidate patch's attention row (B, H, n).
+
+        Cached per alpha. With the block's queries and keys it comes from the probabilities that the
+        attention output uses (``_row_entropy_from_probs``); otherwise from the logits by log-sum-exp.
+        """
+        a = check_alpha(alpha)
+        if a not in self._entropy:
+            fast = self._reuse or (self._probs is not None and self._query is not None)
+            h = _row_entropy_from_probs(self, a) if fast else None
+            if h is None:
+                s = self._logits if self._logits is not None else self.logits
+                h = renyi_entropy(self.patches(s, dim=2), a, dim=-1)
+            self._entropy[a] = h
+        return self._entropy[a]
+
+
+def attention_logits(query: Tensor, key: Tensor, scale: float) -> Tensor:
+    """(query @ key^T) * scale, the scale applied in place: the one formula blocks and contexts share."""
+    return torch.matmul(query, key.transpose(-2, -1)).mul_(scale)
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    """float32 for float16/bfloat16 (as ``renyi_entropy``), the tensor's own dtype otherwise."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def _row_entropy_from_probs(ctx: AttentionContext, a: float) -> Tensor | None:
+    """H_alpha of the patch rows from the probabilities p = softmax(s), s = c q k^T; None where unsafe.
+
+    No (B, H, n, N) temporary: every term is a row reduction of p or a product with q, k:
+      H_inf = -log max_j p_j
+      H_1   = L - sum_j p_j s_j, with L = s_j* - log p_j* (j* = argmax p) and sum_j p_j s_j = c q.(p K)
+      H_a   = a/(1-a) log ||p||_a  (a != 1; only where p^a cannot underflow and |a-1| >= 0.5)
+    """
+    n = ctx.num_patches
+    if a not in (1.0, math.inf) and (abs(a - 1.0) < 0.5 or a == 0.0 or a * math.log(n + 2) > 60.0):
+        return None  # the log-sum-exp form is exact there
+    p = ctx.patches(ctx.probs, dim=2)  # (B, H, n, N)
+    if a == 2.0 or (a != 1.0 and not math.isinf(a)):
+        norm = torch.linalg.vector_norm(p, ord=a, dim=-1, dtype=_acc_dtype(p))
+        return norm.log() * (a / (1.0 - a))
+    pmax, jmax = p.max(dim=-1)
+    log_pmax = pmax.to(_acc_dtype(p)).log()
+    if math.isinf(a):
+        return -log_pmax
+    acc = _acc_dtype(p)
+    q = ctx.patches(ctx._query, dim=2)  # (B, H, n, d)
+    k = ctx._key
+    k_star = k.gather(2, jmax.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])).to(acc)  # key of argmax
+    expected_k = (p @ k).to(acc)  # sum_j p_j k_j
+    # L - sum_j p_j s_j = c q.(k_j* - sum_j p_j k_j) - log p_j*   (in place: two (B, H, n, d) buffers)
+    dot = k_star.sub_(expected_k).mul_(q).sum(dim=-1)
+    return dot.mul_(ctx._scale).sub_(log_pmax)
 
 
 CRITERIA: dict[str, Callable[..., Tensor]] = {}
@@ -147,6 +245,8 @@ def renyi(
     _choice("direction", direction, ("row", "column"))
     _choice("heads", heads, ("mean", "pooled"))
     _choice("cls_key", cls_key, ("include", "exclude"))
+    if direction == "row" and heads == "mean" and cls_key == "include":
+        return -ctx.row_entropy(alpha).mean(dim=1)  # shares the block's probabilities (fast path)
     s = ctx.logits.float() if ctx.logits.dtype in (torch.float16, torch.bfloat16) else ctx.logits
     first_key = 1 if cls_key == "exclude" else 0
     keys = s[..., first_key:]  # softmax over a subset of keys = renormalized row

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .criteria import CRITERIA, AttentionContext, Criterion, criterion_options, make_criterion
+from .criteria import (
+    CRITERIA,
+    AttentionContext,
+    Criterion,
+    attention_logits,
+    criterion_options,
+    make_criterion,
+)
 from .selection import check_keep_rate, keep_count, select_tokens
 
 __all__ = ["patch", "unpatch", "share_parameters", "PruneState", "StageConfig", "StageRecord", "is_patched"]
@@ -80,12 +87,14 @@ def _scored_attention(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Attention with explicit logits: returns (output, scores (B, n), cls_attn (B, N)).
 
-    The criterion reads the logits before they become probabilities; the probabilities are then
-    computed once (or reused if the criterion already asked for them) for the output.
+    The logits are computed once; the criterion reads them (or cached views) first, then the same
+    buffer becomes the probabilities in place for the output, so one (B, H, N, N) tensor is alive at
+    a time. The built-in criteria derive their scores from those probabilities (``row_entropy``).
     """
     q, k, v = attn.qkv_heads(x)
-    logits = (q * attn.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
-    ctx = AttentionContext(logits, **ctx_kw)
+    logits = attention_logits(q, k, attn.scale)  # (B, H, N, N)
+    ctx = AttentionContext(logits, **ctx_kw, query=q, key=k, scale=attn.scale, reuse_logits=True)
+    del logits  # the context owns the buffer
     with torch.no_grad():  # scores only rank tokens; no gradient flows through the ranking
         scores = criterion(ctx)
     probs = ctx.probs
