@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import bench as bench_cmd
 from . import common
 from . import download as download_cmd
 from . import eval as eval_cmd
@@ -13,7 +14,7 @@ from . import train as train_cmd
 from . import tune as tune_cmd
 from . import visualize as visualize_cmd
 
-COMMANDS = [eval_cmd, sweep_cmd, tune_cmd, visualize_cmd, train_cmd, download_cmd]
+COMMANDS = [bench_cmd, eval_cmd, sweep_cmd, tune_cmd, visualize_cmd, train_cmd, download_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,62 @@
+"""``renyiprune bench`` and the benchmark library on a tiny model (no timing assertions)."""
+
+import json
+
+import pytest
+import torch
+
+from renyiprune.benchmark import PeakTensorMemory, Timing, paired_ratio, time_interleaved
+from renyiprune.cli import main
+
+TINY = ["--model", "deit_tiny_patch16_224", "--image-size", "48", "--batch-size", "2", "--locations", "1,2"]
+
+
+def test_bench_json(capsys):
+    args = [*TINY, "--keep", "0.7,0.5", "--criteria", "evit,renyi", "--alpha", "1,inf"]
+    assert main(["bench", *args, "--reps", "1", "--warmup", "0", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "random" in out["weights"] and out["machine"]["torch"] == torch.__version__
+    rows = {r["config"]: r for r in out["results"]}
+    assert list(rows)[0] == "unpruned" and len(rows) == 1 + 2 + 4
+    assert rows["unpruned"]["speedup"] == 1.0 and rows["unpruned"]["gmacs_ratio"] == 1.0
+    r = rows["renyi a=inf r=0.5"]
+    assert r["gmacs_ratio"] > 1 and r["peak_mb"] > 0 and r["vs_evit"] > 0
+    assert r["efficiency"] == pytest.approx(r["speedup"] / r["gmacs_ratio"])
+    assert rows["evit r=0.5"]["vs_evit"] is None
+
+
+def test_bench_table_and_progress(capsys):
+    assert main(["bench", *TINY, "--keep", "0.5", "--reps", "2", "--warmup", "1", "--dtype", "bfloat16"]) == 0
+    cap = capsys.readouterr()
+    assert "random" in cap.out and "efficiency" in cap.out and "renyi a=2 r=0.5" in cap.out
+    assert "round 2/2" in cap.err
+
+
+@pytest.mark.parametrize(
+    "extra", [["--batch-size", "0"], ["--criteria", "bogus"], ["--locations", "20"], ["--device", "cuda:0"]]
+)
+def test_bench_bad_arguments(extra, capsys):
+    if extra[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["bench", *TINY, *extra]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_peak_tensor_memory_counts_live_storages():
+    with torch.inference_mode(), PeakTensorMemory() as t:
+        a = torch.ones(1000)  # 4000 bytes
+        b = a * 2  # 8000 live
+        v = b.view(10, 100)  # a view adds nothing
+        del a
+        c = v + 1  # 8000 live again (a freed)
+        del b, v, c
+    assert t.peak == 8000 and t.current == 0
+
+
+def test_time_interleaved_and_paired_ratio():
+    calls = []
+    models = {n: (lambda x, n=n: calls.append(n) or x) for n in "abc"}
+    out = time_interleaved(models, torch.zeros(1), warmup=1, reps=2)
+    assert [len(t.seconds) for t in out.values()] == [2, 2, 2]
+    assert calls[:3] == ["a", "b", "c"] and calls[3:6] == ["b", "c", "a"]  # rotating start
+    assert paired_ratio(Timing("x", [2.0, 4.0]), Timing("y", [1.0, 1.0])) == 3.0
