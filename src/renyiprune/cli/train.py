@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
-
-import torch
 
 from ..criteria import list_criteria
 from ..datasets import DATASETS
@@ -104,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         from ..distributed import cleanup
 
         cleanup()
-    if result["eval"] and (not torch.distributed.is_available() or not torch.distributed.is_initialized()):
+    if result["eval"] and os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         rows = [
             [r["config"], f"{r['top1']:.2f}", f"{r['top5']:.2f}", f"{r['gmacs']:.3f}"] for r in result["eval"]
         ]
