@@ -316,3 +316,13 @@ def test_index_html_shows_every_image_in_headless_chromium(rendered):
     assert f'data-checked="{n}"' in dom, dom[-2000:]
     assert dom.count('data-state="ok"') == n
     assert 'data-state="broken"' not in dom
+
+
+def test_out_that_is_a_file_is_refused(shared_assets, tmp_path):
+    out = tmp_path / "out"
+    out.write_text("not a folder")
+    photo = str(shared_assets / "photos" / "chelsea.png")
+    weights = str(shared_assets / "weights" / "deit_tiny_patch16_224.safetensors")
+    rc, err = _cli("visualize", "--weights", weights, "--out", str(out), "--no-progress", photo)
+    assert rc == 2 and "is not a folder" in err
+    assert out.read_text() == "not a folder"

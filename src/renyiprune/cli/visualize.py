@@ -137,7 +137,10 @@ def parse_options(args: argparse.Namespace) -> Options:
         if v
     }
     specs = _mask_specs(_split(args.criteria), alphas, renyi_opts, args.seed)
-    return Options(alphas, keep, formats, specs, renyi_opts, _image_paths(args), Path(args.out).expanduser())
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    return Options(alphas, keep, formats, specs, renyi_opts, _image_paths(args), out)
 
 
 def _safe(name: str) -> str:
