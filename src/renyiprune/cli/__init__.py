@@ -7,14 +7,17 @@ import sys
 
 from . import bench as bench_cmd
 from . import common
+from . import convert as convert_cmd
 from . import download as download_cmd
 from . import eval as eval_cmd
+from . import export as export_cmd
 from . import sweep as sweep_cmd
 from . import train as train_cmd
 from . import tune as tune_cmd
 from . import visualize as visualize_cmd
 
 COMMANDS = [bench_cmd, eval_cmd, sweep_cmd, tune_cmd, visualize_cmd, train_cmd, download_cmd]
+COMMANDS += [export_cmd, convert_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:
