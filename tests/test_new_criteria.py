@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import renyiprune as rp
-from renyiprune.criteria import CRITERIA, AttentionContext
+from renyiprune.criteria import CRITERIA, AttentionContext, _standardize
 from renyiprune.entropy import renyi_entropy
 from renyiprune.model import VisionTransformer
 
@@ -77,8 +77,12 @@ def test_hybrid_is_the_weighted_sum_and_its_ends_rank_as_renyi_and_evit(combine)
     cls = c.logits[:, :, 0].softmax(-1).mean(dim=1)[:, 1:]
 
     def f(s):
-        if combine == "z":
-            return (s - s.mean(1, keepdim=True)) / s.std(1, keepdim=True)
+        if combine == "z":  # a per-image z-score (either std convention): mean 0, proportional to s - mean
+            z = _standardize(s).double()
+            torch.testing.assert_close(z.mean(1), torch.zeros(s.shape[0], dtype=z.dtype), atol=1e-6, rtol=0)
+            ratio = (s - s.mean(1, keepdim=True)) / z
+            torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), atol=1e-6, rtol=1e-5)
+            return z
         return s.argsort(1).argsort(1).double() / (s.shape[1] - 1)
 
     for lam in (0.0, 0.3, 1.0):
@@ -101,3 +105,14 @@ def test_new_criteria_prune_a_model(criterion, fuse):
         out = m(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 5) and torch.isfinite(out).all()
     assert [r.kept.shape[1] for r in m.renyiprune.records] == [8, 4]
+
+
+@pytest.mark.parametrize("base", ["headvar", "column_norm"])
+def test_hybrid_with_another_base_blends_that_criterion(base):
+    c = ctx(3)
+    cls = c.logits[:, :, 0].softmax(-1).mean(dim=1)[:, 1:]
+    other = CRITERIA[base](c).double()
+
+    got = CRITERIA["hybrid"](c, lam=0.25, base=base).double()
+    ref = 0.75 * _standardize(other).double() + 0.25 * _standardize(cls).double()
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)

@@ -143,3 +143,23 @@ def test_cli_sweep_on_real_images(shared_assets, tmp_path, capsys):
         assert (tmp_path / f).is_file()
     assert main(args) == 0
     assert "(0 run now, 5 resumed)" in capsys.readouterr().out
+
+
+def test_criterion_tokens_with_alpha_options_and_stages():
+    import argparse
+
+    from renyiprune.cli.sweep import build_configs, parse_options
+
+    assert parse_options("base=headvar;norm=4;robust=true;lam=0.5") == {
+        "base": "headvar", "norm": 4, "robust": True, "lam": 0.5,
+    }  # fmt: skip
+    args = argparse.Namespace(fuse=[True], alphas=[1.0, 2.0], lambdas=[0.5, 0.9], keep=[0.7], locations=(3,))
+    cfgs = build_configs(args, ["renyi:inf", "hybrid[base=headvar]", "headvar@3+evit@6", "renyi"])
+    assert [(c.criterion, c.alpha, c.options) for c in cfgs] == [
+        ("renyi", float("inf"), ()),
+        ("hybrid", 1.0, (("base", "headvar"), ("lam", 0.5))),
+        ("hybrid", 1.0, (("base", "headvar"), ("lam", 0.9))),
+        ("headvar@3+evit@6", 1.0, ()),
+        ("renyi", 1.0, ()),
+        ("renyi", 2.0, ()),
+    ]

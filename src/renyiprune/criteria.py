@@ -344,14 +344,20 @@ def hybrid(
     direction: str = "row",
     heads: str = "mean",
     cls_key: str = "include",
+    base: str = "renyi",
 ) -> Tensor:
     """(1 - lam) * Rényi score + lam * EViT's CLS attention, each standardized per image (``combine='z'``)
-    or turned into ranks (``'rank'``); lam = 0 ranks as renyi, lam = 1 as evit."""
+    or turned into ranks (``'rank'``); lam = 0 ranks as renyi, lam = 1 as evit. ``base='headvar'`` or
+    ``'column_norm'`` blends that criterion with the CLS attention instead of the Rényi score."""
     lam = float(lam)
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam!r}")
     _choice("combine", combine, ("z", "rank"))
-    ent = renyi(ctx, alpha=alpha, direction=direction, heads=heads, cls_key=cls_key)
+    _choice("base", base, ("renyi", "headvar", "column_norm"))
+    if base == "renyi":
+        ent = renyi(ctx, alpha=alpha, direction=direction, heads=heads, cls_key=cls_key)
+    else:
+        ent = CRITERIA[base](ctx)
     cls = evit(ctx)
     f = _standardize if combine == "z" else _ranks
     return (1.0 - lam) * f(ent) + lam * f(cls)

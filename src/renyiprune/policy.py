@@ -110,7 +110,9 @@ def choose(records: Sequence[dict]) -> dict:
 
     by: dict[str, dict] = {}
     for r in sorted(records, key=key):
-        by.setdefault(r["config"]["criterion"], _setting(r))
+        c = r["config"]
+        fixed = ";".join(f"{k}={v}" for k, v in sorted(c.get("options", {}).items()) if k != "lam")
+        by.setdefault(c["criterion"] + (f"[{fixed}]" if fixed else ""), _setting(r))
     best = _setting(min(records, key=key))
     return {"best": best, "by_criterion": by}
 

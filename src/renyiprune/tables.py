@@ -26,7 +26,7 @@ def row_name(config: dict) -> str:
     if crit is None:
         return "unpruned"
     text = crit
-    if crit in ("renyi", "hybrid"):
+    if crit == "renyi" or (crit == "hybrid" and config.get("options", {}).get("base", "renyi") == "renyi"):
         text += f" α={_alpha_text(config['alpha'])}"
     text += "".join(f" {k}={v}" for k, v in sorted(config.get("options", {}).items()))
     return text + (" (budget)" if config.get("budget") else "")

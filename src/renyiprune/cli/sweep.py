@@ -62,8 +62,8 @@ def add_parser(sub) -> None:
         "--criteria",
         type=common.names,
         default=["evit", "random", "renyi"],
-        help=f"comma list of {', '.join(list_criteria())}; renyi:2 = one alpha; "
-        "per-stage: renyi:2@3+evit@6+evit@9",
+        help=f"comma list of {', '.join(list_criteria())}; renyi:2 = one alpha; hybrid[base=headvar] = "
+        "with options (k=v;k=v); per-stage: renyi:2@3+evit@6+evit@9",
     )
     p.add_argument("--budget", type=common.names, default=[], help="criteria also run in budget mode")
     p.add_argument("--no-unpruned", action="store_true", help="leave out the unpruned reference")
@@ -78,7 +78,11 @@ def build_configs(args: argparse.Namespace, criteria, budget=()) -> list[SweepCo
     for fuse, (crit, is_budget) in itertools.product(
         args.fuse, [(c, False) for c in criteria] + [(c, True) for c in budget]
     ):
-        alphas = args.alphas if crit in TUNED else [1.0]
+        extra: dict = {}
+        if "[" in crit and crit.endswith("]"):  # 'hybrid[base=headvar]': fixed criterion options
+            crit, _, inner = crit[:-1].partition("[")
+            extra = parse_options(inner)
+        alphas = args.alphas if crit in TUNED and extra.get("base", "renyi") == "renyi" else [1.0]
         if "@" in crit:
             parse_stages(crit)
         elif ":" in crit:  # 'hybrid:2': this criterion at one alpha only
@@ -88,9 +92,31 @@ def build_configs(args: argparse.Namespace, criteria, budget=()) -> list[SweepCo
             raise ValueError(f"unknown criterion {crit!r}; known: {', '.join(list_criteria())}")
         lams = args.lambdas if crit == "hybrid" else [None]
         for a, lam, r in itertools.product(alphas, lams, args.keep):
-            opts = (("lam", float(lam)),) if lam is not None else ()
+            opts = tuple(sorted({**extra, **({"lam": float(lam)} if lam is not None else {})}.items()))
             configs.append(SweepConfig(crit, r, a, locs, fuse, opts, budget=is_budget))
     return list(dict.fromkeys(configs))
+
+
+def parse_options(text: str) -> dict:
+    """'base=headvar;norm=4' -> {'base': 'headvar', 'norm': 4}; numbers and true/false are converted."""
+    out: dict = {}
+    for item in filter(None, (t.strip() for t in text.split(";"))):
+        k, eq, v = item.partition("=")
+        if not eq:
+            raise ValueError(f"criterion option {item!r} needs the form key=value")
+        low = v.strip().lower()
+        if low in ("true", "false"):
+            out[k.strip()] = low == "true"
+            continue
+        for conv in (int, float):
+            try:
+                out[k.strip()] = conv(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k.strip()] = v.strip()
+    return out
 
 
 def fingerprint(args: argparse.Namespace, samples: list, part: str = "all") -> dict:
