@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .criteria import (
@@ -27,7 +28,8 @@ from .criteria import (
     criterion_options,
     make_criterion,
 )
-from .selection import check_keep_rate, keep_count, select_tokens
+from .merging import bipartite_matching, merge_into_kept
+from .selection import check_keep_rate, keep_count, select_tokens, top_k_sorted
 
 __all__ = ["patch", "unpatch", "share_parameters", "PruneState", "StageConfig", "StageRecord", "is_patched"]
 
@@ -55,27 +57,50 @@ class StageRecord:
 
 @dataclass
 class PruneState:
-    """Configuration and per-forward bookkeeping, shared by the patched model and its blocks."""
+    """Configuration and per-forward bookkeeping, shared by the patched model and its blocks.
+
+    ``removed`` says what happens to pruned tokens: ``drop``, ``fuse`` (EViT's one extra token) or
+    ``merge`` (each into its most similar kept token). ``method="tome"`` merges ``merge_r[i]`` tokens
+    after block i by bipartite soft matching instead of scoring. Merging tracks token sizes and uses
+    proportional attention (log size added to the key logits) in every later block.
+    """
 
     stages: list[StageConfig]
     fuse: bool
     original_classes: dict[int, type] = field(default_factory=dict)
+    removed: str = "drop"
+    method: str = "prune"
+    merge_r: list[int] = field(default_factory=list)
     # Filled during a forward:
     step: int = 0
     records: list[StageRecord] = field(default_factory=list)
     patch_index: Tensor | None = None
+    size: Tensor | None = None  # (B, N, 1) patches per token, once tokens have been merged
 
     @property
     def locations(self) -> tuple[int, ...]:
+        """Blocks that change the token set."""
+        if self.method == "tome":
+            return tuple(i for i, r in enumerate(self.merge_r) if r > 0)
         return tuple(s.location for s in self.stages)
 
     def begin(self, batch: int, num_patches: int, device: torch.device) -> None:
         self.records = []
+        self.size = None
         self.patch_index = torch.arange(num_patches, device=device).expand(batch, -1)
 
+    def key_bias(self) -> Tensor | None:
+        """Proportional attention: log(size) of every key, (B, 1, 1, N), or None before any merge."""
+        return None if self.size is None else self.size.log().transpose(1, 2).unsqueeze(1)
+
+    def sizes(self, x: Tensor) -> Tensor:
+        return self.size if self.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
+
     def describe(self) -> str:
+        if self.method == "tome":
+            return f"tome r={self.merge_r}"
         parts = [f"{s.name}@{s.location}:{s.keep_rate:g}" for s in self.stages]
-        return " ".join(parts) + (" +fuse" if self.fuse else "")
+        return " ".join(parts) + ("" if self.removed == "drop" else f" +{self.removed}")
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -83,9 +108,12 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def _scored_attention(
-    attn: nn.Module, x: Tensor, criterion: Criterion, ctx_kw: dict
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Attention with explicit logits: returns (output, scores (B, n), cls_attn (B, N)).
+    attn: nn.Module, x: Tensor, criterion: Criterion, ctx_kw: dict, bias: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Attention with explicit logits: returns (output, scores (B, n), cls_attn (B, N), keys).
+
+    ``bias`` (proportional attention, log token sizes) is added to the logits; the criterion then
+    reads the biased logits directly (the in-place fast path assumes logits = c q k^T).
 
     The logits are computed once; the criterion reads them (or cached views) first, then the same
     buffer becomes the probabilities in place for the output, so one (B, H, N, N) tensor is alive at
@@ -93,13 +121,16 @@ def _scored_attention(
     """
     q, k, v = attn.qkv_heads(x)
     logits = attention_logits(q, k, attn.scale)  # (B, H, N, N)
-    ctx = AttentionContext(logits, **ctx_kw, query=q, key=k, scale=attn.scale, reuse_logits=True)
+    if bias is None:
+        ctx = AttentionContext(logits, **ctx_kw, query=q, key=k, scale=attn.scale, reuse_logits=True)
+    else:
+        ctx = AttentionContext(logits.add_(bias), **ctx_kw)
     del logits  # the context owns the buffer
     with torch.no_grad():  # scores only rank tokens; no gradient flows through the ranking
         scores = criterion(ctx)
     probs = ctx.probs
     cls_attn = ctx.cls_attn
-    return attn.merge_heads(probs @ v), scores, cls_attn
+    return attn.merge_heads(probs @ v), scores, cls_attn, k
 
 
 class _PruningBlock:
@@ -112,19 +143,62 @@ class _PruningBlock:
         state = self._renyiprune
         cfg = state.stages[self._renyiprune_stage]
         n = state.patch_index.shape[1]
-        y, scores, cls_attn = _scored_attention(
+        y, scores, cls_attn, keys = _scored_attention(
             self.attn,
             self.norm1(x),
             cfg.criterion,
             dict(num_patches=n, stage=self._renyiprune_stage, step=state.step),
+            bias=state.key_bias(),
         )
         x = x + self.drop_path1(y)
         k = keep_count(n, cfg.keep_rate)
-        x, kept = select_tokens(x, scores, k, cls_attn=cls_attn, fuse=state.fuse)
+        if state.removed == "merge":
+            kept = top_k_sorted(scores, k)
+            x, state.size = merge_into_kept(x, state.sizes(x), keys.mean(dim=1), kept, n)
+        else:
+            x, kept = select_tokens(x, scores, k, cls_attn=cls_attn, fuse=state.removed == "fuse")
         state.patch_index = state.patch_index.gather(1, kept)
         state.records.append(
             StageRecord(cfg.location, kept, state.patch_index, scores, num_fused=x.shape[1] - 1 - k)
         )
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+def _biased_attention(attn: nn.Module, x: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Fused attention with an additive key bias (proportional attention); returns (output, keys)."""
+    q, k, v = attn.qkv_heads(x)
+    mask = None if bias is None else bias.to(q.dtype)
+    return attn.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)), k
+
+
+class _SizedBlock:
+    """Mixin for blocks after a merge: the same block, with proportional attention."""
+
+    _renyiprune: PruneState
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = self._renyiprune
+        if state.size is None:
+            return super().forward(x)
+        y, _ = _biased_attention(self.attn, self.norm1(x), state.key_bias())
+        x = x + self.drop_path1(y)
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class _MergingBlock:
+    """Mixin for ToMe: attention (proportional), then merge r tokens by bipartite soft matching."""
+
+    _renyiprune: PruneState
+    _renyiprune_block: int
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = self._renyiprune
+        y, keys = _biased_attention(self.attn, self.norm1(x), state.key_bias())
+        x = x + self.drop_path1(y)
+        r = state.merge_r[self._renyiprune_block]
+        if r > 0:
+            matching = bipartite_matching(keys.mean(dim=1), r)
+            x, state.size = matching.merge(x, state.sizes(x))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
@@ -175,18 +249,38 @@ def patch(
     alpha: float | Sequence[float] = 1.0,
     locations: Sequence[int] = (3, 6, 9),
     fuse: bool = False,
+    *,
+    removed: str | None = None,
+    method: str = "prune",
+    r: int | Sequence[int] = 16,
+    schedule: str = "constant",
+    budget: float | None = None,
     **criterion_options,
 ) -> nn.Module:
-    """Make ``model`` prune patch tokens in place, EViT-style, and return it.
+    """Make ``model`` reduce its tokens in place and return it.
 
-    At each block in ``locations`` (0-based), after the attention residual and before the MLP,
-    ceil(keep_rate * n) of the n current patch tokens with the highest criterion score are kept
-    (CLS always). ``keep_rate``, ``criterion`` and ``alpha`` may be one value or one per location.
-    ``alpha`` goes to criteria that take it (renyi); other options go to the criterion as given.
-    ``fuse`` merges the pruned tokens into one extra token weighted by CLS attention. Patching a
-    patched model reconfigures it.
+    ``method="prune"`` (EViT-style): at each block in ``locations`` (0-based), after the attention
+    residual and before the MLP, ceil(keep_rate * n) of the n current patch tokens with the highest
+    criterion score are kept (CLS always). ``keep_rate``, ``criterion`` and ``alpha`` may be one value
+    or one per location; ``alpha`` goes to criteria that take it, other options to the criterion.
+    ``removed`` decides the fate of pruned tokens: ``drop`` (default), ``fuse`` (one extra token
+    weighted by CLS attention; ``fuse=True`` is the same) or ``merge`` (into the most similar kept
+    token, with proportional attention afterwards).
+    ``method="tome"``: ToMe's bipartite soft matching merges ``r`` tokens after every block (an int,
+    one int per block, or ``schedule="decreasing"``: 2r at the first block down to 0 at the last).
+    ``budget=F`` solves the keep rate (prune) or r (tome) for the largest GMACs <= F x unpruned.
+    Patching a patched model reconfigures it.
     """
+    if method not in ("prune", "tome"):
+        raise ValueError(f"method must be 'prune' or 'tome', got {method!r}")
+    removed = removed or ("fuse" if fuse else "drop")
+    if removed not in ("drop", "fuse", "merge"):
+        raise ValueError(f"removed must be drop, fuse or merge, got {removed!r}")
     blocks = _check_model(model)
+    if budget is not None:
+        keep_rate, r = _solve_budget(model, budget, method, locations, removed, schedule)
+    if method == "tome":
+        return _patch_tome(model, blocks, _tome_schedule(r, schedule, len(blocks)))
     if isinstance(criterion, str) and criterion == "best":  # the shipped tuned policy's choice
         criterion, alpha, locations, criterion_options = _resolve_best(
             model, keep_rate, locations, criterion_options
@@ -210,17 +304,68 @@ def patch(
         if "alpha" in opts:
             name = f"{name}(a={a:g})"
         stages.append(StageConfig(loc, r, make_criterion(c, **opts), name))
-    state = PruneState(stages=stages, fuse=bool(fuse))
+    state = PruneState(stages=stages, fuse=removed == "fuse", removed=removed)
+    _attach(model, state)
+    for si, loc in enumerate(locs):
+        _swap(blocks[loc], _PruningBlock, state)
+        blocks[loc]._renyiprune_stage = si
+    if removed == "merge" and locs:  # proportional attention in every block after the first merge
+        for b in blocks[locs[0] + 1 :]:
+            if not hasattr(b, "_renyiprune"):
+                _swap(b, _SizedBlock, state)
+    return model
+
+
+def _attach(model: nn.Module, state: PruneState) -> None:
     state.original_classes[id(model)] = model.__class__
     model.__class__ = _subclass(_PrunedModel, model.__class__)
-    for si, loc in enumerate(locs):
-        b = blocks[loc]
-        state.original_classes[id(b)] = b.__class__
-        b.__class__ = _subclass(_PruningBlock, b.__class__)
-        b._renyiprune = state
-        b._renyiprune_stage = si
     model.renyiprune = state
+
+
+def _swap(block: nn.Module, mixin: type, state: PruneState) -> None:
+    state.original_classes[id(block)] = block.__class__
+    block.__class__ = _subclass(mixin, block.__class__)
+    block._renyiprune = state
+
+
+def _tome_schedule(r: int | Sequence[int], schedule: str, depth: int) -> list[int]:
+    """Tokens merged after each block: constant r, an explicit list, or linearly decreasing 2r -> 0."""
+    if isinstance(r, (list, tuple)):
+        if len(r) != depth:
+            raise ValueError(f"r: got {len(r)} values for {depth} blocks")
+        out = [int(v) for v in r]
+    elif schedule == "constant":
+        out = [int(r)] * depth
+    elif schedule == "decreasing":
+        out = [round(2 * int(r) * (1 - i / (depth - 1))) if depth > 1 else int(r) for i in range(depth)]
+    else:
+        raise ValueError(f"schedule must be constant or decreasing, got {schedule!r}")
+    if any(v < 0 for v in out):
+        raise ValueError(f"r must be >= 0, got {out}")
+    return out
+
+
+def _patch_tome(model: nn.Module, blocks: Sequence[nn.Module], merge_r: list[int]) -> nn.Module:
+    if is_patched(model):
+        unpatch(model)
+    state = PruneState(stages=[], fuse=False, removed="merge", method="tome", merge_r=merge_r)
+    _attach(model, state)
+    for i, b in enumerate(blocks):
+        _swap(b, _MergingBlock, state)
+        b._renyiprune_block = i
     return model
+
+
+def _solve_budget(model, budget: float, method: str, locations, removed: str, schedule: str):
+    """(keep_rate, r) meeting a GMACs budget for this model and method."""
+    from .budget import VitShape, solve_keep_rate, solve_tome_r
+
+    shape = VitShape.of(model)
+    if method == "tome":
+        if schedule != "constant":
+            raise ValueError("budget solving supports the constant ToMe schedule")
+        return None, solve_tome_r(shape, budget)
+    return solve_keep_rate(shape, budget, tuple(locations), fuse=removed == "fuse"), None
 
 
 def _resolve_best(model: nn.Module, keep_rate, locations, options: dict) -> tuple:
@@ -264,7 +409,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         cls = state.original_classes.get(id(m))
         if cls is not None:
             m.__class__ = cls
-        for attr in ("_renyiprune", "_renyiprune_stage"):
+        for attr in ("_renyiprune", "_renyiprune_stage", "_renyiprune_block"):
             m.__dict__.pop(attr, None)
     del model.renyiprune
     return model

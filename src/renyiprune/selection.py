@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["keep_count", "check_keep_rate", "select_tokens"]
+__all__ = ["keep_count", "check_keep_rate", "select_tokens", "top_k_sorted"]
 
 
 def check_keep_rate(keep_rate: float) -> float:
@@ -25,6 +25,11 @@ def check_keep_rate(keep_rate: float) -> float:
 def keep_count(n: int, keep_rate: float) -> int:
     """ceil(r * n), at least 1; r*n is rounded first so that 0.7 * 10 keeps 7, not 8."""
     return max(1, min(n, math.ceil(round(check_keep_rate(keep_rate) * n, 6))))
+
+
+def top_k_sorted(scores: Tensor, k: int) -> Tensor:
+    """Indices (B, k) of the k highest scores per row, in ascending (original token) order."""
+    return scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
 
 
 def select_tokens(
@@ -47,7 +52,7 @@ def select_tokens(
     has_fused = N - 1 - n
     if has_fused not in (0, 1):
         raise ValueError(f"{N} tokens do not fit CLS + {n} scored patches + at most one fused token")
-    kept = scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # original order
+    kept = top_k_sorted(scores, k)
     patches = x[:, 1 : 1 + n]
     kept_tokens = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, C))
     parts = [x[:, :1], kept_tokens]

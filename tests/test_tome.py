@@ -1,0 +1,116 @@
+"""ToMe merging and prune-then-merge inside the model, against a per-image naive forward."""
+
+import math
+
+import pytest
+import torch
+from test_merging import cos, reference_tome
+
+import renyiprune as rp
+from renyiprune.budget import VitShape, tome_counts
+from renyiprune.model import VisionTransformer
+
+
+def small_vit():
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=64, patch_size=8, embed_dim=48, depth=6, num_heads=3, num_classes=10)
+    return m.double().eval()
+
+
+def attention(blk, t, size):
+    """Explicit attention of one image with proportional attention; returns output and keys."""
+    N, C = t.shape
+    H = blk.attn.num_heads
+    qkv = blk.attn.qkv(t).reshape(N, 3, H, C // H).permute(1, 2, 0, 3)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    s = q @ k.transpose(-1, -2) / math.sqrt(C // H) + torch.log(size)[:, 0][None, None, :]
+    p = torch.softmax(s, dim=-1)
+    return blk.attn.proj((p @ v).transpose(0, 1).reshape(N, C)), k.mean(0), p
+
+
+def naive_forward(m, img, reduce):
+    t = torch.cat([m.cls_token, m.patch_embed(img[None])], dim=1)[0] + m.pos_embed[0]
+    size = torch.ones(t.shape[0], 1, dtype=t.dtype)
+    for i, blk in enumerate(m.blocks):
+        a, keys, p = attention(blk, blk.norm1(t), size)
+        t = t + a
+        t, size = reduce(i, t, size, keys, p)
+        t = t + blk.mlp(blk.norm2(t))
+    return m.head(m.norm(t)[0])
+
+
+@pytest.mark.parametrize("r", [4, 12, [0, 8, 0, 20, 3, 1]])
+def test_tome_matches_naive(r):
+    m = small_vit()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    rs = r if isinstance(r, list) else [r] * 6
+
+    def reduce(i, t, size, keys, p):
+        return reference_tome(t, size, keys, rs[i]) if rs[i] else (t, size)
+
+    with torch.no_grad():
+        want = torch.stack([naive_forward(m, img, reduce) for img in x])
+        rp.patch(m, method="tome", r=r)
+        got = m(x)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_prune_then_merge_matches_naive():
+    m = small_vit()
+    torch.manual_seed(2)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    locs, keep = (1, 3), 0.6
+
+    def reduce(i, t, size, keys, p):
+        if i not in locs:
+            return t, size
+        n = t.shape[0] - 1
+        ent = -(p * torch.log(p)).sum(-1).mean(0)[1:]  # Shannon entropy of each patch row
+        k = math.ceil(round(keep * n, 6))
+        kept = sorted(torch.argsort(-ent, descending=True)[:k].tolist())
+        groups = {j: [j] for j in kept}
+        for j in range(n):
+            if j not in kept:
+                best = max(kept, key=lambda c: cos(keys[1 + j], keys[1 + c]))
+                groups[best].append(j)
+        rows, sizes = [t[0]], [size[0]]
+        for j in kept:
+            s = sum(size[1 + g] for g in groups[j])
+            rows.append(sum(t[1 + g] * size[1 + g] for g in groups[j]) / s)
+            sizes.append(s)
+        return torch.stack(rows), torch.stack(sizes)
+
+    with torch.no_grad():
+        want = torch.stack([naive_forward(m, img, reduce) for img in x])
+        rp.patch(m, keep_rate=keep, criterion="shannon", locations=locs, removed="merge")
+        got = m(x)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert [rec.kept.shape[1] for rec in m.renyiprune.records] == [39, 24]
+
+
+def test_tome_gmacs_and_budgets():
+    m = rp.create_model("deit_tiny_patch16_224")
+    shape = VitShape.of(m)
+    full = rp.count_gmacs(m)
+    rp.patch(m, method="tome", r=16)
+    # the counter also sees the matching's similarity products (about 0.5 %)
+    assert rp.count_gmacs(m) == pytest.approx(shape.gmacs(tome_counts(shape, [16] * 12)), rel=0.01)
+    assert rp.count_gmacs(m) == pytest.approx(0.622, abs=0.01)  # method notes: ToMe r=16 on DeiT-Tiny
+    for method, kw in (("tome", {}), ("prune", dict(criterion="evit", removed="fuse"))):
+        for budget in (0.75, 0.5):
+            rp.patch(m, method=method, budget=budget, **kw)
+            g = rp.count_gmacs(m)
+            assert budget * full * 0.95 <= g <= budget * full * 1.01
+
+
+def test_decreasing_schedule_and_errors():
+    m = small_vit()
+    rp.patch(m, method="tome", r=4, schedule="decreasing")
+    assert m.renyiprune.merge_r == [8, 6, 5, 3, 2, 0]
+    with pytest.raises(ValueError, match="removed"):
+        rp.patch(m, removed="vanish")
+    with pytest.raises(ValueError, match="method"):
+        rp.patch(m, method="prune-ish")
+    rp.unpatch(m)
+    assert type(m) is VisionTransformer and all(type(b).__name__ == "Block" for b in m.blocks)
