@@ -287,7 +287,6 @@ def random(ctx: AttentionContext, seed: int = 0) -> Tensor:
     return torch.rand(ctx.logits.shape[0], ctx.num_patches, generator=g, device=device)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # More criteria (sweeps): head disagreement, column norms, a Rényi/CLS hybrid
 
@@ -326,7 +325,7 @@ def column_norm(ctx: AttentionContext, norm: float = 4.0) -> Tensor:
 def _standardize(s: Tensor) -> Tensor:
     """Per-image z-score over the patches (B, n)."""
     s = s.float()
-    return (s - s.mean(dim=1, keepdim=True)) / s.std(dim=1, keepdim=True).clamp_min(1e-12)
+    return (s - s.mean(dim=1, keepdim=True)) / s.std(dim=1, keepdim=True, correction=0).clamp_min(1e-12)
 
 
 def _ranks(s: Tensor) -> Tensor:
