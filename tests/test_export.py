@@ -1,0 +1,22 @@
+"""ONNX export of a pruned model: onnxruntime's outputs equal torch's, for several batch sizes."""
+
+import pytest
+import torch
+
+import renyiprune as rp
+
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (renyiprune[export])")
+pytest.importorskip("onnxscript", reason="onnxscript is not installed (renyiprune[export])")
+
+from renyiprune.export import export_onnx, onnx_max_difference  # noqa: E402
+
+
+def test_pruned_tiny_model_exports_with_dynamic_batch(tmp_path):
+    torch.manual_seed(0)
+    m = rp.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
+    crits = ["renyi", "evit"]
+    rp.patch(m.eval(), keep_rate=(0.6, 0.5), criterion=crits, alpha=2.0, locations=(1, 2), fuse=True)
+    path = export_onnx(m, tmp_path / "tiny.onnx", image_size=32)
+    assert path.is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    for batch in (1, 3):
+        assert onnx_max_difference(path, m, torch.randn(batch, 3, 32, 32)) <= 1e-4
