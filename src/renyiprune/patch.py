@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adapters import check_model, find_adapter
 from .criteria import (
     CRITERIA,
     AttentionContext,
@@ -220,18 +221,8 @@ def _subclass(mixin: type, cls: type) -> type:
 
 
 def _check_model(model: nn.Module) -> Sequence[nn.Module]:
-    missing = [a for a in ("blocks", "patch_embed", "cls_token") if not hasattr(model, a)]
-    if missing:
-        raise TypeError(
-            f"renyiprune.patch needs a ViT with a CLS token and a 'blocks' list; "
-            f"{type(model).__name__} has no {', '.join(missing)}"
-        )
-    blocks = list(model.blocks)
-    for b in blocks:
-        lacking = [a for a in ("norm1", "attn", "norm2", "mlp") if not hasattr(b, a)]
-        if lacking:
-            raise TypeError(f"block {type(b).__name__} has no {', '.join(lacking)}; cannot patch it")
-    return blocks
+    """The model's blocks; an UnsupportedModelError (a TypeError) naming what is missing otherwise."""
+    return check_model(model)
 
 
 def _per_stage(value, count: int, what: str) -> list:
@@ -271,6 +262,13 @@ def patch(
     ``budget=F`` solves the keep rate (prune) or r (tome) for the largest GMACs <= F x unpruned.
     Patching a patched model reconfigures it.
     """
+    adapter = find_adapter(model)
+    if adapter is not None:  # Hugging Face / timm: their layers get our block interface, then this patch
+        return adapter(
+            model, patch, keep_rate=keep_rate, criterion=criterion, alpha=alpha, locations=locations,
+            fuse=fuse, removed=removed, method=method, r=r, schedule=schedule, budget=budget,
+            **criterion_options,
+        )  # fmt: skip
     if method not in ("prune", "tome"):
         raise ValueError(f"method must be 'prune' or 'tome', got {method!r}")
     removed = removed or ("fuse" if fuse else "drop")

@@ -37,6 +37,8 @@ def find_adapter(model: nn.Module) -> Callable | None:
     """The patch function of the adapter that handles ``model``; None for a native renyiprune ViT."""
     from . import hf, timm
 
+    if isinstance(model, HostView):  # the stand-in an adapter passes on: its blocks are adapted already
+        return None
     for mod in (hf, timm):
         if mod.handles(model):
             return mod.patch
@@ -117,6 +119,10 @@ def patch_with_adapter(
     state, its class gets ``model_mixin``, and ``unpatch(model)`` restores the host's own classes."""
     from ..patch import is_patched, unpatch
 
+    if kwargs.get("budget") is not None:
+        raise UnsupportedModelError(
+            f"budget= is not supported for {type(model).__name__}; pass keep_rate (or r for ToMe)"
+        )
     if is_patched(model):
         unpatch(model)
     view, originals = adapt()

@@ -317,7 +317,9 @@ def _check(model: nn.Module) -> tuple[nn.Module, list]:
 
 def patch(model: nn.Module, core_patch: Callable[..., object], **kwargs) -> nn.Module:
     """``renyiprune.patch`` for a transformers ViT: adapt the layers, configure pruning, keep HF's forward."""
-    base, layers = _check(model)
+    from ..patch import unpatch
+
+    base, layers = _check(unpatch(model))
 
     def adapt() -> tuple[HostView, dict[int, type]]:
         originals = {}

@@ -22,7 +22,7 @@ def handles(model: nn.Module) -> bool:
     blocks = getattr(model, "blocks", None)
     if blocks is None or not len(blocks):
         return False
-    attn = getattr(blocks[0], "attn", None)
+    attn = getattr(blocks[0], "_modules", {}).get("attn")  # the module itself, also once adapted
     return hasattr(attn, "qkv") and not hasattr(attn, "qkv_heads")
 
 
@@ -106,9 +106,9 @@ def _check(model: nn.Module) -> list:
 
 def patch(model: nn.Module, core_patch: Callable[..., object], **kwargs) -> nn.Module:
     """``renyiprune.patch`` for a timm VisionTransformer: adapt the blocks, keep timm's own forward."""
-    from ..patch import _PrunedModel
+    from ..patch import _PrunedModel, unpatch
 
-    blocks = _check(model)
+    blocks = _check(unpatch(model))
 
     def adapt() -> tuple[HostView, dict[int, type]]:
         originals = {}

@@ -1,0 +1,136 @@
+"""Hugging Face transformers ViT: `renyiprune convert` both ways, and `renyiprune.patch` on HF models."""
+
+import pytest
+import torch
+
+import renyiprune as rp
+from renyiprune.adapters import UnsupportedModelError
+from renyiprune.adapters import hf as hf_adapter
+from renyiprune.cli import main
+from renyiprune.data import EvalTransform, list_samples, load_image
+from renyiprune.weights import read_state_dict
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (renyiprune[hf])")
+
+
+@pytest.fixture(scope="module")
+def weights(shared_assets):
+    return shared_assets / "weights" / "deit_tiny_patch16_224.safetensors"
+
+
+@pytest.fixture(scope="module")
+def hf_dir(weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "deit-tiny"
+    assert main(["convert", str(weights), str(out), "--to", "hf"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(shared_assets):
+    samples = list_samples(shared_assets / "imagenet-sample-1000")[:2]
+    t = EvalTransform(224, 0.875, "bicubic", rp.model.IMAGENET_MEAN, rp.model.IMAGENET_STD)
+    return torch.stack([t(load_image(s.path)) for s in samples])
+
+
+def tiny_hf(**kw):
+    """A 4-layer HF ViT shaped like rp.VisionTransformer(32 px, patch 8, dim 32, 2 heads, 5 classes)."""
+    cfg = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128, image_size=32,
+        patch_size=8, num_labels=5, layer_norm_eps=1e-6, hidden_act="gelu", **kw,
+    )  # fmt: skip
+    return transformers.ViTForImageClassification(cfg).eval()
+
+
+def test_convert_writes_hub_names_and_round_trips(hf_dir, weights, tmp_path):
+    assert (hf_dir / "config.json").is_file()
+    hub = read_state_dict(hf_dir / "model.safetensors")
+    assert "vit.encoder.layer.0.attention.attention.query.weight" in hub  # the Hub's (4.x) names
+    back = tmp_path / "back.safetensors"
+    assert main(["convert", str(hf_dir), str(back), "--to", "renyiprune"]) == 0
+    ours, again = read_state_dict(weights), read_state_dict(back)
+    assert set(ours) == set(again) and all(torch.equal(ours[k], again[k]) for k in ours)
+
+
+def test_hf_model_equals_ours_unpruned_and_pruned(hf_dir, weights, images):
+    ours = rp.create_model("deit_tiny_patch16_224", weights=weights)
+    model = transformers.ViTForImageClassification.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        assert (model(pixel_values=images).logits - ours(images)).abs().max() <= 1e-4
+        for crit, alpha in [("renyi", 2.0), ("evit", 1.0)]:
+            rp.patch(ours, keep_rate=0.7, criterion=crit, alpha=alpha)
+            rp.patch(model, keep_rate=0.7, criterion=crit, alpha=alpha)
+            a, b = ours(images), model(images).logits
+            assert (a - b).abs().max() <= 1e-4
+            assert torch.equal(a.argmax(1), b.argmax(1))
+            for r1, r2 in zip(ours.renyiprune.records, model.renyiprune.records, strict=True):
+                assert torch.equal(r1.patch_index, r2.patch_index) and torch.equal(r1.kept, r2.kept)
+    rp.unpatch(model)
+    assert type(model) is transformers.ViTForImageClassification
+    assert all(type(layer).__name__ == "ViTLayer" for layer in model.vit.layers)
+
+
+def test_load_into_instance_and_base_model():
+    ours = rp.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
+    base = transformers.ViTModel(tiny_hf().config, add_pooling_layer=False).eval()
+    hf_adapter.load_into_hf(base, ours.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    got = []
+    ours.norm.register_forward_hook(lambda m, i, out: got.append(out))
+    for keep, fuse in [(1.0, False), (0.5, True)]:
+        rp.patch(ours, keep_rate=keep, criterion="renyi", alpha=1.0, locations=(1, 2), fuse=fuse)
+        rp.patch(base, keep_rate=keep, criterion="renyi", alpha=1.0, locations=(1, 2), fuse=fuse)
+        with torch.no_grad():
+            feats = base(pixel_values=x).last_hidden_state
+            ours(x)
+        assert feats.shape == got[-1].shape  # CLS + kept (+ fused token)
+        assert (feats - got[-1]).abs().max() <= 1e-5
+
+
+def test_tiny_model_fuse_per_stage_and_repatch():
+    m = tiny_hf()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x).logits
+        rp.patch(m, keep_rate=1.0, criterion="evit", locations=(1, 2))
+        assert (m(x).logits - ref).abs().max() <= 1e-5  # keep everything = unpruned
+        rp.patch(m, keep_rate=(0.5, 0.5), criterion=["renyi", "evit"], alpha=[2.0, 1.0], locations=(1, 2),
+                 fuse=True)  # fmt: skip
+        out = m(x).logits
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    assert [r.patch_index.shape[1] for r in m.renyiprune.records] == [8, 4]
+
+
+def test_distillation_token_and_windowed_models_are_refused_clearly():
+    cfg = transformers.DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, image_size=32, patch_size=8)  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match="distillation token"):
+        rp.patch(transformers.DeiTForImageClassification(cfg))
+    swin = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1], num_heads=[2],
+                                   window_size=4)  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match="windowed attention"):
+        rp.patch(transformers.SwinForImageClassification(swin))
+
+
+def test_bad_hf_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    out = str(tmp_path / "x.safetensors")
+    assert main(["convert", str(tmp_path / "empty"), out, "--to", "renyiprune"]) == 2
+    assert "no Hugging Face weights" in capsys.readouterr().err
+
+
+MERGING = [dict(removed="merge", keep_rate=0.5, locations=(1,)), dict(method="tome", r=2)]
+
+
+@pytest.mark.parametrize("kw", MERGING)
+def test_merging_methods_match_ours(kw):
+    """Prune-then-merge (proportional attention in later layers) and ToMe run on HF layers like on ours."""
+    ours = rp.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
+    model = tiny_hf()
+    hf_adapter.load_into_hf(model, ours.state_dict())
+    rp.patch(ours.eval(), **kw)
+    rp.patch(model, **kw)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (model(x).logits - ours(x)).abs().max() <= 1e-5
+    with pytest.raises(UnsupportedModelError, match="budget"):
+        rp.patch(model, budget=0.6)
