@@ -20,3 +20,16 @@ def test_pruned_tiny_model_exports_with_dynamic_batch(tmp_path):
     assert path.is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     for batch in (1, 3):
         assert onnx_max_difference(path, m, torch.randn(batch, 3, 32, 32)) <= 1e-4
+
+
+def test_failed_export_leaves_no_file(tmp_path):
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    target = tmp_path / "broken.onnx"
+    target.write_bytes(b"previous")
+    with pytest.raises(Exception, match="boom"):
+        export_onnx(Broken(), target, image_size=8)
+    assert target.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.onnx"]  # no temporary file left
