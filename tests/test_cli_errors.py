@@ -100,7 +100,9 @@ def test_bad_option_values(cmd, bad, needle, weights, dirs, capsys):
 
 @pytest.mark.parametrize("cmd", sorted(NEEDS_DATA))
 @pytest.mark.parametrize("which,needle", [
-    ("missing", "no such file"), ("empty", "no images|no labels.tsv"), ("badtsv", "class_index"),
+    ("missing", "no such file|does not exist"),
+    ("empty", "no images|no labels.tsv"),
+    ("badtsv", "class_index"),
 ])  # fmt: skip
 def test_bad_data_folders(cmd, which, needle, weights, dirs, capsys):
     data = str(dirs["root"] / "missing") if which == "missing" else dirs[which]
