@@ -106,3 +106,18 @@ def test_console_script_installed():
     exe = exe if Path(exe).exists() else shutil.which("renyiprune")
     p = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert p.returncode == 0 and "eval" in p.stdout
+
+
+def test_tome_merge_and_budget_configs(folder, weights, capsys):
+    assert main(["eval", "--weights", str(weights), "--data", str(folder), "--criterion", "none,tome,evit",
+                 "--removed", "merge", "--budget", "0.5", "--json", "--no-progress", "--workers", "0"]) == 0
+    res = {r["config"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert set(res) == {"unpruned", "tome budget=0.5", "evit budget=0.5 +merge"}
+    full = res["unpruned"]["gmacs"]
+    for name in ("tome budget=0.5", "evit budget=0.5 +merge"):
+        assert 0.45 * full < res[name]["gmacs"] <= 0.5 * full * 1.01
+    assert main(["eval", "--weights", str(weights), "--data", str(folder), "--criterion", "tome",
+                 "--tome-r", "8,16", "--json", "--no-progress", "--workers", "0"]) == 0
+    res = {r["config"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert res["tome r=16"]["gmacs"] == pytest.approx(0.624, abs=0.005)
+    assert res["tome r=8"]["gmacs"] > res["tome r=16"]["gmacs"]

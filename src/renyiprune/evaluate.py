@@ -65,9 +65,14 @@ class PruneConfig:
         text = self.criterion
         if self.criterion in ("renyi", "hybrid"):
             text += f" a={self.alpha:g}"
-        text += "".join(f" {k}={v}" for k, v in self.options)
-        text += f" r={self.keep_rate:g}"
-        return text + (" +fuse" if self.fuse else "")
+        opts = dict(self.options)
+        text += "".join(f" {k}={v}" for k, v in opts.items() if k not in ("budget", "removed"))
+        if "budget" in opts:
+            text += f" budget={opts['budget']:g}"
+        elif self.criterion != "tome":
+            text += f" r={self.keep_rate:g}"
+        removed = opts.get("removed", "fuse" if self.fuse else "drop")
+        return text + ("" if removed == "drop" or self.criterion == "tome" else f" +{removed}")
 
 
 @dataclass
@@ -90,7 +95,9 @@ class EvalResult:
 def pruned_view(model: nn.Module, config: PruneConfig) -> nn.Module:
     """A weight-sharing copy of ``model`` that prunes as ``config`` says; the original is untouched."""
     view = share_parameters(model)
-    if config.criterion is not None:
+    if config.criterion == "tome":  # token merging: no criterion, r (or a budget) in the options
+        patch(view, method="tome", **dict(config.options))
+    elif config.criterion is not None:
         crit, alpha, locs = config.criterion, config.alpha, config.locations
         if "@" in crit:
             crit, alpha, locs = parse_stages(crit)

@@ -47,7 +47,8 @@ def add_parser(sub) -> None:
         "--criterion",
         type=common.names,
         default=["renyi"],
-        help=f"comma list of: none (unpruned), best (tuned policy's choice), {', '.join(list_criteria())}; "
+        help=f"comma list of: none (unpruned), tome (token merging), best (tuned policy's choice), "
+        f"{', '.join(list_criteria())}; "
         "or one per-stage spec renyi:2@3,evit@6,evit@9 (several: join stages with +)",
     )
     p.add_argument(
@@ -61,6 +62,15 @@ def add_parser(sub) -> None:
     p.add_argument("--keep", type=common.keep_rates, default=[0.7], help="keep rate(s) in (0, 1]")
     p.add_argument("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
     p.add_argument("--fuse", action="store_true", help="fuse pruned tokens into one extra token (EViT)")
+    p.add_argument("--removed", choices=["drop", "fuse", "merge"], default=None,
+                   help="what happens to pruned tokens: drop, fuse (= --fuse) or merge into the most "
+                   "similar kept token (proportional attention afterwards)")
+    p.add_argument("--tome-r", type=common._typed(lambda t: [int(v) for v in t.split(",")], "r list"),
+                   default=[16], help="criterion tome: tokens merged after every block (comma list)")
+    p.add_argument("--schedule", choices=["constant", "decreasing"], default="constant",
+                   help="criterion tome: constant r, or 2r at the first block down to 0")
+    p.add_argument("--budget", type=common.keep_rates, default=None,
+                   help="compute budget(s) F in (0, 1]: solve keep rate / r for GMACs <= F x unpruned")
     p.add_argument("--direction", choices=["row", "column"], default=None, help="renyi: row or column")
     p.add_argument("--heads", choices=["mean", "pooled"], default=None, help="renyi: head aggregation")
     p.add_argument("--cls-key", choices=["include", "exclude"], default=None, help="renyi: CLS key")
@@ -90,6 +100,9 @@ def configs_from_args(args: argparse.Namespace) -> list[PruneConfig]:
         if crit == "best" or "@" in crit:
             configs.extend(_policy_or_stage_configs(args, crit))
             continue
+        if crit == "tome":
+            configs.extend(_tome_configs(args))
+            continue
         if crit not in list_criteria():
             raise ValueError(f"unknown criterion {crit!r}; choose from none, {', '.join(list_criteria())}")
         opts: tuple = ()
@@ -97,14 +110,29 @@ def configs_from_args(args: argparse.Namespace) -> list[PruneConfig]:
             opts = renyi_opts
         elif crit == "random" and args.seed is not None:
             opts = (("seed", args.seed),)
+        if args.removed is not None:
+            opts += (("removed", args.removed),)
         alphas = args.alpha if crit in ("renyi", "hybrid") else [1.0]
-        for a, r in itertools.product(alphas, args.keep):
+        keeps = args.keep if args.budget is None else [(None, f) for f in args.budget]
+        for a, r in itertools.product(alphas, keeps):
+            if isinstance(r, tuple):  # a compute budget: the keep rate is solved in patch()
+                configs.append(PruneConfig(crit, 1.0, a, tuple(args.locations), args.fuse,
+                                           opts + (("budget", r[1]),)))
+                continue
             if a == "auto":
                 entry = policy_entry(_policy(args), r, crit)
                 a = float(entry.get("alpha", 1.0))
                 opts = tuple(sorted({**dict(opts), **entry.get("options", {})}.items()))
             configs.append(PruneConfig(crit, r, a, tuple(args.locations), args.fuse, opts))
     return list(dict.fromkeys(configs))  # unique, in order
+
+
+def _tome_configs(args: argparse.Namespace) -> list[PruneConfig]:
+    """ToMe baselines: one per r (or per budget, solving r)."""
+    if args.budget is not None:
+        return [PruneConfig("tome", options=(("budget", f),)) for f in args.budget]
+    sched = (("schedule", args.schedule),) if args.schedule != "constant" else ()
+    return [PruneConfig("tome", options=(("r", r),) + sched) for r in args.tome_r]
 
 
 def _policy(args: argparse.Namespace) -> dict:
