@@ -8,6 +8,7 @@ from test_merging import cos, reference_tome
 
 import renyiprune as rp
 from renyiprune.budget import VitShape, tome_counts
+from renyiprune.merging import bipartite_matching
 from renyiprune.model import VisionTransformer
 
 
@@ -114,3 +115,52 @@ def test_decreasing_schedule_and_errors():
         rp.patch(m, method="prune-ish")
     rp.unpatch(m)
     assert type(m) is VisionTransformer and all(type(b).__name__ == "Block" for b in m.blocks)
+
+
+def test_entropy_bonus_orders_merges():
+    torch.manual_seed(3)
+    metric = torch.randn(2, 21, 4)
+    bonus = torch.randn(2, 11) * 1e3  # dominates similarity: the r A tokens with the largest bonus merge
+    bonus[:, 0] = 1e9  # CLS stays protected whatever its bonus
+    m = bipartite_matching(metric, 4, bonus=bonus)
+    for b in range(2):
+        want = sorted(torch.argsort(bonus[b, 1:], descending=True)[:4].add(1).tolist())
+        assert sorted(m.merged[b].tolist()) == want
+
+
+def test_entropy_aware_tome_matches_naive():
+    m = small_vit()
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    weight, r = 0.5, 6
+
+    def reduce(i, t, size, keys, p):
+        h = -(p * torch.log(p)).sum(-1).mean(0)  # Shannon entropy of each token's row, mean over heads
+        z = (h - h.mean()) / h.std(correction=0)
+        bonus = weight * z[::2]
+        # reference_tome with the bonus: re-implemented order on top of its similarities
+        N = t.shape[0]
+        A, Bs = list(range(0, N, 2)), list(range(1, N, 2))
+        best = {}
+        for a_i, i in enumerate(A):
+            if i == 0:
+                continue
+            sims = [cos(keys[i], keys[j]) for j in Bs]
+            j = max(range(len(Bs)), key=lambda t_: sims[t_])
+            best[i] = (sims[j] + float(bonus[a_i]), Bs[j])
+        merged = sorted(best, key=lambda i: -best[i][0])[:r]
+        groups = {j: [j] for j in Bs}
+        for i in merged:
+            groups[best[i][1]].append(i)
+        out = [t[i] for i in A if i not in merged] + [
+            sum(t[g] * size[g] for g in groups[j]) / sum(size[g] for g in groups[j]) for j in Bs]
+        sizes = [size[i] for i in A if i not in merged] + [sum(size[g] for g in groups[j]) for j in Bs]
+        return torch.stack(out), torch.stack(sizes)
+
+    with torch.no_grad():
+        want = torch.stack([naive_forward(m, img, reduce) for img in x])
+        rp.patch(m, method="tome", r=r, entropy_weight=weight, alpha=1.0)
+        got = m(x)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        plain = rp.patch(m, method="tome", r=r)(x)
+        assert torch.equal(rp.patch(m, method="tome", r=r, entropy_weight=0.0)(x), plain)

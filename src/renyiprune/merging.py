@@ -41,11 +41,15 @@ class Matching:
         return out[..., :-1] / new_size, new_size
 
 
-def bipartite_matching(metric: Tensor, r: int, protect_first: bool = True) -> Matching:
+def bipartite_matching(
+    metric: Tensor, r: int, protect_first: bool = True, bonus: Tensor | None = None
+) -> Matching:
     """Match r tokens of set A into set B by cosine similarity of ``metric`` (B, N, D).
 
     With ``protect_first`` token 0 (CLS, in A) is never merged. r is capped at the number of
     mergeable A tokens. Unmerged A tokens keep their original order, so CLS stays first.
+    ``bonus`` (B, nA) is added to each A token's best similarity when choosing which r merge
+    (entropy-aware merging: diffuse-attention tokens go first); the match itself stays the most similar.
     """
     m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = m[:, ::2], m[:, 1::2]
@@ -55,6 +59,8 @@ def bipartite_matching(metric: Tensor, r: int, protect_first: bool = True) -> Ma
     if protect_first:
         scores[:, 0] = -torch.inf
     best, best_idx = scores.max(dim=-1)
+    if bonus is not None:
+        best = best + bonus
     order = best.argsort(dim=-1, descending=True)
     merged = order[:, :r]
     unmerged = order[:, r:].sort(dim=-1).values

@@ -29,6 +29,7 @@ from .criteria import (
     criterion_options,
     make_criterion,
 )
+from .entropy import check_alpha, renyi_entropy
 from .merging import bipartite_matching, merge_into_kept
 from .selection import check_keep_rate, keep_count, select_tokens, top_k_sorted
 
@@ -72,6 +73,8 @@ class PruneState:
     removed: str = "drop"
     method: str = "prune"
     merge_r: list[int] = field(default_factory=list)
+    entropy_weight: float = 0.0  # ToMe: weight of the Rényi-entropy term in the merge order
+    entropy_alpha: float = 1.0
     # Filled during a forward:
     step: int = 0
     records: list[StageRecord] = field(default_factory=list)
@@ -99,7 +102,8 @@ class PruneState:
 
     def describe(self) -> str:
         if self.method == "tome":
-            return f"tome r={self.merge_r}"
+            ent = f" entropy_weight={self.entropy_weight:g}" if self.entropy_weight else ""
+            return f"tome r={self.merge_r}{ent}"
         parts = [f"{s.name}@{s.location}:{s.keep_rate:g}" for s in self.stages]
         return " ".join(parts) + ("" if self.removed == "drop" else f" +{self.removed}")
 
@@ -194,13 +198,31 @@ class _MergingBlock:
 
     def forward(self, x: Tensor) -> Tensor:
         state = self._renyiprune
-        y, keys = _biased_attention(self.attn, self.norm1(x), state.key_bias())
-        x = x + self.drop_path1(y)
         r = state.merge_r[self._renyiprune_block]
+        bonus = None
+        if r > 0 and state.entropy_weight:
+            y, keys, bonus = _entropy_attention(self.attn, self.norm1(x), state.key_bias(), state)
+        else:
+            y, keys = _biased_attention(self.attn, self.norm1(x), state.key_bias())
+        x = x + self.drop_path1(y)
         if r > 0:
-            matching = bipartite_matching(keys.mean(dim=1), r)
+            matching = bipartite_matching(keys.mean(dim=1), r, bonus=bonus)
             x, state.size = matching.merge(x, state.sizes(x))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+def _entropy_attention(attn: nn.Module, x: Tensor, bias: Tensor | None, state: PruneState):
+    """Explicit attention that also returns a merge-order bonus for the A tokens (even positions):
+    entropy_weight x the per-image z-score of each token's Rényi row entropy (mean over heads)."""
+    q, k, v = attn.qkv_heads(x)
+    logits = attention_logits(q, k, attn.scale)
+    if bias is not None:
+        logits = logits.add_(bias)
+    with torch.no_grad():
+        h = renyi_entropy(logits, state.entropy_alpha).mean(dim=1)  # (B, N)
+        z = (h - h.mean(dim=1, keepdim=True)) / h.std(dim=1, keepdim=True, correction=0).clamp_min(1e-6)
+    out = attn.merge_heads(logits.softmax(dim=-1) @ v)
+    return out, k, (state.entropy_weight * z[:, ::2]).to(q.dtype)
 
 
 class _PrunedModel:
@@ -278,7 +300,11 @@ def patch(
     if budget is not None:
         keep_rate, r = _solve_budget(model, budget, method, locations, removed, schedule)
     if method == "tome":
-        return _patch_tome(model, blocks, _tome_schedule(r, schedule, len(blocks)))
+        weight = float(criterion_options.pop("entropy_weight", 0.0))
+        if criterion_options:
+            raise ValueError(f"method tome takes no option {', '.join(sorted(criterion_options))}")
+        merge_r = _tome_schedule(r, schedule, len(blocks))
+        return _patch_tome(model, blocks, merge_r, weight, check_alpha(_first(alpha)))
     if isinstance(criterion, str) and criterion == "best":  # the shipped tuned policy's choice
         criterion, alpha, locations, criterion_options = _resolve_best(
             model, keep_rate, locations, criterion_options
@@ -343,10 +369,17 @@ def _tome_schedule(r: int | Sequence[int], schedule: str, depth: int) -> list[in
     return out
 
 
-def _patch_tome(model: nn.Module, blocks: Sequence[nn.Module], merge_r: list[int]) -> nn.Module:
+def _first(value):
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def _patch_tome(
+    model: nn.Module, blocks: Sequence[nn.Module], merge_r: list[int], entropy_weight: float, alpha: float
+) -> nn.Module:
     if is_patched(model):
         unpatch(model)
-    state = PruneState(stages=[], fuse=False, removed="merge", method="tome", merge_r=merge_r)
+    state = PruneState(stages=[], fuse=False, removed="merge", method="tome", merge_r=merge_r,
+                       entropy_weight=entropy_weight, entropy_alpha=alpha)
     _attach(model, state)
     for i, b in enumerate(blocks):
         _swap(b, _MergingBlock, state)
