@@ -69,6 +69,10 @@ def add_parser(sub) -> None:
                    default=[16], help="criterion tome: tokens merged after every block (comma list)")
     p.add_argument("--schedule", choices=["constant", "decreasing"], default="constant",
                    help="criterion tome: constant r, or 2r at the first block down to 0")
+    p.add_argument("--method", choices=["prune", "tome"], default="prune",
+                   help="tome: evaluate token merging (same as adding tome to --criterion)")
+    p.add_argument("--entropy-weight", type=float, default=0.0,
+                   help="tome: weight of the z-scored Rényi row entropy (order --alpha) in the merge order")
     p.add_argument("--budget", type=common.keep_rates, default=None,
                    help="compute budget(s) F in (0, 1]: solve keep rate / r for GMACs <= F x unpruned")
     p.add_argument("--direction", choices=["row", "column"], default=None, help="renyi: row or column")
@@ -93,7 +97,10 @@ def configs_from_args(args: argparse.Namespace) -> list[PruneConfig]:
         if v is not None
     )
     configs: list[PruneConfig] = []
-    for crit in _criteria(args.criterion):
+    criteria = _criteria(args.criterion)
+    if args.method == "tome" and "tome" not in criteria:
+        criteria = [c for c in criteria if c in UNPRUNED] + ["tome"]
+    for crit in criteria:
         if crit in UNPRUNED:
             configs.append(PruneConfig(criterion=None))
             continue
@@ -129,10 +136,13 @@ def configs_from_args(args: argparse.Namespace) -> list[PruneConfig]:
 
 def _tome_configs(args: argparse.Namespace) -> list[PruneConfig]:
     """ToMe baselines: one per r (or per budget, solving r)."""
+    extra: tuple = ()
+    if args.entropy_weight:
+        extra = (("entropy_weight", args.entropy_weight), ("alpha", args.alpha[0]))
     if args.budget is not None:
-        return [PruneConfig("tome", options=(("budget", f),)) for f in args.budget]
+        return [PruneConfig("tome", options=(("budget", f),) + extra) for f in args.budget]
     sched = (("schedule", args.schedule),) if args.schedule != "constant" else ()
-    return [PruneConfig("tome", options=(("r", r),) + sched) for r in args.tome_r]
+    return [PruneConfig("tome", options=(("r", r),) + sched + extra) for r in args.tome_r]
 
 
 def _policy(args: argparse.Namespace) -> dict:
@@ -141,6 +151,9 @@ def _policy(args: argparse.Namespace) -> dict:
 
 def _policy_or_stage_configs(args: argparse.Namespace, crit: str) -> list[PruneConfig]:
     """'best': the policy's choice per keep rate; 'a@3+b@6': one per-stage config per keep rate."""
+    if crit == "best" and args.budget is not None:  # keep rate solved in patch(), then the policy's choice
+        return [PruneConfig("best", 1.0, 1.0, tuple(args.locations), args.fuse, (("budget", f),))
+                for f in args.budget]
     if crit == "best":
         return [entry_config(policy_entry(_policy(args), r), r, args.locations, args.fuse) for r in args.keep]
     locs = parse_stages(crit)[2]
