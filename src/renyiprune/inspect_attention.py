@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from .criteria import AttentionContext, make_criterion
-from .patch import StageRecord, is_patched, patch, share_parameters
+from .evaluate import PruneConfig, pruned_view
+from .patch import StageRecord, is_patched
 from .selection import keep_count
 
 __all__ = [
@@ -150,17 +151,8 @@ def prune_records(
     ``model`` itself is untouched. Each record holds the survivors' original patch numbers
     (``patch_index``), the stage's scores and the indices it kept.
     """
-    view = share_parameters(model)
-    opts = dict(spec.options)
-    patch(
-        view,
-        keep_rate=keep_rate,
-        criterion=spec.criterion,
-        alpha=spec.alpha,
-        locations=tuple(locations),
-        fuse=fuse,
-        **opts,
-    )
+    config = PruneConfig(spec.criterion, keep_rate, spec.alpha, tuple(locations), fuse, spec.options)
+    view = pruned_view(model, config)
     view(images)
     return list(view.renyiprune.records)
 
