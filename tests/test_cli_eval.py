@@ -121,3 +121,22 @@ def test_tome_merge_and_budget_configs(folder, weights, capsys):
     res = {r["config"]: r for r in json.loads(capsys.readouterr().out)["results"]}
     assert res["tome r=16"]["gmacs"] == pytest.approx(0.624, abs=0.005)
     assert res["tome r=8"]["gmacs"] > res["tome r=16"]["gmacs"]
+
+
+def test_eval_under_torchrun_shards_and_adds_up(shared_assets, weights, tmp_path):
+    """2 gloo processes, each on half of 5 images: the same counts and accuracy as one process."""
+    root = shared_assets / "imagenet-sample-1000"
+    rows = [ln.split("\t") for ln in (root / "labels.tsv").read_text().splitlines() if not ln.startswith("#")]
+    (tmp_path / "labels.tsv").write_text("".join(f"{root / f}\t{c}\n" for f, c, *_ in rows[:5]))
+    args = ["eval", "--weights", str(weights), "--data", str(tmp_path), "--criterion", "none,renyi",
+            "--json", "--no-progress", "--workers", "0", "--batch-size", "2"]
+    one = subprocess.run([sys.executable, "-m", "renyiprune", *args], capture_output=True, text=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = subprocess.run([*torchrun, "-m", "renyiprune", *args], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    a, b = json.loads(one.stdout)["results"], json.loads(two.stdout)["results"]
+    assert [r["images"] for r in b] == [5, 5]
+    assert a[0]["top1"] > 0  # real labels: the unpruned model gets some right
+    keys = ("config", "top1", "top5", "images")
+    for x, y in zip(a, b, strict=True):
+        assert [x[k] for k in keys] == [y[k] for k in keys]

@@ -388,17 +388,21 @@ def make_loader(
     batch_size: int = 64,
     workers: int = 0,
     limit: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[DataLoader, list[Sample]]:
     """List ``root`` (:func:`list_samples`) and wrap it in an ordered DataLoader of :class:`Batch`.
 
-    ``limit`` keeps the first ``limit`` samples in listing order. There is no shuffling, so
-    ``Batch.indices`` index the returned sample list. Workers are not persistent.
+    ``limit`` keeps the first ``limit`` samples in listing order. ``shard=(rank, world)`` keeps every
+    world-th of those from rank on (distributed evaluation: each image on exactly one process). There
+    is no shuffling, so ``Batch.indices`` index the returned sample list. Workers are not persistent.
     """
     samples = list_samples(root)
     if limit is not None:
         if limit < 1:
             raise DataError(f"limit must be a positive number of images, got {limit}")
         samples = samples[:limit]
+    rank, world = shard
+    samples = samples[rank::world]
     loader = DataLoader(
         ImageDataset(samples, transform),
         batch_size=batch_size,

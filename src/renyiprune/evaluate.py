@@ -15,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Batch, check_bad
+from .distributed import all_reduce_sum
 from .flops import count_gmacs
 from .patch import patch, share_parameters
 
@@ -154,6 +155,15 @@ def evaluate(
             correct5[name] += int(hit.any(dim=1).sum())
         images += n
     bar.close()
+    # Under torchrun each process saw its own shard: add up the counts (and the throughputs).
+    counts = all_reduce_sum(torch.tensor(
+        [images, skipped] + [correct1[k] for k in names] + [correct5[k] for k in names]
+        + [images / seconds[k] if seconds[k] > 0 else 0.0 for k in names], dtype=torch.float64))
+    images, skipped = int(counts[0]), int(counts[1])
+    k = len(names)
+    correct1 = {n: int(c) for n, c in zip(names, counts[2 : 2 + k].tolist(), strict=True)}
+    correct5 = {n: int(c) for n, c in zip(names, counts[2 + k : 2 + 2 * k].tolist(), strict=True)}
+    rates = dict(zip(names, counts[2 + 2 * k :].tolist(), strict=True))
     results = []
     for name in names:
         gmacs = count_gmacs(models[name])
@@ -164,7 +174,7 @@ def evaluate(
                 top5=100.0 * correct5[name] / max(images, 1),
                 images=images,
                 gmacs=gmacs,
-                images_per_s=images / seconds[name] if seconds[name] > 0 else 0.0,
+                images_per_s=rates[name],
                 skipped=skipped,
             )
         )

@@ -8,6 +8,7 @@ import sys
 
 from ..criteria import list_criteria
 from ..data import EvalTransform, make_loader
+from ..distributed import cleanup, init_distributed
 from ..entropy import parse_alpha
 from ..evaluate import PruneConfig, evaluate, parse_stages, pruned_view
 from ..policy import entry_config, load_policy, policy_entry
@@ -166,6 +167,15 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
     configs = configs_from_args(args)
+    dist_info = init_distributed(args.device)  # under torchrun: one shard of the images per process
+    args.device = dist_info.device
+    try:
+        return _run(args, configs, dist_info)
+    finally:
+        cleanup()
+
+
+def _run(args: argparse.Namespace, configs: list[PruneConfig], dist_info) -> int:
     model = common.load_model(args)
     cfg = model.pretrained_cfg
     transform = EvalTransform(
@@ -176,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
         std=cfg.std,
     )
     loader, samples = make_loader(
-        args.data, transform, batch_size=args.batch_size, workers=args.workers, limit=args.limit
+        args.data, transform, batch_size=args.batch_size, workers=args.workers, limit=args.limit,
+        shard=(dist_info.rank, dist_info.world_size),
     )
     depth = len(model.blocks)
     if any(i >= depth for i in args.locations):
@@ -190,8 +201,10 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         skip_bad=args.skip_bad,
         total=len(samples),
-        progress=not args.no_progress,
+        progress=not args.no_progress and dist_info.is_main,
     )
+    if not dist_info.is_main:
+        return 0
     if args.json:
         rows = [r.to_dict() for r in results]
         common.print_json(rows[0] if len(rows) == 1 else {"results": rows, "images": results[0].images})
