@@ -55,6 +55,26 @@ def check_windowed(model: nn.Module) -> None:
         )
 
 
+def check_token_layout(model: nn.Module) -> None:
+    """UnsupportedModelError unless the tokens are [CLS, patches]: one CLS token, a known patch count."""
+    name = type(model).__name__
+    if getattr(model, "cls_token", None) is None:
+        raise UnsupportedModelError(
+            f"renyiprune.patch cannot prune {name}: it has no CLS token (cls_token); pruning keeps the CLS "
+            "token and ranks the patches by attention"
+        )
+    prefix = getattr(model, "num_prefix_tokens", 1)
+    if prefix != 1:
+        raise UnsupportedModelError(
+            f"renyiprune.patch cannot prune {name}: it has {prefix} prefix tokens (CLS plus distillation or "
+            "register tokens); only a single CLS token is supported"
+        )
+    if not hasattr(getattr(model, "patch_embed", None), "num_patches"):
+        raise UnsupportedModelError(
+            f"renyiprune.patch cannot prune {name}: it has no patch_embed.num_patches"
+        )
+
+
 def check_model(model: nn.Module) -> Sequence[nn.Module]:
     """The blocks of a native (renyiprune-interface) ViT; UnsupportedModelError naming what is missing."""
     name = type(model).__name__
@@ -64,21 +84,7 @@ def check_model(model: nn.Module) -> Sequence[nn.Module]:
             f"renyiprune.patch cannot prune {name}: it has no 'blocks' list of transformer blocks "
             "(supported: renyiprune's VisionTransformer, Hugging Face ViT/DeiT, timm VisionTransformer)"
         )
-    if getattr(model, "cls_token", None) is None:
-        raise UnsupportedModelError(
-            f"renyiprune.patch cannot prune {name}: it has no CLS token (cls_token); pruning keeps the CLS "
-            "token and ranks the patches by attention"
-        )
-    if not hasattr(getattr(model, "patch_embed", None), "num_patches"):
-        raise UnsupportedModelError(
-            f"renyiprune.patch cannot prune {name}: it has no patch_embed.num_patches"
-        )
-    prefix = getattr(model, "num_prefix_tokens", 1)
-    if prefix != 1:
-        raise UnsupportedModelError(
-            f"renyiprune.patch cannot prune {name}: it has {prefix} prefix tokens (CLS plus distillation or "
-            "register tokens); only a single CLS token is supported"
-        )
+    check_token_layout(model)
     blocks = list(model.blocks)
     need = ("norm1", "attn", "norm2", "mlp")
     for i, b in enumerate(blocks):

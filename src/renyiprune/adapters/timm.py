@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from . import HostView, UnsupportedModelError, patch_with_adapter
+from . import HostView, UnsupportedModelError, check_token_layout, patch_with_adapter
 
 __all__ = ["handles", "patch"]
 
@@ -75,20 +75,7 @@ class _Block:
 
 def _check(model: nn.Module) -> list:
     name = type(model).__name__
-    if getattr(model, "cls_token", None) is None:
-        raise UnsupportedModelError(
-            f"renyiprune.patch cannot prune {name}: it has no CLS token (class_token=False)"
-        )
-    prefix = getattr(model, "num_prefix_tokens", 1)
-    if prefix != 1:
-        raise UnsupportedModelError(
-            f"renyiprune.patch cannot prune {name}: it has {prefix} prefix tokens (CLS plus distillation or "
-            "register tokens); only a single CLS token is supported"
-        )
-    if not hasattr(getattr(model, "patch_embed", None), "num_patches"):
-        raise UnsupportedModelError(
-            f"renyiprune.patch cannot prune {name}: it has no patch_embed.num_patches"
-        )
+    check_token_layout(model)
     blocks = list(model.blocks)
     for i, b in enumerate(blocks):
         att = getattr(b, "attn", None)
