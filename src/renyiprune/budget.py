@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .selection import keep_count
 
-__all__ = ["VitShape", "prune_counts", "tome_counts", "solve_keep_rate", "solve_tome_r"]
+__all__ = ["VitShape", "prune_counts", "tome_counts", "tome_schedule", "solve_keep_rate", "solve_tome_r"]
 
 Counts = list[tuple[int, int]]
 
@@ -109,12 +109,29 @@ def solve_keep_rate(shape: VitShape, budget: float, locations: Sequence[int], fu
     return math.floor(r * 1e6) / 1e6
 
 
-def solve_tome_r(shape: VitShape, budget: float) -> int:
-    """The smallest constant r (tokens merged per block) whose GMACs are <= budget × unpruned."""
+def tome_schedule(r: int | Sequence[int], schedule: str, depth: int) -> list[int]:
+    """Tokens merged after each block: constant r, an explicit list, or linearly decreasing 2r -> 0."""
+    if isinstance(r, (list, tuple)):
+        if len(r) != depth:
+            raise ValueError(f"r: got {len(r)} values for {depth} blocks")
+        out = [int(v) for v in r]
+    elif schedule == "constant":
+        out = [int(r)] * depth
+    elif schedule == "decreasing":
+        out = [round(2 * int(r) * (1 - i / (depth - 1))) if depth > 1 else int(r) for i in range(depth)]
+    else:
+        raise ValueError(f"schedule must be constant or decreasing, got {schedule!r}")
+    if any(v < 0 for v in out):
+        raise ValueError(f"r must be >= 0, got {out}")
+    return out
+
+
+def solve_tome_r(shape: VitShape, budget: float, schedule: str = "constant") -> int:
+    """The smallest r (tokens merged per block, or the schedule's mean) with GMACs <= budget × unpruned."""
     if not 0 < budget <= 1:
         raise ValueError(f"budget must be in (0, 1], got {budget}")
     target = budget * shape.gmacs(shape.unpruned())
     for r in range(0, shape.num_patches + 1):
-        if shape.gmacs(tome_counts(shape, [r] * shape.depth)) <= target:
+        if shape.gmacs(tome_counts(shape, tome_schedule(r, schedule, shape.depth))) <= target:
             return r
     raise ValueError(f"budget {budget} is below what merging can reach")

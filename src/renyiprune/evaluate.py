@@ -19,7 +19,7 @@ from .distributed import all_reduce_sum
 from .flops import count_gmacs
 from .patch import patch, share_parameters
 
-__all__ = ["PruneConfig", "EvalResult", "evaluate", "pruned_view", "parse_stages"]
+__all__ = ["PruneConfig", "EvalResult", "evaluate", "pruned_view", "patch_kwargs", "parse_stages"]
 
 
 def parse_stages(spec: str) -> tuple[list[str], list[float], tuple[int, ...]]:
@@ -67,9 +67,11 @@ class PruneConfig:
         if self.criterion in ("renyi", "hybrid"):
             text += f" a={self.alpha:g}"
         opts = dict(self.options)
-        text += "".join(f" {k}={v}" for k, v in opts.items() if k not in ("budget", "removed"))
+        text += "".join(f" {k}={v}" for k, v in opts.items() if k not in ("budget", "removed", "tokens"))
         if "budget" in opts:
             text += f" budget={opts['budget']:g}"
+        elif "tokens" in opts:
+            text += f" tokens={','.join(str(t) for t in opts['tokens'])}"
         elif self.criterion != "tome":
             text += f" r={self.keep_rate:g}"
         removed = opts.get("removed", "fuse" if self.fuse else "drop")
@@ -93,24 +95,28 @@ class EvalResult:
         return asdict(self)
 
 
+def patch_kwargs(config: PruneConfig) -> dict:
+    """The keyword arguments of ``renyiprune.patch`` that ``config`` stands for (empty: unpruned)."""
+    if config.criterion is None:
+        return {}
+    opts = dict(config.options)
+    if "tokens" in opts and isinstance(opts["tokens"], list):
+        opts["tokens"] = tuple(opts["tokens"])
+    if config.criterion == "tome":  # token merging: no criterion; r (or a budget) in the options
+        return {"method": "tome", **opts}
+    crit, alpha, locs = config.criterion, config.alpha, config.locations
+    if "@" in crit:
+        crit, alpha, locs = parse_stages(crit)
+    return dict(keep_rate=config.keep_rate, criterion=crit, alpha=alpha, locations=locs, fuse=config.fuse,
+                **opts)
+
+
 def pruned_view(model: nn.Module, config: PruneConfig) -> nn.Module:
     """A weight-sharing copy of ``model`` that prunes as ``config`` says; the original is untouched."""
     view = share_parameters(model)
-    if config.criterion == "tome":  # token merging: no criterion, r (or a budget) in the options
-        patch(view, method="tome", **dict(config.options))
-    elif config.criterion is not None:
-        crit, alpha, locs = config.criterion, config.alpha, config.locations
-        if "@" in crit:
-            crit, alpha, locs = parse_stages(crit)
-        patch(
-            view,
-            keep_rate=config.keep_rate,
-            criterion=crit,
-            alpha=alpha,
-            locations=locs,
-            fuse=config.fuse,
-            **dict(config.options),
-        )
+    kwargs = patch_kwargs(config)
+    if kwargs:
+        patch(view, **kwargs)
     return view
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adapters import check_model, find_adapter
+from .budget import tome_schedule
 from .criteria import (
     CRITERIA,
     AttentionContext,
@@ -44,6 +45,11 @@ class StageConfig:
     keep_rate: float
     criterion: Criterion
     name: str
+    tokens: int | None = None  # patches kept, instead of a rate
+
+    def keep(self, n: int) -> int:
+        """Patches kept out of ``n``."""
+        return min(n, self.tokens) if self.tokens is not None else keep_count(n, self.keep_rate)
 
 
 @dataclass
@@ -104,7 +110,8 @@ class PruneState:
         if self.method == "tome":
             ent = f" entropy_weight={self.entropy_weight:g}" if self.entropy_weight else ""
             return f"tome r={self.merge_r}{ent}"
-        parts = [f"{s.name}@{s.location}:{s.keep_rate:g}" for s in self.stages]
+        parts = [f"{s.name}@{s.location}:{s.tokens if s.tokens is not None else f'{s.keep_rate:g}'}"
+                 for s in self.stages]
         return " ".join(parts) + ("" if self.removed == "drop" else f" +{self.removed}")
 
 
@@ -156,7 +163,7 @@ class _PruningBlock:
             bias=state.key_bias(),
         )
         x = x + self.drop_path1(y)
-        k = keep_count(n, cfg.keep_rate)
+        k = cfg.keep(n)
         if state.removed == "merge":
             kept = top_k_sorted(scores, k)
             x, state.size = merge_into_kept(x, state.sizes(x), keys.mean(dim=1), kept, n)
@@ -268,6 +275,7 @@ def patch(
     r: int | Sequence[int] = 16,
     schedule: str = "constant",
     budget: float | None = None,
+    tokens: int | Sequence[int] | None = None,
     **criterion_options,
 ) -> nn.Module:
     """Make ``model`` reduce its tokens in place and return it.
@@ -281,7 +289,9 @@ def patch(
     token, with proportional attention afterwards).
     ``method="tome"``: ToMe's bipartite soft matching merges ``r`` tokens after every block (an int,
     one int per block, or ``schedule="decreasing"``: 2r at the first block down to 0 at the last).
-    ``budget=F`` solves the keep rate (prune) or r (tome) for the largest GMACs <= F x unpruned.
+    ``tokens``: patches kept at each location (one int or one per location) instead of a keep rate.
+    ``budget=F`` solves the keep rate (prune) or r (tome) for the largest GMACs <= F x unpruned;
+    with ``criterion="best"`` the shipped policy's method for the nearest tuned budget is used.
     Patching a patched model reconfigures it.
     """
     adapter = find_adapter(model)
@@ -289,7 +299,7 @@ def patch(
         return adapter(
             model, patch, keep_rate=keep_rate, criterion=criterion, alpha=alpha, locations=locations,
             fuse=fuse, removed=removed, method=method, r=r, schedule=schedule, budget=budget,
-            **criterion_options,
+            **({"tokens": tokens} if tokens is not None else {}), **criterion_options,
         )  # fmt: skip
     if method not in ("prune", "tome"):
         raise ValueError(f"method must be 'prune' or 'tome', got {method!r}")
@@ -297,13 +307,19 @@ def patch(
     if removed not in ("drop", "fuse", "merge"):
         raise ValueError(f"removed must be drop, fuse or merge, got {removed!r}")
     blocks = _check_model(model)
+    if budget is not None and tokens is not None:
+        raise ValueError("pass either budget or tokens, not both")
+    if criterion == "best" and budget is not None and method == "prune":
+        tuned = _best_for_budget(model, budget)
+        if tuned is not None:  # the policy chose a method for this budget (pruning, merging or ToMe)
+            return patch(model, **{**tuned, **criterion_options, "budget": budget})
     if budget is not None:
         keep_rate, r = _solve_budget(model, budget, method, locations, removed, schedule)
     if method == "tome":
         weight = float(criterion_options.pop("entropy_weight", 0.0))
         if criterion_options:
             raise ValueError(f"method tome takes no option {', '.join(sorted(criterion_options))}")
-        merge_r = _tome_schedule(r, schedule, len(blocks))
+        merge_r = tome_schedule(r, schedule, len(blocks))
         return _patch_tome(model, blocks, merge_r, weight, check_alpha(_first(alpha)))
     if isinstance(criterion, str) and criterion == "best":  # the shipped tuned policy's choice
         criterion, alpha, locations, criterion_options = _resolve_best(
@@ -317,17 +333,22 @@ def patch(
     if locs != sorted(set(locs)):
         raise ValueError(f"locations must be increasing and distinct, got {locs}")
     rates = [check_keep_rate(r) for r in _per_stage(keep_rate, len(locs), "keep_rate")]
+    counts = [None] * len(locs)
+    if tokens is not None:
+        counts = [int(t) for t in _per_stage(tokens, len(locs), "tokens")]
+        if any(t < 1 for t in counts):
+            raise ValueError(f"tokens must be >= 1 patch per location, got {counts}")
     crits = _per_stage(criterion, len(locs), "criterion")
     alphas = _per_stage(alpha, len(locs), "alpha")
     stages = []
-    for loc, r, c, a in zip(locs, rates, crits, alphas, strict=True):
+    for loc, r, c, a, t in zip(locs, rates, crits, alphas, counts, strict=True):
         opts = dict(criterion_options)
         if not callable(c) and "alpha" in _options_of(c):
             opts["alpha"] = a
         name = getattr(c, "__name__", "custom") if callable(c) else c
         if "alpha" in opts:
             name = f"{name}(a={a:g})"
-        stages.append(StageConfig(loc, r, make_criterion(c, **opts), name))
+        stages.append(StageConfig(loc, r, make_criterion(c, **opts), name, tokens=t))
     state = PruneState(stages=stages, fuse=removed == "fuse", removed=removed)
     _attach(model, state)
     for si, loc in enumerate(locs):
@@ -350,23 +371,6 @@ def _swap(block: nn.Module, mixin: type, state: PruneState) -> None:
     state.original_classes[id(block)] = block.__class__
     block.__class__ = _subclass(mixin, block.__class__)
     block._renyiprune = state
-
-
-def _tome_schedule(r: int | Sequence[int], schedule: str, depth: int) -> list[int]:
-    """Tokens merged after each block: constant r, an explicit list, or linearly decreasing 2r -> 0."""
-    if isinstance(r, (list, tuple)):
-        if len(r) != depth:
-            raise ValueError(f"r: got {len(r)} values for {depth} blocks")
-        out = [int(v) for v in r]
-    elif schedule == "constant":
-        out = [int(r)] * depth
-    elif schedule == "decreasing":
-        out = [round(2 * int(r) * (1 - i / (depth - 1))) if depth > 1 else int(r) for i in range(depth)]
-    else:
-        raise ValueError(f"schedule must be constant or decreasing, got {schedule!r}")
-    if any(v < 0 for v in out):
-        raise ValueError(f"r must be >= 0, got {out}")
-    return out
 
 
 def _first(value):
@@ -393,10 +397,20 @@ def _solve_budget(model, budget: float, method: str, locations, removed: str, sc
 
     shape = VitShape.of(model)
     if method == "tome":
-        if schedule != "constant":
-            raise ValueError("budget solving supports the constant ToMe schedule")
-        return None, solve_tome_r(shape, budget)
+        return None, solve_tome_r(shape, budget, schedule)
     return solve_keep_rate(shape, budget, tuple(locations), fuse=removed == "fuse"), None
+
+
+def _model_name(model: nn.Module) -> str:
+    return getattr(getattr(model, "pretrained_cfg", None), "name", "deit_tiny_patch16_224")
+
+
+def _best_for_budget(model: nn.Module, budget: float) -> dict | None:
+    """criterion="best" with a budget: patch() arguments of the policy's choice at the nearest tuned
+    budget; None when the policy was tuned per keep rate only."""
+    from .policy import resolve_budget
+
+    return resolve_budget(float(budget), _model_name(model))
 
 
 def _resolve_best(model: nn.Module, keep_rate, locations, options: dict) -> tuple:
@@ -407,8 +421,7 @@ def _resolve_best(model: nn.Module, keep_rate, locations, options: dict) -> tupl
 
     if isinstance(keep_rate, (list, tuple)):
         raise ValueError('criterion="best" takes one keep_rate')
-    name = getattr(getattr(model, "pretrained_cfg", None), "name", "deit_tiny_patch16_224")
-    crit, alpha, tuned = resolve_best(float(keep_rate), name)
+    crit, alpha, tuned = resolve_best(float(keep_rate), _model_name(model))
     if "@" in crit:
         crit, alpha, locations = parse_stages(crit)
     return crit, alpha, locations, {**tuned, **options}

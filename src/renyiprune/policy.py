@@ -19,16 +19,37 @@ from .sweep import config_to_dict
 
 __all__ = [
     "POLICY_DIR",
+    "DEFAULT_BUDGET_CANDIDATES",
     "is_calibration",
     "split_samples",
     "load_policy",
     "policy_entry",
     "entry_config",
     "resolve_best",
+    "resolve_budget",
+    "budget_entry",
     "choose",
 ]
 
 POLICY_DIR = Path(__file__).resolve().parent / "policies"
+
+# What ``tune-budget`` chooses from at each compute budget: ToMe and its entropy-aware variants,
+# and pruning whose removed tokens are merged, fused or dropped (sweep spec syntax).
+DEFAULT_BUDGET_CANDIDATES = (
+    "tome",
+    "tome[schedule=decreasing]",
+    "tome[entropy_weight=0.02;alpha=1]",
+    "tome[entropy_weight=0.05;alpha=1]",
+    "tome[entropy_weight=0.1;alpha=1]",
+    "tome[entropy_weight=0.05;alpha=2]",
+    "tome[entropy_weight=0.05;alpha=inf]",
+    "tome[schedule=decreasing;entropy_weight=0.05;alpha=1]",
+    "evit[removed=merge]",
+    "headvar[removed=merge]",
+    "renyi:2[removed=merge]",
+    "renyi:2@3+evit@6+evit@9[removed=merge]",
+    "evit[removed=fuse]",
+)
 
 
 def is_calibration(path: str | Path) -> bool:
@@ -50,14 +71,16 @@ def load_policy(path: str | Path | None = None, model: str = "deit_tiny_patch16_
         shipped = ", ".join(sorted(f.stem for f in POLICY_DIR.glob("*.json"))) or "none"
         raise FileNotFoundError(f"no pruning policy {p} (shipped: {shipped}); run renyiprune tune-alpha")
     policy = json.loads(p.read_text())
-    if not policy.get("keep"):
-        raise ValueError(f"policy {p} has no keep rates")
+    if not policy.get("keep") and not policy.get("budget"):
+        raise ValueError(f"policy {p} has neither keep rates nor budgets")
     return policy
 
 
 def policy_entry(policy: dict, keep_rate: float, criterion: str | None = None) -> dict:
     """The policy's setting at the nearest tuned keep rate: the best overall, or for ``criterion``."""
-    keeps = {float(k): v for k, v in policy["keep"].items()}
+    keeps = {float(k): v for k, v in policy.get("keep", {}).items()}
+    if not keeps:
+        raise ValueError("the policy has no keep-rate section; use budget= with criterion 'best'")
     k = min(keeps, key=lambda x: (abs(x - keep_rate), x))
     entry = keeps[k]
     if criterion is None:
@@ -88,6 +111,32 @@ def resolve_best(
     return e["criterion"], float(e.get("alpha", 1.0)), dict(e.get("options", {}))
 
 
+def budget_entry(policy: dict, budget: float) -> dict | None:
+    """The policy's choice at the tuned budget nearest ``budget``; None if it has no budget section."""
+    budgets = {float(k): v for k, v in policy.get("budget", {}).items()}
+    if not budgets:
+        return None
+    f = min(budgets, key=lambda x: (abs(x - budget), x))
+    return budgets[f]["best"]
+
+
+def resolve_budget(
+    budget: float, model: str = "deit_tiny_patch16_224", path: str | Path | None = None
+) -> dict | None:
+    """``patch()`` arguments (method, criterion, removed, schedule, ...) the policy chose for the
+    budget nearest ``budget``, without the budget itself; None if the policy has no budget section."""
+    from .evaluate import patch_kwargs
+    from .sweep import config_from_dict
+
+    entry = budget_entry(load_policy(path, model), float(budget))
+    if entry is None:
+        return None
+    kwargs = patch_kwargs(config_from_dict(entry["config"]))
+    for k in ("budget", "keep_rate"):
+        kwargs.pop(k, None)
+    return kwargs
+
+
 def _setting(record: dict) -> dict:
     c = record["config"]
     a = float(c["alpha"])
@@ -96,6 +145,7 @@ def _setting(record: dict) -> dict:
         "alpha": "inf" if math.isinf(a) else a,
         "options": dict(c.get("options", {})),
         "label": record["label"],
+        "config": c,
         "calibration_top1": record["top1"],
         "gmacs": record["gmacs"],
     }

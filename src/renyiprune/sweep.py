@@ -79,13 +79,14 @@ def config_to_dict(c: PruneConfig) -> dict:
 
 def config_from_dict(d: dict) -> SweepConfig:
     """Inverse of ``config_to_dict``."""
+    opts = {k: tuple(v) if isinstance(v, list) else v for k, v in d.get("options", {}).items()}
     return SweepConfig(
         criterion=d["criterion"],
         keep_rate=float(d["keep_rate"]),
         alpha=float(d["alpha"]),
         locations=tuple(int(i) for i in d["locations"]),
         fuse=bool(d["fuse"]),
-        options=tuple(sorted(d.get("options", {}).items())),
+        options=tuple(sorted(opts.items())),
         budget=bool(d.get("budget", False)),
     )
 
@@ -94,6 +95,8 @@ def first_location(config: PruneConfig, depth: int) -> int:
     """The first pruning block of ``config`` (``depth`` for the unpruned model)."""
     if config.criterion is None:
         return depth
+    if config.criterion == "tome":
+        return 0
     locs = parse_stages(config.criterion)[2] if "@" in config.criterion else config.locations
     return min(locs) if locs else depth
 

@@ -7,7 +7,7 @@ import io
 import math
 from collections.abc import Sequence
 
-__all__ = ["row_name", "group_name", "to_csv", "markdown_tables", "best_per_keep"]
+__all__ = ["row_name", "column_of", "group_name", "to_csv", "markdown_tables", "best_per_keep"]
 
 CSV_FIELDS = [
     "label", "criterion", "alpha", "keep_rate", "fuse", "locations", "options", "budget",
@@ -28,12 +28,23 @@ def row_name(config: dict) -> str:
     text = crit
     if crit == "renyi" or (crit == "hybrid" and config.get("options", {}).get("base", "renyi") == "renyi"):
         text += f" α={_alpha_text(config['alpha'])}"
-    text += "".join(f" {k}={v}" for k, v in sorted(config.get("options", {}).items()))
+    opts = config.get("options", {})
+    text += "".join(f" {k}={v}" for k, v in sorted(opts.items()) if k != "budget")
+    if "budget" in opts and crit != "tome" and "removed" not in opts:
+        text += " +fuse" if config.get("fuse") else " drop"
     return text + (" (budget)" if config.get("budget") else "")
 
 
+def column_of(config: dict) -> float:
+    """The table column of a config: its compute budget F if it has one, else its keep rate."""
+    opts = config.get("options", {})
+    return float(opts["budget"]) if "budget" in opts else float(config["keep_rate"])
+
+
 def group_name(config: dict) -> str:
-    """What a table holds: fusion and pruning locations."""
+    """What a table holds: fusion and pruning locations, or all methods at compute budgets."""
+    if "budget" in config.get("options", {}):
+        return "all methods at compute budgets F (GMACs <= F x unpruned)"
     locs = ",".join(str(i) for i in config.get("locations", []))
     return f"{'with' if config.get('fuse') else 'without'} fusion, locations {locs}"
 
@@ -66,13 +77,13 @@ def to_csv(records: Sequence[dict]) -> str:
 
 
 def best_per_keep(records: Sequence[dict]) -> dict[float, dict]:
-    """The highest-top-1 pruned record at each keep rate."""
+    """The highest-top-1 pruned record at each keep rate (or budget)."""
     best: dict[float, dict] = {}
     for r in records:
         c = r["config"]
         if c["criterion"] is None:
             continue
-        k = float(c["keep_rate"])
+        k = column_of(c)
         if k not in best or r["top1"] > best[k]["top1"]:
             best[k] = r
     return best
@@ -87,12 +98,13 @@ def markdown_tables(records: Sequence[dict]) -> str:
             groups.setdefault(group_name(r["config"]), []).append(r)
     out = []
     for title, recs in groups.items():
-        keeps = sorted({float(r["config"]["keep_rate"]) for r in recs})
+        keeps = sorted({column_of(r["config"]) for r in recs})
         rows = list(dict.fromkeys(row_name(r["config"]) for r in recs))
-        cell = {(row_name(r["config"]), float(r["config"]["keep_rate"])): r for r in recs}
+        cell = {(row_name(r["config"]), column_of(r["config"])): r for r in recs}
+        col = "budget" if "budget" in recs[0]["config"].get("options", {}) else "keep"
         best = best_per_keep(recs)
         out.append(f"**{title.capitalize()}** ({recs[0]['images']} images; cells: top-1 % / GMACs)\n")
-        out.append("| criterion | " + " | ".join(f"keep {k:g}" for k in keeps) + " |")
+        out.append("| criterion | " + " | ".join(f"{col} {k:g}" for k in keeps) + " |")
         out.append("|---|" + "---:|" * len(keeps))
         for u in unpruned[:1]:
             txt = f"{u['top1']:.2f} / {u['gmacs']:.3f}"

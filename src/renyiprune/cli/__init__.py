@@ -14,9 +14,10 @@ from . import export as export_cmd
 from . import sweep as sweep_cmd
 from . import train as train_cmd
 from . import tune as tune_cmd
+from . import tune_budget as tune_budget_cmd
 from . import visualize as visualize_cmd
 
-COMMANDS = [bench_cmd, eval_cmd, sweep_cmd, tune_cmd, visualize_cmd, train_cmd, download_cmd]
+COMMANDS = [bench_cmd, eval_cmd, sweep_cmd, tune_cmd, tune_budget_cmd, visualize_cmd, train_cmd, download_cmd]
 COMMANDS += [export_cmd, convert_cmd]
 
 

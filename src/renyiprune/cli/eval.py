@@ -62,6 +62,9 @@ def add_parser(sub) -> None:
                    help="tuned policy JSON for --alpha auto / --criterion best (default: the one shipped)")
     p.add_argument("--keep", type=common.keep_rates, default=[0.7], help="keep rate(s) in (0, 1]")
     p.add_argument("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
+    counts = common._typed(lambda t: tuple(int(v) for v in t.split(",")), "token counts")
+    p.add_argument("--tokens", type=counts, default=None,
+                   help="patches kept at each location (one count, or one per location), instead of --keep")
     p.add_argument("--fuse", action="store_true", help="fuse pruned tokens into one extra token (EViT)")
     p.add_argument("--removed", choices=["drop", "fuse", "merge"], default=None,
                    help="what happens to pruned tokens: drop, fuse (= --fuse) or merge into the most "
@@ -120,6 +123,15 @@ def configs_from_args(args: argparse.Namespace) -> list[PruneConfig]:
             opts = (("seed", args.seed),)
         if args.removed is not None:
             opts += (("removed", args.removed),)
+        if args.tokens is not None:
+            if args.budget is not None:
+                raise ValueError("--tokens and --budget both set the schedule; pass one")
+            if len(args.tokens) not in (1, len(args.locations)):
+                raise ValueError(f"--tokens: {len(args.tokens)} counts for {len(args.locations)} locations")
+            counts = args.tokens * len(args.locations) if len(args.tokens) == 1 else args.tokens
+            configs.append(PruneConfig(crit, 1.0, args.alpha[0] if crit in ("renyi", "hybrid") else 1.0,
+                                       tuple(args.locations), args.fuse, opts + (("tokens", counts),)))
+            continue
         alphas = args.alpha if crit in ("renyi", "hybrid") else [1.0]
         keeps = args.keep if args.budget is None else [(None, f) for f in args.budget]
         for a, r in itertools.product(alphas, keeps):

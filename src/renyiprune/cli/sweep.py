@@ -65,35 +65,65 @@ def add_parser(sub) -> None:
         help=f"comma list of {', '.join(list_criteria())}; renyi:2 = one alpha; hybrid[base=headvar] = "
         "with options (k=v;k=v); per-stage: renyi:2@3+evit@6+evit@9",
     )
-    p.add_argument("--budget", type=common.names, default=[], help="criteria also run in budget mode")
+    p.add_argument("--budget", type=common.names, default=[],
+                   help="criteria also run in per-image adaptive keep mode (keep rates calibrated per image)")
+    p.add_argument("--budgets", type=common.keep_rates, default=None,
+                   help="compute budgets F in (0, 1] instead of keep rates: each method's keep rate / r is "
+                   "solved for GMACs <= F x unpruned; add tome (tome[schedule=decreasing], "
+                   "tome[entropy_weight=0.05;alpha=1]) and merging (evit[removed=merge]) to --criteria")
     p.add_argument("--no-unpruned", action="store_true", help="leave out the unpruned reference")
     p.add_argument("--out", type=Path, required=True, help="output folder (results.jsonl is resumed)")
     p.set_defaults(run=run)
 
 
+def parse_spec(spec: str, alphas) -> tuple[str, list[float], dict]:
+    """'renyi:2[removed=merge]' -> ('renyi', [2.0], {'removed': 'merge'}): the criterion (or tome, or a
+    per-stage spec), the orders it is crossed with (``alphas`` where it takes one), fixed options."""
+    crit, extra = spec, {}
+    if "[" in crit and crit.endswith("]"):  # 'hybrid[base=headvar]': fixed criterion options
+        crit, _, inner = crit[:-1].partition("[")
+        extra = parse_options(inner)
+    tuned = crit in TUNED and extra.get("base", "renyi") == "renyi"
+    alphas = list(alphas) if tuned else [1.0]
+    if "@" in crit:
+        parse_stages(crit)
+    elif ":" in crit:  # 'hybrid:2': this criterion at one alpha only
+        crit, a = crit.split(":", 1)
+        alphas = [parse_alpha(a)]
+    if crit == "tome":
+        if "alpha" in extra:  # entropy-aware ToMe: its order is an option
+            extra["alpha"] = float(parse_alpha(str(extra["alpha"])))
+        return crit, [1.0], extra
+    if "@" not in crit and crit not in list_criteria():
+        raise ValueError(f"unknown criterion {crit!r}; known: tome, {', '.join(list_criteria())}")
+    return crit, alphas, extra
+
+
 def build_configs(args: argparse.Namespace, criteria, budget=()) -> list[SweepConfig]:
-    """Cross criteria (alphas, lambdas where they apply) with keep rates and fusion settings."""
+    """Cross criteria (alphas, lambdas where they apply) with keep rates (or compute budgets) and fusion."""
     configs = []
     locs = tuple(args.locations)
-    for fuse, (crit, is_budget) in itertools.product(
+    budgets = getattr(args, "budgets", None) or []
+    for fuse, (spec, is_budget) in itertools.product(
         args.fuse, [(c, False) for c in criteria] + [(c, True) for c in budget]
     ):
-        extra: dict = {}
-        if "[" in crit and crit.endswith("]"):  # 'hybrid[base=headvar]': fixed criterion options
-            crit, _, inner = crit[:-1].partition("[")
-            extra = parse_options(inner)
-        alphas = args.alphas if crit in TUNED and extra.get("base", "renyi") == "renyi" else [1.0]
-        if "@" in crit:
-            parse_stages(crit)
-        elif ":" in crit:  # 'hybrid:2': this criterion at one alpha only
-            crit, a = crit.split(":", 1)
-            alphas = [parse_alpha(a)]
-        if "@" not in crit and crit not in list_criteria():
-            raise ValueError(f"unknown criterion {crit!r}; known: {', '.join(list_criteria())}")
+        crit, alphas, extra = parse_spec(spec, args.alphas)
+        if crit == "tome":
+            if budgets:  # ToMe does not fuse: one config per budget whatever --fuse says
+                configs += [SweepConfig("tome", 1.0, 1.0, (), False,
+                                        tuple(sorted({**extra, "budget": f}.items()))) for f in budgets]
+            elif "r" in extra:
+                configs.append(SweepConfig("tome", 1.0, 1.0, (), False, tuple(sorted(extra.items()))))
+            else:
+                raise ValueError("tome in a sweep needs --budgets or an r: tome[r=16]")
+            continue
         lams = args.lambdas if crit == "hybrid" else [None]
-        for a, lam, r in itertools.product(alphas, lams, args.keep):
-            opts = tuple(sorted({**extra, **({"lam": float(lam)} if lam is not None else {})}.items()))
-            configs.append(SweepConfig(crit, r, a, locs, fuse, opts, budget=is_budget))
+        points = [(r, None) for r in args.keep] if not budgets or is_budget else [(1.0, f) for f in budgets]
+        for a, lam, (r, f) in itertools.product(alphas, lams, points):
+            opts = {**extra, **({"lam": float(lam)} if lam is not None else {})}
+            if f is not None:
+                opts["budget"] = f
+            configs.append(SweepConfig(crit, r, a, locs, fuse, tuple(sorted(opts.items())), budget=is_budget))
     return list(dict.fromkeys(configs))
 
 

@@ -1,0 +1,120 @@
+"""``renyiprune tune-budget``: choose a token-reduction method per compute budget on a calibration half.
+
+Every candidate (pruning with drop / fuse / merge, ToMe and its entropy-aware variants, schedules)
+runs at each budget F, its keep rate or r solved for GMACs <= F x unpruned, on the calibration half
+only (``policy.split_samples``). The best per budget goes into the policy's ``budget`` section, which
+``patch(model, criterion="best", budget=F)`` and ``eval --criterion best --budget F`` use. Then the
+chosen methods and plain ToMe (the baseline to beat) run on the evaluation half, which the choice
+never sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..data import list_samples
+from ..policy import DEFAULT_BUDGET_CANDIDATES, POLICY_DIR, choose, split_samples
+from ..sweep import SweepConfig, config_from_dict
+from . import common
+from .sweep import build_configs, sweep_samples
+
+REFERENCE = "tome"  # ToMe, constant r: what users pick today
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "tune-budget",
+        help="choose the best token-reduction method per compute budget on a calibration half",
+        description="Split the images by a hash of the file name; evaluate every candidate method at every "
+        "budget on the calibration half, pick the best per budget, evaluate it against ToMe on the "
+        "evaluation half and write the policy's budget section.",
+    )
+    common.add_model_args(p)
+    p.add_argument("--data", type=common.existing_path, required=True, help="labels.tsv folder / ImageFolder")
+    p.add_argument("--budgets", type=common.keep_rates, default=[0.9, 0.75, 0.65, 0.5],
+                   help="compute budgets F in (0, 1]: GMACs <= F x unpruned")
+    p.add_argument("--candidates", type=common.names, default=list(DEFAULT_BUDGET_CANDIDATES),
+                   help="comma list of method specs: tome, tome[schedule=decreasing], "
+                   "tome[entropy_weight=0.05;alpha=1], evit[removed=merge], renyi:2[removed=fuse], ...")
+    p.add_argument("--locations", type=common.locations, default=(3, 6, 9), help="pruning blocks (0-based)")
+    p.add_argument("--report-all", action="store_true",
+                   help="also run every candidate on the evaluation half (for reports; the choice is made "
+                   "before, on the calibration half)")
+    p.add_argument("--base-policy", type=common.existing_path, default=None,
+                   help="policy whose keep-rate section is kept (default: the one shipped for --model)")
+    p.add_argument("--limit", type=int, default=None, help="first N images in listing order")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (decoding)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", type=Path, required=True, help="work folder (calibration/evaluation jsonl)")
+    p.add_argument("--policy-out", type=Path, default=None, help="policy JSON (default OUT/policy.json)")
+    p.set_defaults(run=run)
+
+
+def _configs(args: argparse.Namespace, specs) -> list[SweepConfig]:
+    ns = argparse.Namespace(fuse=[False], locations=args.locations, budgets=args.budgets, keep=[1.0],
+                            alphas=[1.0], lambdas=[0.5])  # fmt: skip
+    return build_configs(ns, specs)
+
+
+def _budget(c: SweepConfig) -> float:
+    return float(dict(c.options)["budget"])
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be >= 1")
+    candidates = _configs(args, args.candidates)
+    refs = _configs(args, [REFERENCE])
+    samples = list_samples(args.data)[: args.limit]
+    calib, evals = split_samples(samples)
+    if not calib or not evals:
+        raise ValueError(f"{len(samples)} images split into {len(calib)} + {len(evals)}; need both halves")
+    base_path = args.base_policy or POLICY_DIR / f"{args.model}.json"
+    policy = json.loads(Path(base_path).read_text()) if Path(base_path).is_file() else {"model": args.model}
+    model = common.load_model(args)
+
+    configs = list(dict.fromkeys(candidates + refs))
+    records, _ = sweep_samples(args, calib, configs, args.out / "calibration.jsonl", "calibration", model)
+    cal = dict(zip(configs, records, strict=True))
+    chosen = {}
+    for f in args.budgets:
+        entry = choose([cal[c] for c in candidates if _budget(c) == f])
+        ref = next(c for c in refs if _budget(c) == f)
+        entry["reference"] = {"tome": {"calibration_top1": cal[ref]["top1"], "gmacs": cal[ref]["gmacs"]}}
+        chosen[f] = entry
+
+    # Only now is the evaluation half read.
+    picked = {f: config_from_dict(e["best"]["config"]) for f, e in chosen.items()}
+    todo = list(picked.values()) + refs + (candidates if args.report_all else [])
+    todo = list(dict.fromkeys(todo))
+    records, _ = sweep_samples(args, evals, todo, args.out / "evaluation.jsonl", "evaluation", model)
+    ev = dict(zip(todo, records, strict=True))
+    rows = []
+    for f, entry in chosen.items():
+        best = entry["best"]
+        best["evaluation_top1"] = ev[picked[f]]["top1"]
+        ref = next(c for c in refs if _budget(c) == f)
+        entry["reference"]["tome"].update(evaluation_top1=ev[ref]["top1"], gmacs=ev[ref]["gmacs"])
+        if args.report_all:
+            entry["evaluation"] = {ev[c]["label"]: ev[c]["top1"] for c in candidates if _budget(c) == f}
+        t = entry["reference"]["tome"]
+        rows.append([
+            f"{f:g}", best["label"], f"{best['calibration_top1']:.2f}", f"{t['calibration_top1']:.2f}",
+            f"{best['evaluation_top1']:.2f}", f"{t['evaluation_top1']:.2f}",
+            f"{best['evaluation_top1'] - t['evaluation_top1']:+.2f}", f"{best['gmacs'] / t['gmacs']:.3f}",
+        ])  # fmt: skip
+    policy["budget_candidates"] = list(args.candidates)
+    policy["budget_split"] = {"calibration_images": len(calib), "evaluation_images": len(evals)}
+    policy["budget"] = {f"{f:g}": e for f, e in chosen.items()}
+    out = args.policy_out or args.out / "policy.json"
+    common.atomic_write_text(out, json.dumps(policy, indent=2, allow_nan=False) + "\n")
+    headers = ["budget", "chosen (calibration)", "cal top-1", "cal ToMe", "eval top-1", "eval ToMe",
+               "Δ vs ToMe", "GMACs/ToMe"]  # fmt: skip
+    print(f"{len(calib)} calibration / {len(evals)} evaluation images; {len(candidates)} candidate configs")
+    print(common.format_table(headers, rows))
+    print(f"policy written to {out}")
+    return 0

@@ -1,0 +1,188 @@
+"""Compute budgets across methods: token-count schedules, sweep --budgets, the policy's budget section,
+patch(criterion="best", budget=F) and tune-budget's calibration-only choice."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+import renyiprune as rp
+from renyiprune import data as data_mod
+from renyiprune import policy as policy_mod
+from renyiprune.budget import VitShape, solve_tome_r, tome_counts, tome_schedule
+from renyiprune.cli import build_parser, main
+from renyiprune.cli.sweep import build_configs
+from renyiprune.evaluate import PruneConfig, patch_kwargs, pruned_view
+from renyiprune.model import VisionTransformer
+from renyiprune.policy import is_calibration, load_policy, resolve_budget, split_samples
+from renyiprune.sweep import build_cache, first_location, run_view
+from renyiprune.tables import markdown_tables
+
+
+def small_vit():
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=64, patch_size=8, embed_dim=48, depth=6, num_heads=3, num_classes=10)
+    return m.eval()
+
+
+def test_token_counts_per_location_are_kept_exactly():
+    m = small_vit()
+    x = torch.randn(2, 3, 64, 64)
+    rp.patch(m, criterion="evit", locations=(1, 3, 5), tokens=(40, 17, 17))
+    with torch.no_grad():
+        m(x)
+    assert [r.kept.shape[1] for r in m.renyiprune.records] == [40, 17, 17]
+    # A count above what is left keeps everything; the same as the equivalent keep rates.
+    rp.patch(m, criterion="evit", locations=(1, 3), tokens=(32, 100))
+    with torch.no_grad():
+        a = m(x)
+        assert [r.kept.shape[1] for r in m.renyiprune.records] == [32, 32]
+        rp.patch(m, criterion="evit", locations=(1, 3), keep_rate=(0.5, 1.0))
+        b = m(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_every_block_schedule_with_merge_and_token_errors():
+    m = small_vit()
+    counts = [60, 52, 44, 36, 28, 20]
+    rp.patch(m, criterion="renyi", alpha=2, locations=range(6), tokens=counts, removed="merge")
+    with torch.no_grad():
+        out = m(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, 10) and torch.isfinite(out).all()
+    assert [r.kept.shape[1] for r in m.renyiprune.records] == [60, 52, 44, 36, 28, 20]
+    assert float(m.renyiprune.size.sum()) == 65  # every patch (and CLS) is in exactly one token
+    with pytest.raises(ValueError, match="tokens must be >= 1"):
+        rp.patch(m, locations=(1,), tokens=0)
+    with pytest.raises(ValueError, match="either budget or tokens"):
+        rp.patch(m, locations=(1,), tokens=5, budget=0.5)
+    with pytest.raises(ValueError, match="2 values for 3"):
+        rp.patch(m, locations=(1, 2, 3), tokens=[5, 4])
+
+
+def test_decreasing_tome_budget_is_the_smallest_r_that_fits():
+    shape = VitShape.of(rp.create_model("deit_tiny_patch16_224"))
+    full = shape.gmacs(shape.unpruned())
+    for f in (0.75, 0.5):
+        r = solve_tome_r(shape, f, "decreasing")
+        assert shape.gmacs(tome_counts(shape, tome_schedule(r, "decreasing", 12))) <= f * full
+        assert shape.gmacs(tome_counts(shape, tome_schedule(r - 1, "decreasing", 12))) > f * full
+    m = rp.create_model("deit_tiny_patch16_224")
+    rp.patch(m, method="tome", schedule="decreasing", budget=0.5)
+    assert m.renyiprune.merge_r[0] > m.renyiprune.merge_r[-1]
+    assert rp.count_gmacs(m) <= 0.505 * full
+
+
+def test_sweep_budgets_build_tome_and_pruning_configs():
+    ns = argparse.Namespace(fuse=[False], locations=(3, 6, 9), budgets=[0.65, 0.5], keep=[0.7], alphas=[2.0],
+                            lambdas=[0.5])  # fmt: skip
+    cfgs = build_configs(ns, ["tome", "tome[entropy_weight=0.05;alpha=inf]", "evit[removed=merge]", "renyi"])
+    got = {(c.criterion, c.alpha, c.options) for c in cfgs}
+    assert ("tome", 1.0, (("budget", 0.5),)) in got
+    assert ("tome", 1.0, (("alpha", float("inf")), ("budget", 0.65), ("entropy_weight", 0.05))) in got
+    assert ("evit", 1.0, (("budget", 0.5), ("removed", "merge"))) in got
+    assert ("renyi", 2.0, (("budget", 0.65),)) in got and len(cfgs) == 8
+    assert first_location(cfgs[0], 12) == 0 and first_location(cfgs[-1], 12) == 3
+    records = [{"config": {"criterion": c.criterion, "alpha": c.alpha, "keep_rate": 1.0, "fuse": False,
+                           "locations": list(c.locations), "options": dict(c.options)},
+                "label": c.label, "top1": float(i), "top5": 0.0, "gmacs": 1.0, "images": 3}
+               for i, c in enumerate(cfgs)]  # fmt: skip
+    table = markdown_tables(records)
+    assert "| criterion | budget 0.5 | budget 0.65 |" in table
+    assert "| tome | 1.00 / 1.000 | 0.00 / 1.000 |" in table
+
+
+def test_tome_through_the_sweep_cache_equals_the_model():
+    m = small_vit()
+    x = torch.randn(5, 3, 64, 64)
+    batch = data_mod.Batch(x, torch.zeros(5, dtype=torch.long), torch.arange(5), [])
+    cache = build_cache(m, [batch], 0, total=5, progress=False)
+    for cfg in (PruneConfig("tome", options=(("r", 6),)),
+                PruneConfig("evit", 0.5, locations=(2, 4), options=(("removed", "merge"),))):  # fmt: skip
+        view = pruned_view(m, cfg)
+        with torch.no_grad():
+            torch.testing.assert_close(run_view(view, cache), view(x), rtol=0, atol=1e-5)
+
+
+POLICY = {
+    "model": "deit_tiny_patch16_224",
+    "budget": {
+        "0.5": {"best": {"config": {"criterion": "evit", "keep_rate": 1.0, "alpha": 1.0,
+                                    "locations": [3, 6, 9], "fuse": False,
+                                    "options": {"budget": 0.5, "removed": "merge"}}}},
+        "0.75": {"best": {"config": {"criterion": "tome", "keep_rate": 1.0, "alpha": 1.0, "locations": [],
+                                     "fuse": False, "options": {"budget": 0.75, "entropy_weight": 0.05,
+                                                                "alpha": "inf", "schedule": "decreasing"}}}},
+    },
+}  # fmt: skip
+
+
+def test_patch_best_with_budget_follows_the_policys_method(tmp_path, monkeypatch):
+    (tmp_path / "deit_tiny_patch16_224.json").write_text(json.dumps(POLICY))
+    monkeypatch.setattr(policy_mod, "POLICY_DIR", tmp_path)
+    assert resolve_budget(0.55) == {"criterion": "evit", "alpha": 1.0, "locations": (3, 6, 9), "fuse": False,
+                                    "removed": "merge"}  # fmt: skip
+    m = rp.create_model("deit_tiny_patch16_224")
+    full = rp.count_gmacs(m)
+    rp.patch(m, criterion="best", budget=0.5)
+    st = m.renyiprune
+    assert st.method == "prune" and st.removed == "merge" and st.stages[0].name == "evit"
+    assert 0.49 * full <= rp.count_gmacs(m) <= 0.505 * full
+    rp.patch(m, criterion="best", budget=0.8)  # nearest tuned budget: 0.75's method, solved for 0.8
+    st = m.renyiprune
+    assert st.method == "tome" and st.entropy_weight == 0.05 and st.entropy_alpha == float("inf")
+    assert st.merge_r[0] > st.merge_r[-1]  # the decreasing schedule
+    assert 0.78 * full <= rp.count_gmacs(m) <= 0.805 * full
+    kw = patch_kwargs(PruneConfig("best", 1.0, 1.0, (3, 6, 9), False, (("budget", 0.5),)))
+    assert kw["criterion"] == "best" and kw["budget"] == 0.5
+
+
+def test_tune_budget_chooses_on_calibration_images_only(shared_assets, tmp_path, monkeypatch):
+    read = []
+    real = data_mod.load_image
+
+    def spy(path):
+        read.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(data_mod, "load_image", spy)
+    w = shared_assets / "weights" / "deit_tiny_patch16_224.safetensors"
+    d = shared_assets / "imagenet-sample-1000"
+    calib, evals = split_samples(data_mod.list_samples(d)[:12])
+    seen_at_choice = []
+    real_choose = policy_mod.choose
+
+    def choose_spy(records):
+        seen_at_choice.append(list(read))
+        return real_choose(records)
+
+    from renyiprune.cli import tune_budget
+
+    monkeypatch.setattr(tune_budget, "choose", choose_spy)
+    argv = ["tune-budget", "--weights", str(w), "--data", str(d), "--budgets", "0.5", "--limit", "12",
+            "--candidates", "tome[entropy_weight=0.05;alpha=1],evit[removed=merge]", "--out", str(tmp_path),
+            "--no-progress", "--workers", "0"]  # fmt: skip
+    assert main(argv) == 0
+    assert seen_at_choice and all(is_calibration(p) for p in seen_at_choice[0])
+    assert sorted(set(seen_at_choice[0])) == sorted(str(s.path) for s in calib)
+    assert {str(s.path) for s in evals} <= set(read)  # read afterwards, for the report
+    policy = load_policy(tmp_path / "policy.json")
+    entry = policy["budget"]["0.5"]
+    assert entry["best"]["config"]["options"]["budget"] == 0.5 and "evaluation_top1" in entry["best"]
+    assert "evaluation_top1" in entry["reference"]["tome"] and "keep" in policy  # keep section carried over
+    assert resolve_budget(0.5, path=tmp_path / "policy.json")["alpha"] == 1.0
+    args = build_parser().parse_args(argv)
+    assert args.budgets == [0.5]
+
+
+def test_eval_tokens_flag_builds_count_schedules(tmp_path):
+    from renyiprune.cli import eval as eval_cmd
+
+    parser = build_parser()
+    args = parser.parse_args(["eval", "--data", str(tmp_path), "--criterion", "evit", "--tokens", "120,80,50"])
+    (cfg,) = eval_cmd.configs_from_args(args)
+    assert dict(cfg.options)["tokens"] == (120, 80, 50) and cfg.label == "evit tokens=120,80,50"
+    assert patch_kwargs(cfg)["tokens"] == (120, 80, 50)
+    args = parser.parse_args(["eval", "--data", str(tmp_path), "--criterion", "evit", "--tokens", "1,2"])
+    with pytest.raises(ValueError, match="2 counts for 3 locations"):
+        eval_cmd.configs_from_args(args)
