@@ -171,6 +171,9 @@ def test_tune_budget_chooses_on_calibration_images_only(shared_assets, tmp_path,
     assert entry["best"]["config"]["options"]["budget"] == 0.5 and "evaluation_top1" in entry["best"]
     assert "evaluation_top1" in entry["reference"]["tome"] and "keep" in policy  # keep section carried over
     assert resolve_budget(0.5, path=tmp_path / "policy.json")["alpha"] == 1.0
+    table = (tmp_path / "results.md").read_text()
+    assert "| criterion | budget 0.5 |" in table and "unpruned (reference)" in table
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
     args = build_parser().parse_args(argv)
     assert args.budgets == [0.5]
 
@@ -179,7 +182,8 @@ def test_eval_tokens_flag_builds_count_schedules(tmp_path):
     from renyiprune.cli import eval as eval_cmd
 
     parser = build_parser()
-    args = parser.parse_args(["eval", "--data", str(tmp_path), "--criterion", "evit", "--tokens", "120,80,50"])
+    args = parser.parse_args(["eval", "--data", str(tmp_path), "--criterion", "evit", "--tokens", "120,80,50"
+                              ])  # fmt: skip
     (cfg,) = eval_cmd.configs_from_args(args)
     assert dict(cfg.options)["tokens"] == (120, 80, 50) and cfg.label == "evit tokens=120,80,50"
     assert patch_kwargs(cfg)["tokens"] == (120, 80, 50)

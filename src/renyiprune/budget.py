@@ -30,6 +30,7 @@ class VitShape:
     patch_size: int = 16
     in_chans: int = 3
     num_classes: int = 1000
+    num_prefix: int = 1  # tokens before the patches (CLS, distillation, ...), never pruned or merged
 
     @classmethod
     def of(cls, model) -> VitShape:
@@ -43,6 +44,7 @@ class VitShape:
             patch_size=model.patch_embed.patch_size[0],
             in_chans=model.patch_embed.proj.in_channels,
             num_classes=getattr(model.head, "out_features", 0),
+            num_prefix=int(getattr(model, "num_prefix_tokens", 1)),
         )
 
     def gmacs(self, counts: Counts) -> float:
@@ -54,7 +56,7 @@ class VitShape:
         return total / 1e9
 
     def unpruned(self) -> Counts:
-        n = self.num_patches + 1
+        n = self.num_patches + self.num_prefix
         return [(n, n)] * self.depth
 
 
@@ -65,20 +67,20 @@ def prune_counts(
     rates = dict(zip(locations, keep_rates, strict=True))
     n, extra, counts = shape.num_patches, 0, []
     for i in range(shape.depth):
-        na = 1 + n + extra
+        na = shape.num_prefix + n + extra
         if i in rates:
             k = keep_count(n, rates[i])
             extra = 1 if (fuse and (k < n or extra)) else extra
             n = k
-        counts.append((na, 1 + n + extra))
+        counts.append((na, shape.num_prefix + n + extra))
     return counts
 
 
 def tome_counts(shape: VitShape, r: Sequence[int]) -> Counts:
     """Token counts when block i merges r[i] tokens after its attention (ToMe's caps applied)."""
-    n, counts = shape.num_patches + 1, []
+    n, counts = shape.num_patches + shape.num_prefix, []
     for i in range(shape.depth):
-        ri = max(0, min(r[i], (n - 1) // 2))  # CLS is never merged; at most half the rest
+        ri = max(0, min(r[i], (n - shape.num_prefix) // 2))  # prefix never merged; at most half the rest
         counts.append((n, n - ri))
         n -= ri
     return counts

@@ -33,8 +33,9 @@ Criterion = Callable[["AttentionContext"], Tensor]
 class AttentionContext:
     """What a criterion may read at a pruning block.
 
-    ``logits``: (B, H, N, N) attention logits q.k/sqrt(d) before softmax, queries x keys; token 0 is
-    CLS, tokens 1..n are the candidate patches, a fused token (if any) comes last.
+    ``logits``: (B, H, N, N) attention logits q.k/sqrt(d) before softmax, queries x keys; tokens
+    0..P-1 are the ``num_prefix`` prefix tokens (token 0 is CLS, then e.g. a distillation token), never
+    candidates; tokens P..P+n-1 are the candidate patches, a fused token (if any) comes last.
 
     A pruning block also passes its queries, keys and scale (``attention_logits``) and lets
     the context turn the logits buffer into the probabilities in place, so that the block holds one
@@ -53,9 +54,11 @@ class AttentionContext:
         key: Tensor | None = None,
         scale: float = 1.0,
         reuse_logits: bool = False,
+        num_prefix: int = 1,
     ):
         self._logits: Tensor | None = logits
         self.num_patches = num_patches
+        self.num_prefix = num_prefix  # prefix tokens (CLS, distillation, ...) before the patches
         self.stage = stage
         self.step = step
         self._query = query
@@ -97,7 +100,7 @@ class AttentionContext:
 
     @property
     def cls_attn(self) -> Tensor:
-        """Mean over heads of the CLS query's attention to every token (B, N)."""
+        """Mean over heads of the CLS query's (token 0's) attention to every token, prefix included (B, N)."""
         if self._cls_attn is None:
             s = self._logits if self._logits is not None else None
             row = self._probs[:, :, 0] if self._probs is not None else s[:, :, 0].softmax(-1)
@@ -105,8 +108,8 @@ class AttentionContext:
         return self._cls_attn
 
     def patches(self, t: Tensor, dim: int = -1) -> Tensor:
-        """Slice the candidate patch tokens 1..n out of ``t`` along ``dim``."""
-        return t.narrow(dim, 1, self.num_patches)
+        """Slice the candidate patch tokens P..P+n-1 out of ``t`` along ``dim`` (P = ``num_prefix``)."""
+        return t.narrow(dim, self.num_prefix, self.num_patches)
 
     def row_entropy(self, alpha: float) -> Tensor:
         """Per-head Rényi entropy H_alpha of each candidate patch's attention row (B, H, n).
@@ -144,7 +147,8 @@ def _row_entropy_from_probs(ctx: AttentionContext, a: float) -> Tensor | None:
       H_a   = a/(1-a) log ||p||_a  (a != 1; only where p^a cannot underflow and |a-1| >= 0.5)
     """
     n = ctx.num_patches
-    if a not in (1.0, math.inf) and (abs(a - 1.0) < 0.5 or a == 0.0 or a * math.log(n + 2) > 60.0):
+    keys = n + ctx.num_prefix + 1  # at most: prefix, patches and a fused token
+    if a not in (1.0, math.inf) and (abs(a - 1.0) < 0.5 or a == 0.0 or a * math.log(keys) > 60.0):
         return None  # the log-sum-exp form is exact there
     p = ctx.patches(ctx.probs, dim=2)  # (B, H, n, N)
     if a == 2.0 or (a != 1.0 and not math.isinf(a)):
@@ -239,7 +243,8 @@ def renyi(
     """-H_alpha of each patch's attention: its query's row (default) or the normalized column it receives.
 
     heads='mean' averages per-head entropies; 'pooled' takes the entropy of the head-mean
-    distribution. cls_key='exclude' drops the CLS key from every row and renormalizes.
+    distribution. cls_key='exclude' drops the CLS key (token 0 only; other prefix tokens stay) from
+    every row and renormalizes.
     """
     alpha = check_alpha(alpha)
     _choice("direction", direction, ("row", "column"))
@@ -262,7 +267,7 @@ def renyi(
     log_p = keys.log_softmax(dim=-1)
     if heads == "pooled":
         log_p = _mean_heads_log_probs(log_p).unsqueeze(1)
-    cols = log_p.narrow(-1, 1 - first_key, ctx.num_patches)  # candidate keys
+    cols = log_p.narrow(-1, ctx.num_prefix - first_key, ctx.num_patches)  # candidate keys
     return -renyi_entropy(cols, alpha, dim=-2).mean(dim=1)
 
 

@@ -5,6 +5,10 @@ most similar B token (cosine similarity of a metric, e.g. the attention keys ave
 is its match; the r A tokens with the most similar matches are merged into them. Merged features
 are size-weighted means, and sizes add, so that later blocks can use proportional attention
 (log(size) added to the attention logits of each key).
+
+The first P prefix tokens (CLS, then e.g. a distillation token) are never merged: prefix tokens in A
+never leave, prefix tokens in B never receive a merge, and the merged sequence starts with them again
+in their original order (as ToMe's ``distill_token`` handling does for P = 2).
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ class Matching:
     unmerged: Tensor  # (B, nA - r) indices into A of tokens kept as they are, ascending
     merged: Tensor  # (B, r) indices into A of tokens merged away
     targets: Tensor  # (B, r) indices into B that each merged A token joins
+    num_prefix: int = 1  # protected tokens moved back to the front after a merge
 
     def merge(self, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
         """Apply the matching to features x (B, N, C) with token sizes (B, N, 1).
 
-        Returns the new tokens [unmerged A..., B...] (size-weighted means) and their sizes.
+        Returns the new tokens [unmerged A..., B...] (size-weighted means) and their sizes; with
+        ``num_prefix`` P > 1 the P prefix tokens are moved to the front in their original order.
         """
         weighted = torch.cat([x * size, size], dim=-1)
         src, dst = weighted[:, ::2], weighted[:, 1::2]
@@ -37,54 +43,74 @@ class Matching:
         moved = src.gather(1, self.merged.unsqueeze(-1).expand(-1, -1, c))
         dst = dst.scatter_add(1, self.targets.unsqueeze(-1).expand(-1, -1, c), moved)
         out = torch.cat([keep, dst], dim=1)
+        if self.num_prefix > 1:
+            out = out.index_select(1, _prefix_first(self.num_prefix, keep.shape[1], out.shape[1], x.device))
         new_size = out[..., -1:]
         return out[..., :-1] / new_size, new_size
 
 
+def _prefix_first(num_prefix: int, num_keep: int, total: int, device: torch.device) -> Tensor:
+    """Order of [unmerged A..., B...] that puts prefix tokens 0..P-1 first (prefix token t is A's t//2,
+    the t//2-th unmerged A token, for even t, B's t//2 for odd t), then the rest in place."""
+    front = [t // 2 if t % 2 == 0 else num_keep + t // 2 for t in range(num_prefix)]
+    taken = set(front)
+    return torch.tensor(front + [i for i in range(total) if i not in taken], device=device)
+
+
 def bipartite_matching(
-    metric: Tensor, r: int, protect_first: bool = True, bonus: Tensor | None = None
+    metric: Tensor, r: int, protect_first: bool = True, bonus: Tensor | None = None, *, num_prefix: int = 1
 ) -> Matching:
     """Match r tokens of set A into set B by cosine similarity of ``metric`` (B, N, D).
 
-    With ``protect_first`` token 0 (CLS, in A) is never merged. r is capped at the number of
-    mergeable A tokens. Unmerged A tokens keep their original order, so CLS stays first.
+    With ``protect_first`` the first ``num_prefix`` tokens (token 0 = CLS, in A; token 1, e.g. a
+    distillation token, in B; ...) are never merged and receive no merge. r is capped at the number of
+    mergeable A tokens. Unmerged A tokens keep their original order, so CLS stays first, and
+    ``Matching.merge`` puts every prefix token back in front.
     ``bonus`` (B, nA) is added to each A token's best similarity when choosing which r merge
     (entropy-aware merging: diffuse-attention tokens go first); the match itself stays the most similar.
     """
     m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     a, b = m[:, ::2], m[:, 1::2]
     n_a = a.shape[1]
-    r = max(0, min(r, n_a - (1 if protect_first else 0), b.shape[1]))
+    P = num_prefix if protect_first else 0
+    p_a, p_b = (P + 1) // 2, P // 2  # protected tokens in A (even positions) and in B (odd positions)
+    r = max(0, min(r, n_a - p_a, b.shape[1] - p_b))
     scores = a @ b.transpose(-1, -2)  # (B, nA, nB) cosine similarities
-    if protect_first:
-        scores[:, 0] = -torch.inf
+    if p_a:
+        scores[:, :p_a] = -torch.inf
+    if p_b:
+        scores[:, :, :p_b] = -torch.inf
     best, best_idx = scores.max(dim=-1)
     if bonus is not None:
         best = best + bonus
     order = best.argsort(dim=-1, descending=True)
     merged = order[:, :r]
     unmerged = order[:, r:].sort(dim=-1).values
-    return Matching(unmerged, merged, best_idx.gather(1, merged))
+    return Matching(unmerged, merged, best_idx.gather(1, merged), num_prefix=max(P, 1))
 
 
-def merge_into_kept(x: Tensor, size: Tensor, metric: Tensor, kept: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Merge every pruned patch into its most similar kept patch (size-weighted); CLS untouched.
+def merge_into_kept(
+    x: Tensor, size: Tensor, metric: Tensor, kept: Tensor, n: int, num_prefix: int = 1
+) -> tuple[Tensor, Tensor]:
+    """Merge every pruned patch into its most similar kept patch (size-weighted); prefix tokens untouched.
 
-    x (B, 1 + n, C) with sizes (B, 1 + n, 1); ``metric`` (B, 1 + n, D) for the similarity;
-    ``kept`` (B, k) sorted indices into patches 0..n-1. Returns [CLS, kept...] and their sizes.
+    x (B, P + n, C) with sizes (B, P + n, 1), P = ``num_prefix`` (CLS, then e.g. a distillation
+    token); ``metric`` (B, P + n, D) for the similarity; ``kept`` (B, k) sorted indices into patches
+    0..n-1. Returns [prefix..., kept...] and their sizes.
     """
     B, _, C = x.shape
+    P = num_prefix
     k = kept.shape[1]
     pruned_mask = torch.ones(B, n, dtype=torch.bool, device=x.device).scatter(1, kept, False)
-    m = metric[:, 1:] / metric[:, 1:].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    m = metric[:, P:] / metric[:, P:].norm(dim=-1, keepdim=True).clamp_min(1e-12)
     m_kept = m.gather(1, kept.unsqueeze(-1).expand(-1, -1, m.shape[-1]))
     target = (m @ m_kept.transpose(-1, -2)).argmax(dim=-1)  # (B, n): best kept match of every patch
     # kept patches "merge" into themselves; pruned ones into their match; summing does the rest
     own = torch.full((B, n), -1, dtype=torch.long, device=x.device).scatter(
         1, kept, torch.arange(k, device=x.device).expand(B, -1))
     target = torch.where(pruned_mask, target, own)
-    weighted = torch.cat([x[:, 1:] * size[:, 1:], size[:, 1:]], dim=-1)
+    weighted = torch.cat([x[:, P:] * size[:, P:], size[:, P:]], dim=-1)
     acc = weighted.new_zeros(B, k, C + 1).scatter_add(1, target.unsqueeze(-1).expand(-1, -1, C + 1), weighted)
     new_size = acc[..., -1:]
-    out = torch.cat([x[:, :1], acc[..., :-1] / new_size], dim=1)
-    return out, torch.cat([size[:, :1], new_size], dim=1)
+    out = torch.cat([x[:, :P], acc[..., :-1] / new_size], dim=1)
+    return out, torch.cat([size[:, :P], new_size], dim=1)

@@ -81,6 +81,7 @@ class PruneState:
     merge_r: list[int] = field(default_factory=list)
     entropy_weight: float = 0.0  # ToMe: weight of the Rényi-entropy term in the merge order
     entropy_alpha: float = 1.0
+    num_prefix: int = 1  # tokens before the patches (CLS, distillation, ...): always kept, never merged
     # Filled during a forward:
     step: int = 0
     records: list[StageRecord] = field(default_factory=list)
@@ -159,20 +160,21 @@ class _PruningBlock:
             self.attn,
             self.norm1(x),
             cfg.criterion,
-            dict(num_patches=n, stage=self._renyiprune_stage, step=state.step),
+            dict(num_patches=n, stage=self._renyiprune_stage, step=state.step, num_prefix=state.num_prefix),
             bias=state.key_bias(),
         )
         x = x + self.drop_path1(y)
         k = cfg.keep(n)
         if state.removed == "merge":
             kept = top_k_sorted(scores, k)
-            x, state.size = merge_into_kept(x, state.sizes(x), keys.mean(dim=1), kept, n)
+            x, state.size = merge_into_kept(x, state.sizes(x), keys.mean(dim=1), kept, n, state.num_prefix)
         else:
-            x, kept = select_tokens(x, scores, k, cls_attn=cls_attn, fuse=state.removed == "fuse")
+            x, kept = select_tokens(
+                x, scores, k, cls_attn=cls_attn, fuse=state.removed == "fuse", num_prefix=state.num_prefix
+            )
         state.patch_index = state.patch_index.gather(1, kept)
-        state.records.append(
-            StageRecord(cfg.location, kept, state.patch_index, scores, num_fused=x.shape[1] - 1 - k)
-        )
+        fused = x.shape[1] - state.num_prefix - k
+        state.records.append(StageRecord(cfg.location, kept, state.patch_index, scores, num_fused=fused))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
@@ -213,7 +215,7 @@ class _MergingBlock:
             y, keys = _biased_attention(self.attn, self.norm1(x), state.key_bias())
         x = x + self.drop_path1(y)
         if r > 0:
-            matching = bipartite_matching(keys.mean(dim=1), r, bonus=bonus)
+            matching = bipartite_matching(keys.mean(dim=1), r, bonus=bonus, num_prefix=state.num_prefix)
             x, state.size = matching.merge(x, state.sizes(x))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
@@ -362,6 +364,7 @@ def patch(
 
 
 def _attach(model: nn.Module, state: PruneState) -> None:
+    state.num_prefix = int(getattr(model, "num_prefix_tokens", 1))
     state.original_classes[id(model)] = model.__class__
     model.__class__ = _subclass(_PrunedModel, model.__class__)
     model.renyiprune = state

@@ -1,7 +1,8 @@
 """Keeping the top-scoring patch tokens and fusing the rest (EViT's token reorganization).
 
-Token layout everywhere: [CLS, patch_1 .. patch_n, fused?]. Selection works on whole batches with
-topk/gather; no Python loop over images or tokens.
+Token layout everywhere: [prefix_1 .. prefix_P, patch_1 .. patch_n, fused?], where the P >= 1 prefix
+tokens (CLS first, then e.g. a distillation token) are always kept and never ranked or fused.
+Selection works on whole batches with topk/gather; no Python loop over images or tokens.
 """
 
 from __future__ import annotations
@@ -39,28 +40,33 @@ def select_tokens(
     *,
     cls_attn: Tensor | None = None,
     fuse: bool = False,
+    num_prefix: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Keep the k highest-scoring patches of x (B, 1 + n + f, C), in their original order.
+    """Keep the P prefix tokens and the k highest-scoring patches of x (B, P + n + f, C), in order.
 
-    ``scores`` (B, n) ranks patches 1..n; a trailing fused token (f = 1) is never ranked. With
-    ``fuse`` the pruned patches, together with any earlier fused token, become one fused token:
-    their average weighted by the CLS attention ``cls_attn`` (B, 1 + n + f) (EViT's rule).
-    Returns the new tokens and the kept indices (B, k) into patches 0..n-1.
+    P = ``num_prefix`` (CLS, then e.g. a distillation token). ``scores`` (B, n) ranks patches
+    P..P+n-1; a trailing fused token (f = 1) is never ranked. With ``fuse`` the pruned patches,
+    together with any earlier fused token, become one fused token (last): their average weighted by
+    the CLS attention ``cls_attn`` (B, P + n + f) (EViT's rule). Returns the new tokens
+    [prefix, kept patches, fused?] and the kept indices (B, k) into patches 0..n-1.
     """
     B, N, C = x.shape
     n = scores.shape[1]
-    has_fused = N - 1 - n
-    if has_fused not in (0, 1):
-        raise ValueError(f"{N} tokens do not fit CLS + {n} scored patches + at most one fused token")
+    P = num_prefix
+    has_fused = N - P - n
+    if P < 1 or has_fused not in (0, 1):
+        raise ValueError(
+            f"{N} tokens do not fit {P} prefix token(s) + {n} scored patches + at most one fused token"
+        )
     kept = top_k_sorted(scores, k)
-    patches = x[:, 1 : 1 + n]
+    patches = x[:, P : P + n]
     kept_tokens = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, C))
-    parts = [x[:, :1], kept_tokens]
+    parts = [x[:, :P], kept_tokens]
     if fuse and (k < n or has_fused):
         if cls_attn is None:
             raise ValueError("fusion needs the CLS attention")
-        w = cls_attn[:, 1:].to(x.dtype).clone()  # weights of patches 1..n and the old fused token
+        w = cls_attn[:, P:].to(x.dtype).clone()  # weights of the n patches and the old fused token
         w[:, :n].scatter_(1, kept, 0.0)  # kept patches do not join the fused token
         w = w / w.sum(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-        parts.append(torch.einsum("bn,bnc->bc", w, x[:, 1:]).unsqueeze(1))
+        parts.append(torch.einsum("bn,bnc->bc", w, x[:, P:]).unsqueeze(1))
     return torch.cat(parts, dim=1), kept

@@ -9,6 +9,7 @@ what is missing, instead of an AttributeError in the middle of a forward.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 
@@ -55,8 +56,10 @@ def check_windowed(model: nn.Module) -> None:
         )
 
 
-def check_token_layout(model: nn.Module) -> None:
-    """UnsupportedModelError unless the tokens are [CLS, patches]: one CLS token, a known patch count."""
+def check_token_layout(model: nn.Module, max_prefix: int | None = None) -> None:
+    """UnsupportedModelError unless the tokens are [CLS, other prefix tokens..., patches]: a CLS token
+    first, ``num_prefix_tokens`` P >= 1 prefix tokens in all (at most ``max_prefix`` where the caller
+    supports no more), a known patch count. Prefix tokens are always kept and never ranked or merged."""
     name = type(model).__name__
     if getattr(model, "cls_token", None) is None:
         raise UnsupportedModelError(
@@ -64,10 +67,15 @@ def check_token_layout(model: nn.Module) -> None:
             "token and ranks the patches by attention"
         )
     prefix = getattr(model, "num_prefix_tokens", 1)
-    if prefix != 1:
+    if isinstance(prefix, bool) or not isinstance(prefix, numbers.Integral) or prefix < 1:
+        raise UnsupportedModelError(
+            f"renyiprune.patch cannot prune {name}: num_prefix_tokens is {prefix!r}; expected the number "
+            "(>= 1) of tokens before the patches, CLS first"
+        )
+    if max_prefix is not None and prefix > max_prefix:
         raise UnsupportedModelError(
             f"renyiprune.patch cannot prune {name}: it has {prefix} prefix tokens (CLS plus distillation or "
-            "register tokens); only a single CLS token is supported"
+            f"register tokens); for this kind of model only {max_prefix} (a single CLS token) is supported"
         )
     if not hasattr(getattr(model, "patch_embed", None), "num_patches"):
         raise UnsupportedModelError(
@@ -103,14 +111,17 @@ def check_model(model: nn.Module) -> Sequence[nn.Module]:
 
 class HostView:
     """A stand-in that ``renyiprune.patch`` can configure: the host's (adapted) blocks, patch count and
-    CLS token. The host model itself is then given the resulting state (``patch_with_adapter``)."""
+    CLS token, and how many prefix tokens (CLS first, then e.g. a distillation token) precede the
+    patches. The host model itself is then given the resulting state (``patch_with_adapter``)."""
 
-    def __init__(self, blocks: Sequence[nn.Module], num_patches: int, cls_token, name: str):
+    def __init__(
+        self, blocks: Sequence[nn.Module], num_patches: int, cls_token, name: str, num_prefix_tokens: int = 1
+    ):
         self.blocks = list(blocks)
         self.patch_embed = SimpleNamespace(num_patches=num_patches)
         self.cls_token = cls_token
         self.pretrained_cfg = SimpleNamespace(name=name)
-        self.num_prefix_tokens = 1
+        self.num_prefix_tokens = num_prefix_tokens
 
 
 def patch_with_adapter(

@@ -8,6 +8,7 @@ Pruning: each HF layer at a pruning location gets a class that exposes our block
 its own modules (no copies): ``layernorm_before``/``layernorm_after`` as norm1/norm2, an attention
 adapter whose ``qkv_heads``/``merge_heads`` use the HF projections (so the pruning block computes the
 attention logits itself even where HF runs fused SDPA), and the MLP without HF's internal residual.
+DeiT's distillation token (position 1, after CLS) is a second prefix token: kept, never ranked or merged.
 transformers is imported only when a model or config needs it (``pip install renyiprune[hf]``).
 """
 
@@ -281,6 +282,11 @@ def _returns_tuple(cls: type) -> bool:
     return "tuple" in str(ann).lower()
 
 
+def _num_prefix(embeddings: nn.Module) -> int:
+    """Tokens before the patches: CLS, plus DeiT's distillation token where the embeddings carry one."""
+    return 1 + (getattr(embeddings, "distillation_token", None) is not None)
+
+
 def _check(model: nn.Module) -> tuple[nn.Module, list]:
     name = type(model).__name__
     check_windowed(model)
@@ -288,18 +294,13 @@ def _check(model: nn.Module) -> tuple[nn.Module, list]:
     if kind not in ("vit", "deit") or not hasattr(_base(model), "embeddings"):
         raise UnsupportedModelError(
             f"renyiprune.patch cannot prune {name} (model type {kind!r}): of transformers' models only ViT "
-            "(ViTModel, ViTForImageClassification) is supported"
+            "and DeiT (ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification, "
+            "DeiTForImageClassificationWithTeacher) are supported"
         )
     base = _base(model)
     emb = base.embeddings
     if getattr(emb, "cls_token", None) is None:
         raise UnsupportedModelError(f"renyiprune.patch cannot prune {name}: its embeddings have no CLS token")
-    if getattr(emb, "distillation_token", None) is not None:
-        raise UnsupportedModelError(
-            f"renyiprune.patch cannot prune {name}: it carries a distillation token besides CLS; only one "
-            "prefix token is supported. Non-distilled DeiT checkpoints (facebook/deit-*-patch16-224) are "
-            "ViTForImageClassification models: load them as that class"
-        )
     layers = _layers(base)
     if layers is None:
         raise UnsupportedModelError(f"renyiprune.patch cannot prune {name}: no transformer layers found")
@@ -327,8 +328,10 @@ def patch(model: nn.Module, core_patch: Callable[..., object], **kwargs) -> nn.M
             cls = layer.__class__
             originals[id(layer)] = cls
             layer.__class__ = type(cls.__name__, (_Layer, cls), {"_renyiprune_tuple": _returns_tuple(cls)})
-        n = base.embeddings.patch_embeddings.num_patches
-        return HostView(layers, n, base.embeddings.cls_token, _model_name(model)), originals
+        emb = base.embeddings
+        n = emb.patch_embeddings.num_patches
+        view = HostView(layers, n, emb.cls_token, _model_name(model), num_prefix_tokens=_num_prefix(emb))
+        return view, originals
 
     return patch_with_adapter(model, adapt, _HFPrunedModel, core_patch, **kwargs)
 

@@ -18,7 +18,7 @@ from ..data import list_samples
 from ..policy import DEFAULT_BUDGET_CANDIDATES, POLICY_DIR, choose, split_samples
 from ..sweep import SweepConfig, config_from_dict
 from . import common
-from .sweep import build_configs, sweep_samples
+from .sweep import build_configs, sweep_samples, write_outputs
 
 REFERENCE = "tome"  # ToMe, constant r: what users pick today
 
@@ -89,10 +89,12 @@ def run(args: argparse.Namespace) -> int:
 
     # Only now is the evaluation half read.
     picked = {f: config_from_dict(e["best"]["config"]) for f, e in chosen.items()}
-    todo = list(picked.values()) + refs + (candidates if args.report_all else [])
+    unpruned = SweepConfig(None, 1.0, 1.0, (), False)
+    todo = [unpruned, *picked.values(), *refs, *(candidates if args.report_all else [])]
     todo = list(dict.fromkeys(todo))
     records, _ = sweep_samples(args, evals, todo, args.out / "evaluation.jsonl", "evaluation", model)
     ev = dict(zip(todo, records, strict=True))
+    write_outputs(args.out, records, f"{args.model}, evaluation half ({len(evals)} images)")
     rows = []
     for f, entry in chosen.items():
         best = entry["best"]
