@@ -190,3 +190,11 @@ def test_eval_tokens_flag_builds_count_schedules(tmp_path):
     args = parser.parse_args(["eval", "--data", str(tmp_path), "--criterion", "evit", "--tokens", "1,2"])
     with pytest.raises(ValueError, match="2 counts for 3 locations"):
         eval_cmd.configs_from_args(args)
+
+
+def test_configs_with_infinite_alpha_options_round_trip_through_json():
+    from renyiprune.sweep import SweepConfig, config_from_dict, config_to_dict
+
+    c = SweepConfig("tome", 1.0, 1.0, (), False, (("alpha", float("inf")), ("budget", 0.5)))
+    d = json.loads(json.dumps(config_to_dict(c), allow_nan=False))
+    assert d["options"]["alpha"] == "inf" and config_from_dict(d) == c

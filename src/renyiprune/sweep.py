@@ -72,14 +72,15 @@ def config_to_dict(c: PruneConfig) -> dict:
     d = asdict(c)
     d["alpha"] = "inf" if math.isinf(c.alpha) else c.alpha
     d["locations"] = list(c.locations)
-    d["options"] = {k: v for k, v in c.options}
+    d["options"] = {k: "inf" if isinstance(v, float) and math.isinf(v) else v for k, v in c.options}
     d.setdefault("budget", False)
     return d
 
 
 def config_from_dict(d: dict) -> SweepConfig:
     """Inverse of ``config_to_dict``."""
-    opts = {k: tuple(v) if isinstance(v, list) else v for k, v in d.get("options", {}).items()}
+    opts = {k: tuple(v) if isinstance(v, list) else float(v) if v == "inf" else v
+            for k, v in d.get("options", {}).items()}
     return SweepConfig(
         criterion=d["criterion"],
         keep_rate=float(d["keep_rate"]),
