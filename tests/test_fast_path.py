@@ -107,6 +107,22 @@ def test_row_entropy_from_probabilities_matches_log_sum_exp(alpha, dtype, tol):
     torch.testing.assert_close(ctx.probs, logits.softmax(-1), atol=tol, rtol=0)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_shannon_with_and_without_the_kept_log_sum_exp(dtype, tol):
+    """Shannon from the in-place softmax's log-sum-exp, and (probabilities made earlier by another
+    reader, no log-sum-exp) from the argmax form: both equal the log-sum-exp reference."""
+    q, k = _qk(dtype)
+    logits = attention_logits(q, k, 0.5)
+    want = renyi_entropy(logits[:, :, 1:15], 1.0)
+    ctx = AttentionContext(logits.clone(), 14, query=q, key=k, scale=0.5, reuse_logits=True)
+    torch.testing.assert_close(ctx.row_entropy(1.0), want, atol=tol, rtol=tol)
+    assert ctx._lse is not None
+    ctx = AttentionContext(logits.clone(), 14, query=q, key=k, scale=0.5, reuse_logits=True)
+    assert ctx.probs.shape == logits.shape  # fused softmax first: no log-sum-exp kept
+    assert ctx._lse is None
+    torch.testing.assert_close(ctx.row_entropy(1.0), want, atol=tol, rtol=tol)
+
+
 def test_logits_stay_readable_after_in_place_softmax():
     q, k = _qk(torch.float32)
     logits = attention_logits(q, k, 0.25)

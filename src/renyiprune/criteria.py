@@ -67,6 +67,7 @@ class AttentionContext:
         # In-place softmax needs a way to get the logits back, and no autograd graph through them.
         self._reuse = reuse_logits and query is not None and key is not None and not logits.requires_grad
         self._probs: Tensor | None = None
+        self._lse: Tensor | None = None  # (B, H, N) log-sum-exp of each logits row, when known
         self._cls_attn: Tensor | None = None
         self._entropy: dict[float, Tensor] = {}
 
@@ -93,10 +94,24 @@ class AttentionContext:
                 self._probs = torch.softmax(s, dim=-1, out=s)  # in place: one N x N buffer
                 self._logits = None
             else:  # float16/bfloat16 (autocast): in place too, with the normalizer summed in float32
-                s.sub_(s.amax(dim=-1, keepdim=True)).exp_()
-                self._probs = s.div_(s.sum(dim=-1, keepdim=True, dtype=torch.float32))
-                self._logits = None
+                self._softmax_keeping_lse(s)
         return self._probs
+
+    def _softmax_keeping_lse(self, s: Tensor) -> None:
+        """In-place softmax of the logits buffer in steps (max, exp, sum, divide) that also leave the
+        row log-sum-exp L = max + log(sum); Shannon entropy needs L, and a fused softmax discards it."""
+        m = s.amax(dim=-1, keepdim=True)
+        s.sub_(m).exp_()
+        z = s.sum(dim=-1, keepdim=True, dtype=_acc_dtype(s))
+        self._probs = s.div_(z)
+        self._lse = (m.to(z.dtype) + z.log()).squeeze(-1)
+        self._logits = None
+
+    def probs_and_lse(self) -> tuple[Tensor, Tensor | None]:
+        """The probabilities and, where the in-place softmax can provide it, the row log-sum-exp."""
+        if self._probs is None and self._reuse:
+            self._softmax_keeping_lse(self._logits if self._logits is not None else self.logits)
+        return self.probs, self._lse
 
     @property
     def cls_attn(self) -> Tensor:
@@ -143,24 +158,29 @@ def _row_entropy_from_probs(ctx: AttentionContext, a: float) -> Tensor | None:
 
     No (B, H, n, N) temporary: every term is a row reduction of p or a product with q, k:
       H_inf = -log max_j p_j
-      H_1   = L - sum_j p_j s_j, with L = s_j* - log p_j* (j* = argmax p) and sum_j p_j s_j = c q.(p K)
+      H_1   = L - sum_j p_j s_j, with sum_j p_j s_j = c q.(p K) and L = log sum_j exp s_j kept by the
+              in-place softmax (else L = s_j* - log p_j*, j* = argmax p)
       H_a   = a/(1-a) log ||p||_a  (a != 1; only where p^a cannot underflow and |a-1| >= 0.5)
     """
     n = ctx.num_patches
     keys = n + ctx.num_prefix + 1  # at most: prefix, patches and a fused token
     if a not in (1.0, math.inf) and (abs(a - 1.0) < 0.5 or a == 0.0 or a * math.log(keys) > 60.0):
         return None  # the log-sum-exp form is exact there
-    p = ctx.patches(ctx.probs, dim=2)  # (B, H, n, N)
-    if a == 2.0 or (a != 1.0 and not math.isinf(a)):
-        norm = torch.linalg.vector_norm(p, ord=a, dim=-1, dtype=_acc_dtype(p))
-        return norm.log() * (a / (1.0 - a))
-    pmax, jmax = p.max(dim=-1)
-    log_pmax = pmax.to(_acc_dtype(p)).log()
-    if math.isinf(a):
-        return -log_pmax
+    probs, lse = ctx.probs_and_lse() if a == 1.0 else (ctx.probs, None)
+    p = ctx.patches(probs, dim=2)  # (B, H, n, N)
     acc = _acc_dtype(p)
+    if a == 2.0 or (a != 1.0 and not math.isinf(a)):
+        norm = torch.linalg.vector_norm(p, ord=a, dim=-1, dtype=acc)
+        return norm.log() * (a / (1.0 - a))
+    if math.isinf(a):
+        return p.amax(dim=-1).to(acc).log().neg_()  # amax: no argmax indices needed
     q = ctx.patches(ctx._query, dim=2)  # (B, H, n, d)
     k = ctx._key
+    if lse is not None:  # H_1 = L - c q.(p K)
+        dot = (p @ k).to(acc).mul_(q).sum(dim=-1).mul_(ctx._scale)
+        return ctx.patches(lse, dim=2).to(acc) - dot
+    pmax, jmax = p.max(dim=-1)
+    log_pmax = pmax.to(acc).log()
     k_star = k.gather(2, jmax.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])).to(acc)  # key of argmax
     expected_k = (p @ k).to(acc)  # sum_j p_j k_j
     # L - sum_j p_j s_j = c q.(k_j* - sum_j p_j k_j) - log p_j*   (in place: two (B, H, n, d) buffers)
