@@ -14,7 +14,16 @@ from dataclasses import dataclass
 
 from .selection import keep_count
 
-__all__ = ["VitShape", "prune_counts", "tome_counts", "tome_schedule", "solve_keep_rate", "solve_tome_r"]
+__all__ = [
+    "VitShape", "prune_counts", "tome_counts", "merge_macs", "tome_macs", "tome_schedule", "solve_keep_rate",
+    "solve_tome_r",
+]  # fmt: skip
+
+
+def _head_dim(attn) -> int:
+    if hasattr(attn, "head_dim"):
+        return int(attn.head_dim)
+    return int(attn.qkv.in_features // attn.num_heads)
 
 Counts = list[tuple[int, int]]
 
@@ -31,6 +40,7 @@ class VitShape:
     in_chans: int = 3
     num_classes: int = 1000
     num_prefix: int = 1  # tokens before the patches (CLS, distillation, ...), never pruned or merged
+    head_dim: int = 64  # width of the keys whose head-mean is the merge similarity metric
 
     @classmethod
     def of(cls, model) -> VitShape:
@@ -45,12 +55,14 @@ class VitShape:
             in_chans=model.patch_embed.proj.in_channels,
             num_classes=getattr(model.head, "out_features", 0),
             num_prefix=int(getattr(model, "num_prefix_tokens", 1)),
+            head_dim=_head_dim(blk.attn),
         )
 
-    def gmacs(self, counts: Counts) -> float:
-        """GMACs per image for per-block (tokens in attention, tokens in MLP)."""
+    def gmacs(self, counts: Counts, extra_macs: float = 0.0) -> float:
+        """GMACs per image for per-block (tokens in attention, tokens in MLP), plus ``extra_macs``
+        (e.g. the similarity products of merging)."""
         C = self.embed_dim
-        total = self.num_patches * self.patch_size**2 * self.in_chans * C + C * self.num_classes
+        total = self.num_patches * self.patch_size**2 * self.in_chans * C + C * self.num_classes + extra_macs
         for na, nm in counts:
             total += 4 * na * C * C + 2 * na * na * C + 2 * self.mlp_ratio * nm * C * C
         return total / 1e9
@@ -76,6 +88,26 @@ def prune_counts(
     return counts
 
 
+def merge_macs(shape: VitShape, locations: Sequence[int], keep_rates: Sequence[float]) -> float:
+    """MACs of pruning with ``removed="merge"``: at each location the n current patches' similarity to
+    the k kept ones (n x k x head_dim), the product ``merging.merge_into_kept`` computes."""
+    n, total = shape.num_patches, 0.0
+    for _, r in sorted(zip(locations, keep_rates, strict=True)):
+        k = keep_count(n, r)
+        total += n * k * shape.head_dim
+        n = k
+    return total
+
+
+def tome_macs(shape: VitShape, r: Sequence[int]) -> float:
+    """MACs of ToMe's bipartite matching: set A (even tokens) against set B (odd) at every merging block."""
+    total = 0.0
+    for (na, nm) in tome_counts(shape, r):
+        if nm < na:
+            total += ((na + 1) // 2) * (na // 2) * shape.head_dim
+    return total
+
+
 def tome_counts(shape: VitShape, r: Sequence[int]) -> Counts:
     """Token counts when block i merges r[i] tokens after its attention (ToMe's caps applied)."""
     n, counts = shape.num_patches + shape.num_prefix, []
@@ -94,14 +126,19 @@ def _bisect(f: Callable[[float], float], lo: float, hi: float, target: float, st
     return lo
 
 
-def solve_keep_rate(shape: VitShape, budget: float, locations: Sequence[int], fuse: bool = False) -> float:
-    """The largest common keep rate whose GMACs are <= budget × the unpruned model's."""
+def solve_keep_rate(
+    shape: VitShape, budget: float, locations: Sequence[int], fuse: bool = False, merge: bool = False
+) -> float:
+    """The largest common keep rate whose GMACs (with merging's similarity products when ``merge``)
+    are <= budget × the unpruned model's."""
     if not 0 < budget <= 1:
         raise ValueError(f"budget must be in (0, 1], got {budget}")
     target = budget * shape.gmacs(shape.unpruned())
 
     def cost(r: float) -> float:
-        return shape.gmacs(prune_counts(shape, locations, [r] * len(locations), fuse))
+        rates = [r] * len(locations)
+        extra = merge_macs(shape, locations, rates) if merge else 0.0
+        return shape.gmacs(prune_counts(shape, locations, rates, fuse), extra)
 
     if cost(1e-6) > target:
         raise ValueError(f"budget {budget} is below what pruning at blocks {list(locations)} can reach "
@@ -134,6 +171,7 @@ def solve_tome_r(shape: VitShape, budget: float, schedule: str = "constant") -> 
         raise ValueError(f"budget must be in (0, 1], got {budget}")
     target = budget * shape.gmacs(shape.unpruned())
     for r in range(0, shape.num_patches + 1):
-        if shape.gmacs(tome_counts(shape, tome_schedule(r, schedule, shape.depth))) <= target:
+        rs = tome_schedule(r, schedule, shape.depth)
+        if shape.gmacs(tome_counts(shape, rs), tome_macs(shape, rs)) <= target:
             return r
     raise ValueError(f"budget {budget} is below what merging can reach")

@@ -401,7 +401,8 @@ def _solve_budget(model, budget: float, method: str, locations, removed: str, sc
     shape = VitShape.of(model)
     if method == "tome":
         return None, solve_tome_r(shape, budget, schedule)
-    return solve_keep_rate(shape, budget, tuple(locations), fuse=removed == "fuse"), None
+    rate = solve_keep_rate(shape, budget, tuple(locations), fuse=removed == "fuse", merge=removed == "merge")
+    return rate, None
 
 
 def _model_name(model: nn.Module) -> str:

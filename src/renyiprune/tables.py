@@ -103,7 +103,8 @@ def markdown_tables(records: Sequence[dict]) -> str:
         cell = {(row_name(r["config"]), column_of(r["config"])): r for r in recs}
         col = "budget" if "budget" in recs[0]["config"].get("options", {}) else "keep"
         best = best_per_keep(recs)
-        out.append(f"**{title.capitalize()}** ({recs[0]['images']} images; cells: top-1 % / GMACs)\n")
+        head = title[0].upper() + title[1:]
+        out.append(f"**{head}** ({recs[0]['images']} images; cells: top-1 % / GMACs)\n")
         out.append("| criterion | " + " | ".join(f"{col} {k:g}" for k in keeps) + " |")
         out.append("|---|" + "---:|" * len(keeps))
         for u in unpruned[:1]:
