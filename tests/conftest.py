@@ -14,3 +14,19 @@ def shared_assets() -> Path:
     if not SHARED_ASSETS.is_dir():
         pytest.skip(f"../shared/assets not found: expected real test assets at {SHARED_ASSETS}")
     return SHARED_ASSETS
+
+
+@pytest.fixture
+def images_read(monkeypatch) -> list[str]:
+    """Paths of every image the code under test opens (``renyiprune.data.load_image`` spied on)."""
+    from renyiprune import data
+
+    read: list[str] = []
+    real = data.load_image
+
+    def spy(path):
+        read.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(data, "load_image", spy)
+    return read

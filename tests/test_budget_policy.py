@@ -137,15 +137,8 @@ def test_patch_best_with_budget_follows_the_policys_method(tmp_path, monkeypatch
     assert kw["criterion"] == "best" and kw["budget"] == 0.5
 
 
-def test_tune_budget_chooses_on_calibration_images_only(shared_assets, tmp_path, monkeypatch):
-    read = []
-    real = data_mod.load_image
-
-    def spy(path):
-        read.append(str(path))
-        return real(path)
-
-    monkeypatch.setattr(data_mod, "load_image", spy)
+def test_tune_budget_chooses_on_calibration_images_only(shared_assets, tmp_path, monkeypatch, images_read):
+    read = images_read
     w = shared_assets / "weights" / "deit_tiny_patch16_224.safetensors"
     d = shared_assets / "imagenet-sample-1000"
     calib, evals = split_samples(data_mod.list_samples(d)[:12])

@@ -88,17 +88,10 @@ def test_shipped_policy_backs_patch_best():
         assert m(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
 
 
-def test_tuning_never_reads_an_evaluation_image(shared_assets, tmp_path, monkeypatch):
+def test_tuning_never_reads_an_evaluation_image(shared_assets, tmp_path, images_read):
     from renyiprune.cli import build_parser, tune
 
-    read = []
-    real = data_mod.load_image
-
-    def spy(path):
-        read.append(str(path))
-        return real(path)
-
-    monkeypatch.setattr(data_mod, "load_image", spy)
+    read = images_read
     w = shared_assets / "weights" / "deit_tiny_patch16_224.safetensors"
     d = shared_assets / "imagenet-sample-1000"
     argv = ["tune-alpha", "--weights", str(w), "--data", str(d), "--keep", "0.5", "--alphas", "2,inf",
