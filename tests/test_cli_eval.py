@@ -140,3 +140,34 @@ def test_eval_under_torchrun_shards_and_adds_up(shared_assets, weights, tmp_path
     keys = ("config", "top1", "top5", "images")
     for x, y in zip(a, b, strict=True):
         assert [x[k] for k in keys] == [y[k] for k in keys]
+
+
+def test_dtype_runs_the_forwards_under_autocast(shared_assets, weights, capsys, monkeypatch):
+    """--dtype bfloat16: the evaluation forwards run under CPU autocast, and top-1 on 16 real images
+    stays within one image of float32."""
+    import torch
+
+    from renyiprune.cli import eval as eval_cmd
+
+    seen = []
+    real = eval_cmd.evaluate
+
+    def record(module, args):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+
+    def spy(models, batches, **kw):
+        for m in models.values():
+            m.register_forward_pre_hook(record)
+        return real(models, batches, **kw)
+
+    data = shared_assets / "imagenet-sample-1000"
+    argv = ["eval", "--weights", str(weights), "--data", str(data), "--criterion", "renyi", "--alpha", "2",
+            "--keep", "0.7", "--limit", "16", "--json", "--no-progress", "--workers", "0"]  # fmt: skip
+    assert main(argv) == 0
+    fp32 = json.loads(capsys.readouterr().out)
+    monkeypatch.setattr(eval_cmd, "evaluate", spy)
+    assert main(argv + ["--dtype", "bfloat16"]) == 0
+    bf16 = json.loads(capsys.readouterr().out)
+    assert torch.bfloat16 in seen  # the batch forward (the GMACs count afterwards runs in float32)
+    assert bf16["images"] == fp32["images"] == 16
+    assert abs(bf16["top1"] - fp32["top1"]) <= 100 / 16 + 1e-9

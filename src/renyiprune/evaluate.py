@@ -129,11 +129,15 @@ def evaluate(
     skip_bad: bool = False,
     total: int | None = None,
     progress: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> list[EvalResult]:
     """Run every model on every batch; returns one result per model in the mapping's order.
 
     A bad image stops the run with an error naming it unless ``skip_bad``; skipped images are counted.
+    ``dtype`` float16/bfloat16 runs the forwards under ``torch.autocast`` (weights stay float32).
     """
+    dev = torch.device(device).type
+    half = dtype != torch.float32
     names = list(models)
     correct1 = dict.fromkeys(names, 0)
     correct5 = dict.fromkeys(names, 0)
@@ -152,7 +156,8 @@ def evaluate(
         for name in names:
             sync()
             t0 = time.perf_counter()
-            logits = models[name](x)
+            with torch.autocast(dev, dtype=dtype, enabled=half):
+                logits = models[name](x).float()
             sync()
             seconds[name] += time.perf_counter() - t0
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices

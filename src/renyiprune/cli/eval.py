@@ -6,6 +6,8 @@ import argparse
 import itertools
 import sys
 
+import torch
+
 from ..criteria import list_criteria
 from ..data import EvalTransform, make_loader
 from ..distributed import cleanup, init_distributed
@@ -83,6 +85,8 @@ def add_parser(sub) -> None:
     p.add_argument("--heads", choices=["mean", "pooled"], default=None, help="renyi: head aggregation")
     p.add_argument("--cls-key", choices=["include", "exclude"], default=None, help="renyi: CLS key")
     p.add_argument("--seed", type=int, default=None, help="random criterion seed")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="run the forwards under torch.autocast in this dtype (entropy stays float32)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images in listing order")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
@@ -214,6 +218,7 @@ def _run(args: argparse.Namespace, configs: list[PruneConfig], dist_info) -> int
         skip_bad=args.skip_bad,
         total=len(samples),
         progress=not args.no_progress and dist_info.is_main,
+        dtype=getattr(torch, args.dtype),
     )
     if not dist_info.is_main:
         return 0
