@@ -48,26 +48,40 @@ def test_half_precision_runs(device, dtype, how, cfg):
             assert rec.scores.dtype == torch.float32  # entropy computed in float32
 
 
-# Kept-set agreement bfloat16 vs float32 per stage, measured on 100 shared images (renyi α=2, keep 0.7):
-# 99.3 / 98.3 / 96.7 %, top-1 agreement 99 %. The third stage misses the 98 % target: its input has
-# passed nine bfloat16 blocks, and computing that block's logits from float32 q, k only lifts it to 97.1 %.
-# The bounds below leave room for the smaller sample.
+# Kept-set agreement bfloat16 vs float32 per stage, measured on 100 shared images (renyi α=2, keep 0.7;
+# the pruning blocks' attention runs in float32 inside): bfloat16 weights 99.4 / 98.6 / 97.1 %,
+# autocast 99.6 / 98.8 / 97.5 % (98.9 % of all kept tokens), top-1 agreement 98-99 %. The third stage
+# misses 98 %: its input has passed nine bfloat16 blocks, and entropy ranks are closer together than
+# CLS-attention ranks (EViT: 99.6 / 99.3 / 99.0 %). The bounds below leave room for the smaller sample.
 MIN_AGREEMENT = (0.98, 0.97, 0.95)
 
 
-def test_bfloat16_keeps_what_float32_keeps_on_real_images(shared_assets):
-    """24 shared images, renyi α=2, keep 0.7: kept sets agree per stage, top-1 on all but one image."""
+@pytest.mark.parametrize("how", ["weights", "autocast"])
+def test_bfloat16_keeps_what_float32_keeps_on_real_images(shared_assets, how):
+    """24 shared images, renyi α=2, keep 0.7: kept sets agree per stage (and on >= 98 % of all kept
+    tokens under autocast), top-1 on all but one image."""
     samples = list_samples(shared_assets / "imagenet-sample-1000")[:24]
     t = EvalTransform(224, 0.875, "bicubic", rp.model.IMAGENET_MEAN, rp.model.IMAGENET_STD)
     x = torch.stack([t(load_image(s.path)) for s in samples])
     w = shared_assets / "weights" / "deit_tiny_patch16_224.safetensors"
     m32 = rp.patch(rp.create_model("deit_tiny_patch16_224", weights=w), keep_rate=0.7, alpha=2.0)
-    m16 = rp.patch(rp.create_model("deit_tiny_patch16_224", weights=w).bfloat16(), keep_rate=0.7, alpha=2.0)
     with torch.no_grad():
-        a, b = m32(x), m16(x.bfloat16()).float()
+        a = m32(x)
+        if how == "weights":
+            m16 = rp.patch(rp.create_model("deit_tiny_patch16_224", weights=w).bfloat16(), keep_rate=0.7,
+                           alpha=2.0)  # fmt: skip
+            b = m16(x.bfloat16()).float()
+        else:
+            m16 = rp.patch(rp.create_model("deit_tiny_patch16_224", weights=w), keep_rate=0.7, alpha=2.0)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                b = m16(x).float()
+    agree = total = 0
     records = zip(m32.renyiprune.records, m16.renyiprune.records, MIN_AGREEMENT, strict=True)
     for r32, r16, least in records:
         pairs = zip(r32.patch_index.tolist(), r16.patch_index.tolist(), strict=True)
-        same = sum(len(set(p) & set(q)) for p, q in pairs) / r32.patch_index.numel()
-        assert same >= least, (r32.location, same)
+        same = sum(len(set(p) & set(q)) for p, q in pairs)
+        assert same / r32.patch_index.numel() >= least, (r32.location, same)
+        agree, total = agree + same, total + r32.patch_index.numel()
+    if how == "autocast":
+        assert agree / total >= 0.98
     assert (a.argmax(1) != b.argmax(1)).sum() <= 1

@@ -12,6 +12,7 @@ numbers (0..num_patches-1, row-major on the grid) of the survivors, and ``scores
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -133,17 +134,22 @@ def _scored_attention(
     a time. The built-in criteria derive their scores from those probabilities (``row_entropy``).
     """
     q, k, v = attn.qkv_heads(x)
-    logits = attention_logits(q, k, attn.scale)  # (B, H, N, N)
-    if bias is None:
-        ctx = AttentionContext(logits, **ctx_kw, query=q, key=k, scale=attn.scale, reuse_logits=True)
-    else:
-        ctx = AttentionContext(logits.add_(bias), **ctx_kw)
-    del logits  # the context owns the buffer
-    with torch.no_grad():  # scores only rank tokens; no gradient flows through the ranking
-        scores = criterion(ctx)
-    probs = ctx.probs
-    cls_attn = ctx.cls_attn
-    return attn.merge_heads(probs @ v), scores, cls_attn, k
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    # Rankings are sensitive to rounding: in float16/bfloat16 (weights or autocast) the pruning block's
+    # attention runs in float32 (bfloat16 logits of magnitude ~10 are rounded to 1/16).
+    with torch.autocast(q.device.type, enabled=False) if half else contextlib.nullcontext():
+        qf, kf, vf = (q.float(), k.float(), v.float()) if half else (q, k, v)
+        logits = attention_logits(qf, kf, attn.scale)  # (B, H, N, N)
+        if bias is None:
+            ctx = AttentionContext(logits, **ctx_kw, query=qf, key=kf, scale=attn.scale, reuse_logits=True)
+        else:
+            ctx = AttentionContext(logits.add_(bias.float()), **ctx_kw)
+        del logits  # the context owns the buffer
+        with torch.no_grad():  # scores only rank tokens; no gradient flows through the ranking
+            scores = criterion(ctx)
+        out = ctx.probs @ vf
+        cls_attn = ctx.cls_attn
+    return attn.merge_heads(out.to(v.dtype)), scores, cls_attn, k
 
 
 class _PruningBlock:
