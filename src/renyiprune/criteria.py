@@ -347,10 +347,10 @@ def column_norm(ctx: AttentionContext, norm: float = 4.0) -> Tensor:
     return peak.squeeze(1) * (cols / peak).pow(n).sum(dim=1).pow(1.0 / n)
 
 
-def _standardize(s: Tensor) -> Tensor:
-    """Per-image z-score over the patches (B, n)."""
+def standardize(s: Tensor, eps: float = 1e-12) -> Tensor:
+    """Per-image z-score over the tokens of ``s`` (B, n), in float32; ``eps`` floors the deviation."""
     s = s.float()
-    return (s - s.mean(dim=1, keepdim=True)) / s.std(dim=1, keepdim=True, correction=0).clamp_min(1e-12)
+    return (s - s.mean(dim=1, keepdim=True)) / s.std(dim=1, keepdim=True, correction=0).clamp_min(eps)
 
 
 def _ranks(s: Tensor) -> Tensor:
@@ -383,5 +383,5 @@ def hybrid(
     else:
         ent = CRITERIA[base](ctx)
     cls = evit(ctx)
-    f = _standardize if combine == "z" else _ranks
+    f = standardize if combine == "z" else _ranks
     return (1.0 - lam) * f(ent) + lam * f(cls)

@@ -30,6 +30,7 @@ from .criteria import (
     attention_logits,
     criterion_options,
     make_criterion,
+    standardize,
 )
 from .entropy import check_alpha, renyi_entropy
 from .merging import bipartite_matching, merge_into_kept
@@ -234,8 +235,7 @@ def _entropy_attention(attn: nn.Module, x: Tensor, bias: Tensor | None, state: P
     if bias is not None:
         logits = logits.add_(bias)
     with torch.no_grad():
-        h = renyi_entropy(logits, state.entropy_alpha).mean(dim=1)  # (B, N)
-        z = (h - h.mean(dim=1, keepdim=True)) / h.std(dim=1, keepdim=True, correction=0).clamp_min(1e-6)
+        z = standardize(renyi_entropy(logits, state.entropy_alpha).mean(dim=1), eps=1e-6)  # (B, N)
     out = attn.merge_heads(logits.softmax(dim=-1) @ v)
     return out, k, (state.entropy_weight * z[:, ::2]).to(q.dtype)
 
