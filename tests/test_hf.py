@@ -111,6 +111,12 @@ def test_distillation_token_is_kept_and_windowed_models_are_refused_clearly():
                                    window_size=4)  # fmt: skip
     with pytest.raises(UnsupportedModelError, match="windowed attention"):
         rp.patch(transformers.SwinForImageClassification(swin))
+    mim = transformers.ViTForMaskedImageModeling(transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+        patch_size=8, encoder_stride=8))  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match="reshapes every patch token back into the image grid"):
+        rp.patch(mim, keep_rate=0.5, locations=(1,))
+    assert type(mim).__name__ == "ViTForMaskedImageModeling"  # refused before anything was re-classed
 
 
 def test_bad_hf_folder_is_one_line(tmp_path, capsys):

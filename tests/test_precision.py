@@ -16,6 +16,7 @@ CONFIGS = [
     dict(criterion="headvar"),
     dict(criterion="hybrid", alpha=2.0),
     dict(method="tome", r=2),
+    dict(method="tome", r=2, entropy_weight=0.05, alpha=2.0),
 ]
 
 

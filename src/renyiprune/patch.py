@@ -229,15 +229,19 @@ class _MergingBlock:
 
 def _entropy_attention(attn: nn.Module, x: Tensor, bias: Tensor | None, state: PruneState):
     """Explicit attention that also returns a merge-order bonus for the A tokens (even positions):
-    entropy_weight x the per-image z-score of each token's Rényi row entropy (mean over heads)."""
+    entropy_weight x the per-image z-score of each token's Rényi row entropy (mean over heads).
+    As in a pruning block, float16/bfloat16 attention runs in float32 here."""
     q, k, v = attn.qkv_heads(x)
-    logits = attention_logits(q, k, attn.scale)
-    if bias is not None:
-        logits = logits.add_(bias)
-    with torch.no_grad():
-        z = standardize(renyi_entropy(logits, state.entropy_alpha).mean(dim=1), eps=1e-6)  # (B, N)
-    out = attn.merge_heads(logits.softmax(dim=-1) @ v)
-    return out, k, (state.entropy_weight * z[:, ::2]).to(q.dtype)
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    with torch.autocast(q.device.type, enabled=False) if half else contextlib.nullcontext():
+        qf, kf, vf = (q.float(), k.float(), v.float()) if half else (q, k, v)
+        logits = attention_logits(qf, kf, attn.scale)
+        if bias is not None:
+            logits = logits.add_(bias.to(logits.dtype))
+        with torch.no_grad():
+            z = standardize(renyi_entropy(logits, state.entropy_alpha).mean(dim=1), eps=1e-6)  # (B, N)
+        out = logits.softmax(dim=-1) @ vf
+    return attn.merge_heads(out.to(v.dtype)), k, (state.entropy_weight * z[:, ::2]).to(q.dtype)
 
 
 class _PrunedModel:

@@ -297,6 +297,12 @@ def _check(model: nn.Module) -> tuple[nn.Module, list]:
             "and DeiT (ViTModel, ViTForImageClassification, DeiTModel, DeiTForImageClassification, "
             "DeiTForImageClassificationWithTeacher) are supported"
         )
+    if name.endswith("ForMaskedImageModeling"):
+        raise UnsupportedModelError(
+            f"renyiprune.patch cannot prune {name}: its decoder reshapes every patch token back into the "
+            "image grid, so no token can be removed; prune the encoder (ViTModel / DeiTModel) or a "
+            "classifier instead"
+        )
     base = _base(model)
     emb = base.embeddings
     if getattr(emb, "cls_token", None) is None:
