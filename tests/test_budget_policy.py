@@ -207,3 +207,17 @@ def test_every_method_stays_within_its_budget_in_counted_gmacs():
             # r steps are coarse (one more merge per block = 12 blocks' worth); 2r -> 0 even more so
             slack = {None: 0.02, "tome": 0.035}[kw.get("method")] if "schedule" not in kw else 0.06
             assert f - slack <= g <= f, (kw, f, g)
+
+
+def test_eval_best_with_budget_lists_the_policys_method(tmp_path):
+    from renyiprune.cli import eval as eval_cmd
+
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps(POLICY))
+    args = build_parser().parse_args(["eval", "--data", str(tmp_path), "--criterion", "best", "--budget",
+                                      "0.5,0.8", "--policy", str(path)])  # fmt: skip
+    a, b = eval_cmd.configs_from_args(args)
+    assert (a.criterion, dict(a.options)) == ("evit", {"budget": 0.5, "removed": "merge"})
+    assert b.criterion == "tome" and dict(b.options)["budget"] == 0.8
+    assert dict(b.options)["schedule"] == "decreasing" and dict(b.options)["alpha"] == float("inf")
+    assert a.label == "evit budget=0.5 +merge"

@@ -13,7 +13,8 @@ from ..data import EvalTransform, make_loader
 from ..distributed import cleanup, init_distributed
 from ..entropy import parse_alpha
 from ..evaluate import PruneConfig, evaluate, parse_stages, pruned_view
-from ..policy import entry_config, load_policy, policy_entry
+from ..policy import budget_entry, entry_config, load_policy, policy_entry
+from ..sweep import config_from_dict
 from . import common
 
 UNPRUNED = {"none", "unpruned", "baseline"}
@@ -168,9 +169,17 @@ def _policy(args: argparse.Namespace) -> dict:
 
 def _policy_or_stage_configs(args: argparse.Namespace, crit: str) -> list[PruneConfig]:
     """'best': the policy's choice per keep rate; 'a@3+b@6': one per-stage config per keep rate."""
-    if crit == "best" and args.budget is not None:  # keep rate solved in patch(), then the policy's choice
-        return [PruneConfig("best", 1.0, 1.0, tuple(args.locations), args.fuse, (("budget", f),))
-                for f in args.budget]
+    if crit == "best" and args.budget is not None:
+        policy = _policy(args)
+        if not policy.get("budget"):  # tuned per keep rate only: keep rate solved in patch(), then its choice
+            return [PruneConfig("best", 1.0, 1.0, tuple(args.locations), args.fuse, (("budget", f),))
+                    for f in args.budget]
+        out = []
+        for f in args.budget:  # the method chosen at the nearest tuned budget, its schedule solved for f
+            c = config_from_dict(budget_entry(policy, f)["config"])
+            out.append(PruneConfig(c.criterion, c.keep_rate, c.alpha, c.locations, c.fuse,
+                                   tuple(sorted({**dict(c.options), "budget": f}.items()))))
+        return out
     if crit == "best":
         return [entry_config(policy_entry(_policy(args), r), r, args.locations, args.fuse) for r in args.keep]
     locs = parse_stages(crit)[2]
