@@ -221,3 +221,16 @@ def test_eval_best_with_budget_lists_the_policys_method(tmp_path):
     assert b.criterion == "tome" and dict(b.options)["budget"] == 0.8
     assert dict(b.options)["schedule"] == "decreasing" and dict(b.options)["alpha"] == float("inf")
     assert a.label == "evit budget=0.5 +merge"
+
+
+def test_eval_merge_order_flag_reaches_the_tome_config(tmp_path):
+    from renyiprune.cli import eval as eval_cmd
+
+    argv = ["eval", "--data", str(tmp_path), "--criterion", "tome", "--entropy-weight", "0.05",
+            "--merge-order", "cls_attention", "--budget", "0.5"]  # fmt: skip
+    args = build_parser().parse_args(argv)
+    (cfg,) = eval_cmd.configs_from_args(args)
+    kw = patch_kwargs(cfg)
+    assert kw["method"] == "tome" and kw["merge_order"] == "cls_attention" and kw["budget"] == 0.5
+    m = rp.patch(small_vit(), method="tome", r=4, entropy_weight=0.05, merge_order="cls_attention")
+    assert "merge_order=cls_attention" in m.renyiprune.describe()

@@ -128,14 +128,20 @@ def test_entropy_bonus_orders_merges():
         assert sorted(m.merged[b].tolist()) == want
 
 
-def test_entropy_aware_tome_matches_naive():
+@pytest.mark.parametrize("order", ["entropy", "cls_attention"])
+def test_entropy_aware_tome_matches_naive(order):
+    """Each registered merge order against its naive formula: Shannon row entropy (diffuse merges first)
+    or minus the CLS attention a token receives (ignored tokens merge first), z-scored per image."""
     m = small_vit()
     torch.manual_seed(4)
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     weight, r = 0.5, 6
 
     def reduce(i, t, size, keys, p):
-        h = -(p * torch.log(p)).sum(-1).mean(0)  # Shannon entropy of each token's row, mean over heads
+        if order == "entropy":
+            h = -(p * torch.log(p)).sum(-1).mean(0)  # Shannon entropy of each token's row, mean over heads
+        else:
+            h = -p[:, 0, :].mean(0)  # minus the CLS query's attention to each token, mean over heads
         z = (h - h.mean()) / h.std(correction=0)
         bonus = weight * z[::2]
         # reference_tome with the bonus: re-implemented order on top of its similarities
@@ -159,8 +165,11 @@ def test_entropy_aware_tome_matches_naive():
 
     with torch.no_grad():
         want = torch.stack([naive_forward(m, img, reduce) for img in x])
-        rp.patch(m, method="tome", r=r, entropy_weight=weight, alpha=1.0)
+        rp.patch(m, method="tome", r=r, entropy_weight=weight, alpha=1.0, merge_order=order)
+        assert m.renyiprune.merge_order == order
         got = m(x)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
         plain = rp.patch(m, method="tome", r=r)(x)
         assert torch.equal(rp.patch(m, method="tome", r=r, entropy_weight=0.0)(x), plain)
+    with pytest.raises(ValueError, match="unknown merge order"):
+        rp.patch(m, method="tome", r=r, entropy_weight=0.1, merge_order="loudness")

@@ -30,9 +30,9 @@ from .criteria import (
     attention_logits,
     criterion_options,
     make_criterion,
-    standardize,
 )
-from .entropy import check_alpha, renyi_entropy
+from .entropy import check_alpha
+from .merge_order import get_merge_order
 from .merging import bipartite_matching, merge_into_kept
 from .selection import check_keep_rate, keep_count, select_tokens, top_k_sorted
 
@@ -81,8 +81,9 @@ class PruneState:
     removed: str = "drop"
     method: str = "prune"
     merge_r: list[int] = field(default_factory=list)
-    entropy_weight: float = 0.0  # ToMe: weight of the Rényi-entropy term in the merge order
+    entropy_weight: float = 0.0  # ToMe: weight of the merge-order term (``merge_order.MERGE_ORDERS``)
     entropy_alpha: float = 1.0
+    merge_order: str = "entropy"
     num_prefix: int = 1  # tokens before the patches (CLS, distillation, ...): always kept, never merged
     # Filled during a forward:
     step: int = 0
@@ -112,6 +113,8 @@ class PruneState:
     def describe(self) -> str:
         if self.method == "tome":
             ent = f" entropy_weight={self.entropy_weight:g}" if self.entropy_weight else ""
+            if self.entropy_weight and self.merge_order != "entropy":
+                ent += f" merge_order={self.merge_order}"
             return f"tome r={self.merge_r}{ent}"
         parts = [f"{s.name}@{s.location}:{s.tokens if s.tokens is not None else f'{s.keep_rate:g}'}"
                  for s in self.stages]
@@ -229,7 +232,7 @@ class _MergingBlock:
 
 def _entropy_attention(attn: nn.Module, x: Tensor, bias: Tensor | None, state: PruneState):
     """Explicit attention that also returns a merge-order bonus for the A tokens (even positions):
-    entropy_weight x the per-image z-score of each token's Rényi row entropy (mean over heads).
+    entropy_weight x the state's merge order (default: the z-scored Rényi row entropy, mean over heads).
     As in a pruning block, float16/bfloat16 attention runs in float32 here."""
     q, k, v = attn.qkv_heads(x)
     half = q.dtype in (torch.float16, torch.bfloat16)
@@ -239,7 +242,7 @@ def _entropy_attention(attn: nn.Module, x: Tensor, bias: Tensor | None, state: P
         if bias is not None:
             logits = logits.add_(bias.to(logits.dtype))
         with torch.no_grad():
-            z = standardize(renyi_entropy(logits, state.entropy_alpha).mean(dim=1), eps=1e-6)  # (B, N)
+            z = get_merge_order(state.merge_order)(logits, state.entropy_alpha)  # (B, N)
         out = logits.softmax(dim=-1) @ vf
     return attn.merge_heads(out.to(v.dtype)), k, (state.entropy_weight * z[:, ::2]).to(q.dtype)
 
@@ -329,10 +332,12 @@ def patch(
         keep_rate, r = _solve_budget(model, budget, method, locations, removed, schedule)
     if method == "tome":
         weight = float(criterion_options.pop("entropy_weight", 0.0))
+        order = str(criterion_options.pop("merge_order", "entropy"))
+        get_merge_order(order)  # unknown names fail here
         if criterion_options:
             raise ValueError(f"method tome takes no option {', '.join(sorted(criterion_options))}")
         merge_r = tome_schedule(r, schedule, len(blocks))
-        return _patch_tome(model, blocks, merge_r, weight, check_alpha(_first(alpha)))
+        return _patch_tome(model, blocks, merge_r, weight, check_alpha(_first(alpha)), order)
     if isinstance(criterion, str) and criterion == "best":  # the shipped tuned policy's choice
         criterion, alpha, locations, criterion_options = _resolve_best(
             model, keep_rate, locations, criterion_options
@@ -391,12 +396,17 @@ def _first(value):
 
 
 def _patch_tome(
-    model: nn.Module, blocks: Sequence[nn.Module], merge_r: list[int], entropy_weight: float, alpha: float
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    merge_r: list[int],
+    entropy_weight: float,
+    alpha: float,
+    merge_order: str = "entropy",
 ) -> nn.Module:
     if is_patched(model):
         unpatch(model)
     state = PruneState(stages=[], fuse=False, removed="merge", method="tome", merge_r=merge_r,
-                       entropy_weight=entropy_weight, entropy_alpha=alpha)
+                       entropy_weight=entropy_weight, entropy_alpha=alpha, merge_order=merge_order)
     _attach(model, state)
     for i, b in enumerate(blocks):
         _swap(b, _MergingBlock, state)

@@ -13,6 +13,7 @@ from ..data import EvalTransform, make_loader
 from ..distributed import cleanup, init_distributed
 from ..entropy import parse_alpha
 from ..evaluate import PruneConfig, evaluate, parse_stages, pruned_view
+from ..merge_order import list_merge_orders
 from ..policy import budget_entry, entry_config, load_policy, policy_entry
 from ..sweep import config_from_dict
 from . import common
@@ -80,6 +81,9 @@ def add_parser(sub) -> None:
                    help="tome: evaluate token merging (same as adding tome to --criterion)")
     p.add_argument("--entropy-weight", type=float, default=0.0,
                    help="tome: weight of the z-scored Rényi row entropy (order --alpha) in the merge order")
+    p.add_argument("--merge-order", choices=list_merge_orders(), default="entropy",
+                   help="tome with --entropy-weight: which tokens merge first (entropy: diffuse attention; "
+                   "cls_attention: least attended by CLS)")
     p.add_argument("--budget", type=common.keep_rates, default=None,
                    help="compute budget(s) F in (0, 1]: solve keep rate / r for GMACs <= F x unpruned")
     p.add_argument("--direction", choices=["row", "column"], default=None, help="renyi: row or column")
@@ -157,6 +161,8 @@ def _tome_configs(args: argparse.Namespace) -> list[PruneConfig]:
     extra: tuple = ()
     if args.entropy_weight:
         extra = (("entropy_weight", args.entropy_weight), ("alpha", args.alpha[0]))
+        if args.merge_order != "entropy":
+            extra += (("merge_order", args.merge_order),)
     if args.budget is not None:
         return [PruneConfig("tome", options=(("budget", f),) + extra) for f in args.budget]
     sched = (("schedule", args.schedule),) if args.schedule != "constant" else ()
