@@ -125,6 +125,18 @@ def is_patched(model: nn.Module) -> bool:
     return isinstance(getattr(model, "renyiprune", None), PruneState)
 
 
+def _explicit_qkv(attn: nn.Module, x: Tensor):
+    """The block's (q, k, v), the (q, k, v) its explicit attention runs on, and the context to run it in.
+
+    Rankings are sensitive to rounding: in float16/bfloat16 (weights or autocast) the explicit attention
+    runs in float32 with autocast off (bfloat16 logits of magnitude ~10 are rounded to 1/16).
+    """
+    q, k, v = attn.qkv_heads(x)
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return (q, k, v), (q, k, v), contextlib.nullcontext()
+    return (q, k, v), (q.float(), k.float(), v.float()), torch.autocast(q.device.type, enabled=False)
+
+
 def _scored_attention(
     attn: nn.Module, x: Tensor, criterion: Criterion, ctx_kw: dict, bias: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -137,17 +149,13 @@ def _scored_attention(
     buffer becomes the probabilities in place for the output, so one (B, H, N, N) tensor is alive at
     a time. The built-in criteria derive their scores from those probabilities (``row_entropy``).
     """
-    q, k, v = attn.qkv_heads(x)
-    half = q.dtype in (torch.float16, torch.bfloat16)
-    # Rankings are sensitive to rounding: in float16/bfloat16 (weights or autocast) the pruning block's
-    # attention runs in float32 (bfloat16 logits of magnitude ~10 are rounded to 1/16).
-    with torch.autocast(q.device.type, enabled=False) if half else contextlib.nullcontext():
-        qf, kf, vf = (q.float(), k.float(), v.float()) if half else (q, k, v)
+    (q, k, v), (qf, kf, vf), precision = _explicit_qkv(attn, x)
+    with precision:
         logits = attention_logits(qf, kf, attn.scale)  # (B, H, N, N)
         if bias is None:
             ctx = AttentionContext(logits, **ctx_kw, query=qf, key=kf, scale=attn.scale, reuse_logits=True)
         else:
-            ctx = AttentionContext(logits.add_(bias.float()), **ctx_kw)
+            ctx = AttentionContext(logits.add_(bias.to(logits.dtype)), **ctx_kw)
         del logits  # the context owns the buffer
         with torch.no_grad():  # scores only rank tokens; no gradient flows through the ranking
             scores = criterion(ctx)
@@ -234,10 +242,8 @@ def _entropy_attention(attn: nn.Module, x: Tensor, bias: Tensor | None, state: P
     """Explicit attention that also returns a merge-order bonus for the A tokens (even positions):
     entropy_weight x the state's merge order (default: the z-scored Rényi row entropy, mean over heads).
     As in a pruning block, float16/bfloat16 attention runs in float32 here."""
-    q, k, v = attn.qkv_heads(x)
-    half = q.dtype in (torch.float16, torch.bfloat16)
-    with torch.autocast(q.device.type, enabled=False) if half else contextlib.nullcontext():
-        qf, kf, vf = (q.float(), k.float(), v.float()) if half else (q, k, v)
+    (q, k, v), (qf, kf, vf), precision = _explicit_qkv(attn, x)
+    with precision:
         logits = attention_logits(qf, kf, attn.scale)
         if bias is not None:
             logits = logits.add_(bias.to(logits.dtype))

@@ -28,6 +28,7 @@ __all__ = [
     "resolve_best",
     "resolve_budget",
     "budget_entry",
+    "budget_config",
     "choose",
 ]
 
@@ -126,15 +127,27 @@ def resolve_budget(
     """``patch()`` arguments (method, criterion, removed, schedule, ...) the policy chose for the
     budget nearest ``budget``, without the budget itself; None if the policy has no budget section."""
     from .evaluate import patch_kwargs
-    from .sweep import config_from_dict
 
-    entry = budget_entry(load_policy(path, model), float(budget))
-    if entry is None:
+    config = budget_config(load_policy(path, model), float(budget))
+    if config is None:
         return None
-    kwargs = patch_kwargs(config_from_dict(entry["config"]))
+    kwargs = patch_kwargs(config)
     for k in ("budget", "keep_rate"):
         kwargs.pop(k, None)
     return kwargs
+
+
+def budget_config(policy: dict, budget: float):
+    """The config of the method the policy chose at the tuned budget nearest ``budget``, with its
+    schedule to be solved for ``budget`` itself; None if the policy has no budget section."""
+    from .sweep import config_from_dict
+
+    entry = budget_entry(policy, budget)
+    if entry is None:
+        return None
+    c = config_from_dict(entry["config"])
+    return PruneConfig(c.criterion, c.keep_rate, c.alpha, c.locations, c.fuse,
+                       tuple(sorted({**dict(c.options), "budget": budget}.items())))
 
 
 def _setting(record: dict) -> dict:

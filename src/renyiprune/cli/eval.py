@@ -14,8 +14,7 @@ from ..distributed import cleanup, init_distributed
 from ..entropy import parse_alpha
 from ..evaluate import PruneConfig, evaluate, parse_stages, pruned_view
 from ..merge_order import list_merge_orders
-from ..policy import budget_entry, entry_config, load_policy, policy_entry
-from ..sweep import config_from_dict
+from ..policy import budget_config, entry_config, load_policy, policy_entry
 from . import common
 
 UNPRUNED = {"none", "unpruned", "baseline"}
@@ -180,12 +179,8 @@ def _policy_or_stage_configs(args: argparse.Namespace, crit: str) -> list[PruneC
         if not policy.get("budget"):  # tuned per keep rate only: keep rate solved in patch(), then its choice
             return [PruneConfig("best", 1.0, 1.0, tuple(args.locations), args.fuse, (("budget", f),))
                     for f in args.budget]
-        out = []
-        for f in args.budget:  # the method chosen at the nearest tuned budget, its schedule solved for f
-            c = config_from_dict(budget_entry(policy, f)["config"])
-            out.append(PruneConfig(c.criterion, c.keep_rate, c.alpha, c.locations, c.fuse,
-                                   tuple(sorted({**dict(c.options), "budget": f}.items()))))
-        return out
+        # the method chosen at the nearest tuned budget, its schedule solved for f
+        return [budget_config(policy, f) for f in args.budget]
     if crit == "best":
         return [entry_config(policy_entry(_policy(args), r), r, args.locations, args.fuse) for r in args.keep]
     locs = parse_stages(crit)[2]
