@@ -108,3 +108,9 @@ def test_tuning_never_reads_an_evaluation_image(shared_assets, tmp_path, images_
     assert main(argv) == 0
     policy = load_policy(tmp_path / "policy.json")
     assert policy["evaluation_images"] == len(evals) and "evaluation_top1" in policy["keep"]["0.5"]["best"]
+    # ... with the paired difference to EViT on the same evaluation images.
+    entry = policy["keep"]["0.5"]
+    pair = entry["best"]["evaluation_vs_evit"]
+    delta = entry["best"]["evaluation_top1"] - entry["reference"]["evit"]["evaluation_top1"]
+    assert pair["delta"] == pytest.approx(delta) and pair["ci95"][0] <= pair["delta"] <= pair["ci95"][1]
+    assert 100 * (pair["a_only"] - pair["b_only"]) / len(evals) == pytest.approx(delta)

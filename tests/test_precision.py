@@ -15,6 +15,9 @@ CONFIGS = [
     dict(criterion="evit", removed="merge"),
     dict(criterion="headvar"),
     dict(criterion="hybrid", alpha=2.0),
+    dict(criterion="cls_value", fuse=True),
+    dict(criterion="pagerank"),
+    dict(criterion="evit_renyi", alpha=2.0),
     dict(method="tome", r=2),
     dict(method="tome", r=2, entropy_weight=0.05, alpha=2.0),
 ]
@@ -86,3 +89,21 @@ def test_bfloat16_keeps_what_float32_keeps_on_real_images(shared_assets, how):
     if how == "autocast":
         assert agree / total >= 0.98
     assert (a.argmax(1) != b.argmax(1)).sum() <= 1
+
+
+def test_pruning_block_projects_q_k_v_in_float32_under_autocast():
+    """Under autocast the ranking's q, k (and v) equal the float32 projection bit for bit; with bfloat16
+    weights they are the bfloat16 projection, upcast."""
+    from renyiprune.patch import _explicit_qkv
+
+    attn = tiny().blocks[1].attn
+    x = torch.randn(2, 17, 32)
+    exact = attn.qkv_heads(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = attn.qkv_heads(x)
+        _, ranked, _ = _explicit_qkv(attn, x)
+    assert rounded[0].dtype == torch.bfloat16 and not torch.equal(rounded[0].float(), exact[0])
+    assert all(r.dtype == torch.float32 and torch.equal(r, e) for r, e in zip(ranked, exact, strict=True))
+    half = tiny().bfloat16().blocks[1].attn
+    _, ranked, _ = _explicit_qkv(half, x.bfloat16())
+    assert all(torch.equal(r, h.float()) for r, h in zip(ranked, half.qkv_heads(x.bfloat16()), strict=True))

@@ -52,6 +52,7 @@ class AttentionContext:
         *,
         query: Tensor | None = None,
         key: Tensor | None = None,
+        value: Tensor | None = None,
         scale: float = 1.0,
         reuse_logits: bool = False,
         num_prefix: int = 1,
@@ -63,12 +64,13 @@ class AttentionContext:
         self.step = step
         self._query = query
         self._key = key
+        self._value = value
         self._scale = scale  # logits = (query @ key^T) * scale
         # In-place softmax needs a way to get the logits back, and no autograd graph through them.
         self._reuse = reuse_logits and query is not None and key is not None and not logits.requires_grad
         self._probs: Tensor | None = None
         self._lse: Tensor | None = None  # (B, H, N) log-sum-exp of each logits row, when known
-        self._cls_attn: Tensor | None = None
+        self._cls_rows: Tensor | None = None
         self._entropy: dict[float, Tensor] = {}
 
     def __repr__(self) -> str:
@@ -114,13 +116,25 @@ class AttentionContext:
         return self.probs, self._lse
 
     @property
-    def cls_attn(self) -> Tensor:
-        """Mean over heads of the CLS query's (token 0's) attention to every token, prefix included (B, N)."""
-        if self._cls_attn is None:
+    def cls_rows(self) -> Tensor:
+        """Each head's CLS query (token 0) attention to every token, prefix included (B, H, N), float32."""
+        if self._cls_rows is None:
             s = self._logits if self._logits is not None else None
             row = self._probs[:, :, 0] if self._probs is not None else s[:, :, 0].softmax(-1)
-            self._cls_attn = row.float().mean(dim=1)
-        return self._cls_attn
+            self._cls_rows = row.float()
+        return self._cls_rows
+
+    @property
+    def cls_attn(self) -> Tensor:
+        """Mean over heads of the CLS query's attention to every token, prefix included (B, N)."""
+        return self.cls_rows.mean(dim=1)
+
+    @property
+    def value(self) -> Tensor:
+        """The block's values (B, H, N, d), for criteria that weigh attention by what it carries."""
+        if self._value is None:
+            raise ValueError("this criterion needs the attention values; pass value= to AttentionContext")
+        return self._value
 
     def patches(self, t: Tensor, dim: int = -1) -> Tensor:
         """Slice the candidate patch tokens P..P+n-1 out of ``t`` along ``dim`` (P = ``num_prefix``)."""
@@ -230,7 +244,8 @@ def make_criterion(criterion: str | Criterion, **options) -> Criterion:
                 f"its options: {', '.join(known) or 'none'}"
             )
         fn = functools.partial(base, **options)
-    probe = AttentionContext(torch.randn(1, 2, 4, 4), num_patches=3)
+    q, k, v = torch.randn(3, 1, 2, 4, 3).unbind(0)
+    probe = AttentionContext(attention_logits(q, k, 0.5), num_patches=3, query=q, key=k, value=v, scale=0.5)
     out = fn(probe)
     if out.shape != (1, 3):
         raise ValueError(f"criterion returned shape {tuple(out.shape)} for 3 patches; expected (1, 3)")
@@ -371,13 +386,13 @@ def hybrid(
     base: str = "renyi",
 ) -> Tensor:
     """(1 - lam) * Rényi score + lam * EViT's CLS attention, each standardized per image (``combine='z'``)
-    or turned into ranks (``'rank'``); lam = 0 ranks as renyi, lam = 1 as evit. ``base='headvar'`` or
-    ``'column_norm'`` blends that criterion with the CLS attention instead of the Rényi score."""
+    or turned into ranks (``'rank'``); lam = 0 ranks as renyi, lam = 1 as evit. ``base`` names another
+    registered criterion (e.g. 'headvar', 'column_norm') to blend with the CLS attention instead."""
     lam = float(lam)
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be in [0, 1], got {lam!r}")
     _choice("combine", combine, ("z", "rank"))
-    _choice("base", base, ("renyi", "headvar", "column_norm"))
+    _choice("base", base, tuple(c for c in list_criteria() if c not in ("hybrid", "evit")))
     if base == "renyi":
         ent = renyi(ctx, alpha=alpha, direction=direction, heads=heads, cls_key=cls_key)
     else:
@@ -385,3 +400,53 @@ def hybrid(
     cls = evit(ctx)
     f = standardize if combine == "z" else _ranks
     return (1.0 - lam) * f(ent) + lam * f(cls)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLS-attention refinements: what the attention carries, where it flows, which heads are focused
+
+
+@register_criterion("cls_value")
+def cls_value(ctx: AttentionContext) -> Tensor:
+    """How far each patch moves the CLS token: mean over heads of a_h(CLS -> j) * ||v_h,j||.
+
+    The CLS update is sum_j a_j v_j, so a patch with small attention but a large value can matter more
+    than EViT's attention alone says (the norm-based view of attention, Kobayashi et al. 2020).
+    """
+    norms = ctx.value.float().norm(dim=-1)  # (B, H, N)
+    return ctx.patches((ctx.cls_rows * norms).mean(dim=1))
+
+
+@register_criterion("pagerank")
+def pagerank(ctx: AttentionContext, iterations: int = 3) -> Tensor:
+    """Attention received, weighted by the importance of who attends: s <- A^T s from uniform s.
+
+    A is the head-mean attention (row-stochastic); one iteration is the mean attention each patch
+    receives, more iterations approach A's stationary distribution (a PageRank without damping, the
+    idea behind Zero-TPrune's weighted PageRank).
+    """
+    it = int(iterations)
+    if it < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations!r}")
+    a = ctx.probs.float().mean(dim=1)  # (B, N queries, N keys)
+    s = torch.full(a.shape[:2], 1.0 / a.shape[1], dtype=a.dtype, device=a.device)
+    for _ in range(it):
+        s = torch.bmm(s.unsqueeze(1), a).squeeze(1)  # s_j <- sum_i s_i A_ij
+    return ctx.patches(s)
+
+
+@register_criterion("evit_renyi")
+def evit_renyi(ctx: AttentionContext, alpha: float = 2.0, sharpness: float = 1.0) -> Tensor:
+    """EViT's CLS attention with heads weighted by focus: w_h ∝ exp(-sharpness * H_alpha(CLS row of h)).
+
+    exp(H_alpha) is the effective number of keys a head's CLS query looks at; heads that look at few
+    keys vote more. sharpness = 0 is EViT.
+    """
+    a = check_alpha(alpha)
+    g = float(sharpness)
+    if not g >= 0.0:
+        raise ValueError(f"sharpness must be >= 0, got {sharpness!r}")
+    rows = ctx.cls_rows  # (B, H, N)
+    h = renyi_entropy(rows.log(), a, dim=-1)  # log p as logits: softmax(log p) = p; zeros leave the support
+    w = torch.softmax(-g * h, dim=1)  # (B, H), sums to 1 over heads
+    return ctx.patches((w.unsqueeze(-1) * rows).sum(dim=1))

@@ -129,12 +129,20 @@ def _explicit_qkv(attn: nn.Module, x: Tensor):
     """The block's (q, k, v), the (q, k, v) its explicit attention runs on, and the context to run it in.
 
     Rankings are sensitive to rounding: in float16/bfloat16 (weights or autocast) the explicit attention
-    runs in float32 with autocast off (bfloat16 logits of magnitude ~10 are rounded to 1/16).
+    runs in float32 with autocast off (bfloat16 logits of magnitude ~10 are rounded to 1/16); under
+    autocast the q, k, v projection runs in float32 as well.
     """
+    full = torch.autocast(x.device.type, enabled=False)
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        # Autocast over float32 weights: project in float32 too, so that q and k carry no bfloat16
+        # rounding (~0.4 % of each logit) into the ranking.
+        with full:
+            q, k, v = attn.qkv_heads(x)
+        return (q, k, v), (q, k, v), full
     q, k, v = attn.qkv_heads(x)
     if q.dtype not in (torch.float16, torch.bfloat16):
         return (q, k, v), (q, k, v), contextlib.nullcontext()
-    return (q, k, v), (q.float(), k.float(), v.float()), torch.autocast(q.device.type, enabled=False)
+    return (q, k, v), (q.float(), k.float(), v.float()), full
 
 
 def _scored_attention(
@@ -153,9 +161,11 @@ def _scored_attention(
     with precision:
         logits = attention_logits(qf, kf, attn.scale)  # (B, H, N, N)
         if bias is None:
-            ctx = AttentionContext(logits, **ctx_kw, query=qf, key=kf, scale=attn.scale, reuse_logits=True)
+            ctx = AttentionContext(
+                logits, **ctx_kw, query=qf, key=kf, value=vf, scale=attn.scale, reuse_logits=True
+            )
         else:
-            ctx = AttentionContext(logits.add_(bias.to(logits.dtype)), **ctx_kw)
+            ctx = AttentionContext(logits.add_(bias.to(logits.dtype)), **ctx_kw, value=vf)
         del logits  # the context owns the buffer
         with torch.no_grad():  # scores only rank tokens; no gradient flows through the ranking
             scores = criterion(ctx)

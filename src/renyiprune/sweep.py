@@ -205,6 +205,17 @@ def _hits(logits: Tensor, labels: Tensor) -> tuple[int, int]:
     return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
 
 
+def _per_image(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per image: top-1 correct (bool) and cross-entropy of the true class (nats, float64)."""
+    nll = torch.nn.functional.cross_entropy(logits.double(), labels, reduction="none")
+    return logits.argmax(dim=1) == labels, nll
+
+
+def _bits(correct: Tensor) -> str:
+    """Per-image top-1 outcomes as a '0'/'1' string in cache order (for paired comparisons)."""
+    return "".join("1" if c else "0" for c in correct.tolist())
+
+
 @torch.inference_mode()
 def first_stage_scores(
     model: nn.Module, cache: TokenCache, config: PruneConfig, rows: Tensor, batch_size: int = 64
@@ -225,9 +236,9 @@ def first_stage_scores(
     out = []
     for i in range(0, rows.shape[0], batch_size):
         x = cache.tokens[rows[i : i + batch_size]]
-        q, k, _ = blk.attn.qkv_heads(blk.norm1(x))
+        q, k, v = blk.attn.qkv_heads(blk.norm1(x))
         logits = (q * blk.attn.scale) @ k.transpose(-2, -1)
-        out.append(fn(AttentionContext(logits, num_patches=x.shape[1] - 1)).float())
+        out.append(fn(AttentionContext(logits, num_patches=x.shape[1] - 1, value=v)).float())
     return torch.cat(out)
 
 
@@ -239,8 +250,8 @@ def _run_budget(
     batch_size: int,
     device,
     bar: tqdm | None,
-) -> tuple[int, int, float, dict]:
-    """Per-image keep counts from a calibrated threshold; returns hits, mean GMACs and details."""
+) -> tuple[tuple, float, dict]:
+    """Per-image keep counts from a calibrated threshold; returns outcomes, mean GMACs and details."""
     all_rows = torch.arange(cache.tokens.shape[0])
     calib_rows = all_rows[calibration]
     if calib_rows.numel() == 0:
@@ -255,16 +266,19 @@ def _run_budget(
     counts = counts.clamp(min(BUDGET_STEP, n), n)
     top1 = top5 = 0
     gmacs = 0.0
+    m = cache.tokens.shape[0]
+    correct = torch.zeros(m, dtype=torch.bool)
+    nll = torch.zeros(m, dtype=torch.float64)
     for k in counts.unique().tolist():
         rows = all_rows[counts == k]
         view = pruned_view(model, replace(config.prune_config, keep_rate=k / n))
         logits = run_view(view, cache, rows=rows, batch_size=batch_size, device=device, bar=bar)
         h1, h5 = _hits(logits, cache.labels[rows])
         top1, top5 = top1 + h1, top5 + h5
+        correct[rows], nll[rows] = _per_image(logits, cache.labels[rows])
         gmacs += count_gmacs(view) * rows.numel()
-    m = cache.tokens.shape[0]
     details = {"threshold": tau, "mean_keep_rate": float(counts.float().mean() / n)}
-    return top1, top5, gmacs / max(m, 1), details
+    return (top1, top5, correct, nll), gmacs / max(m, 1), details
 
 
 def run_config(
@@ -277,7 +291,8 @@ def run_config(
     calibration: Tensor | None = None,
     progress: bool = True,
 ) -> dict:
-    """Evaluate one configuration on the cached images: top-1/top-5 (percent), GMACs, images, seconds."""
+    """Evaluate one configuration on the cached images: top-1/top-5 (percent), mean NLL, per-image
+    top-1 outcomes, GMACs, images, seconds."""
     depth = len(model.blocks)
     if first_location(config, depth) < cache.start:
         raise ValueError(f"{config.label} prunes before block {cache.start}, where the cache starts")
@@ -287,12 +302,15 @@ def run_config(
     details: dict = {}
     if getattr(config, "budget", False):
         calib = calibration if calibration is not None else torch.ones(m, dtype=torch.bool)
-        top1, top5, gmacs, details = _run_budget(model, config, cache, calib, batch_size, device, bar)
+        (top1, top5, correct, nll), gmacs, details = _run_budget(
+            model, config, cache, calib, batch_size, device, bar
+        )
     else:
         pc = config.prune_config if isinstance(config, SweepConfig) else config
         view = pruned_view(model, pc)
         logits = run_view(view, cache, batch_size=batch_size, device=device, bar=bar)
         top1, top5 = _hits(logits, cache.labels)
+        correct, nll = _per_image(logits, cache.labels)
         gmacs = count_gmacs(view)
     seconds = time.perf_counter() - t0
     bar.close()
@@ -301,6 +319,8 @@ def run_config(
         "config": config_to_dict(config),
         "top1": 100.0 * top1 / max(m, 1),
         "top5": 100.0 * top5 / max(m, 1),
+        "nll": float(nll.mean()) if m else math.nan,  # mean cross-entropy of the true class (nats)
+        "correct": _bits(correct),  # per-image top-1, cache order: paired comparisons (stats.paired)
         "gmacs": gmacs,
         "images": m,
         "seconds": seconds,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..criteria import list_criteria
+from ..criteria import CRITERIA, criterion_options, list_criteria
 from ..data import EvalTransform, list_samples
 from ..entropy import parse_alpha
 from ..evaluate import parse_stages
@@ -18,8 +18,6 @@ from ..policy import is_calibration
 from ..sweep import ResultLog, SweepConfig, run_sweep
 from ..tables import markdown_tables, to_csv
 from . import common
-
-TUNED = ("renyi", "hybrid")  # criteria crossed with --alphas
 
 
 def _on_off(text: str) -> list[bool]:
@@ -83,8 +81,12 @@ def parse_spec(spec: str, alphas) -> tuple[str, list[float], dict]:
     if "[" in crit and crit.endswith("]"):  # 'hybrid[base=headvar]': fixed criterion options
         crit, _, inner = crit[:-1].partition("[")
         extra = parse_options(inner)
-    tuned = crit in TUNED and extra.get("base", "renyi") == "renyi"
+    # crossed with --alphas: criteria with an order (hybrid only while its base is the Rényi score)
+    tuned = crit in CRITERIA and "alpha" in criterion_options(CRITERIA[crit])
+    tuned = tuned and extra.get("base", "renyi") == "renyi"
     alphas = list(alphas) if tuned else [1.0]
+    if tuned and "alpha" in extra:  # 'evit_renyi[alpha=inf]' is 'evit_renyi:inf'
+        alphas = [parse_alpha(str(extra.pop("alpha")))]
     if "@" in crit:
         parse_stages(crit)
     elif ":" in crit:  # 'hybrid:2': this criterion at one alpha only

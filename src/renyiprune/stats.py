@@ -1,0 +1,55 @@
+"""Paired comparison of two classifiers on the same images: how large a top-1 difference is, and
+whether it is more than the luck of which images disagree.
+
+Pure Python on per-image outcomes ('0'/'1' strings, as sweep records store them); nothing here
+knows about models.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["paired_difference"]
+
+Z95 = 1.959963984540054  # standard normal 97.5 % quantile
+
+
+def _binom_tail(k: int, n: int) -> float:
+    """P(X <= k) for X ~ Binomial(n, 1/2), summed exactly in log space."""
+    if k < 0:
+        return 0.0
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2.0)
+            for i in range(min(k, n) + 1)]  # fmt: skip
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
+
+
+def paired_difference(a: str, b: str) -> dict:
+    """Top-1 of A minus top-1 of B (points) on the same images, with its 95 % interval and McNemar's p.
+
+    Only images where A and B disagree carry information: ``a_only`` (A right, B wrong) and ``b_only``.
+    The interval is the normal one for the mean of the per-image differences d_i in {-1, 0, 1};
+    p is the exact two-sided McNemar (sign) test of a_only against b_only.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"outcomes of {len(a)} and {len(b)} images: not the same images")
+    if set(a) - {"0", "1"} or set(b) - {"0", "1"}:
+        raise ValueError("outcomes must be strings of '0' and '1'")
+    n = len(a)
+    a_only = sum(1 for x, y in zip(a, b, strict=True) if x == "1" and y == "0")
+    b_only = sum(1 for x, y in zip(a, b, strict=True) if x == "0" and y == "1")
+    if n == 0:
+        raise ValueError("no images to compare")
+    mean = (a_only - b_only) / n
+    var = (a_only + b_only) / n - mean * mean  # population variance of d_i
+    half = Z95 * math.sqrt(max(var, 0.0) / n)
+    d = a_only + b_only
+    p = 1.0 if d == 0 else min(1.0, 2.0 * _binom_tail(min(a_only, b_only), d))
+    return {
+        "images": n,
+        "delta": 100.0 * mean,
+        "ci95": (100.0 * (mean - half), 100.0 * (mean + half)),
+        "a_only": a_only,
+        "b_only": b_only,
+        "p_mcnemar": p,
+    }

@@ -1,0 +1,48 @@
+"""Paired top-1 comparison: against scipy's binomial test and a brute-force interval."""
+
+import math
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from scipy.stats import binomtest, norm
+
+from renyiprune.stats import paired_difference
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=300))
+def test_paired_difference_matches_scipy_and_naive_formulas(pairs):
+    a = "".join("1" if x else "0" for x, _ in pairs)
+    b = "".join("1" if y else "0" for _, y in pairs)
+    r = paired_difference(a, b)
+    n = len(pairs)
+    assert r["delta"] == pytest.approx(100 * (a.count("1") - b.count("1")) / n)
+    d = [int(x) - int(y) for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in d) / n)
+    lo, hi = r["ci95"]
+    assert lo == pytest.approx(100 * (mean - norm.ppf(0.975) * sd / math.sqrt(n)), abs=1e-6)
+    assert hi == pytest.approx(100 * (mean + norm.ppf(0.975) * sd / math.sqrt(n)), abs=1e-6)
+    k = r["a_only"] + r["b_only"]
+    ref = 1.0 if k == 0 else binomtest(r["a_only"], k, 0.5).pvalue
+    assert r["p_mcnemar"] == pytest.approx(ref, rel=1e-9, abs=1e-12)
+
+
+def test_a_clear_gain_is_significant_and_a_coin_flip_is_not():
+    rng = random.Random(0)
+    base = "".join(rng.choice("01") for _ in range(500))
+    better = "1" * 40 + base[40:]  # 40 images fixed, none broken
+    r = paired_difference(better, base)
+    assert r["b_only"] == 0 and r["p_mcnemar"] < 1e-3 and r["ci95"][0] > 0
+    same = paired_difference(base, base)
+    assert same["delta"] == 0 and same["p_mcnemar"] == 1.0 and same["ci95"] == (0.0, 0.0)
+
+
+def test_mismatched_or_bad_outcomes_are_refused():
+    with pytest.raises(ValueError, match="same images"):
+        paired_difference("101", "10")
+    with pytest.raises(ValueError, match="'0' and '1'"):
+        paired_difference("1x1", "101")
+    with pytest.raises(ValueError, match="no images"):
+        paired_difference("", "")
