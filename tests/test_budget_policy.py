@@ -163,6 +163,9 @@ def test_tune_budget_chooses_on_calibration_images_only(shared_assets, tmp_path,
     entry = policy["budget"]["0.5"]
     assert entry["best"]["config"]["options"]["budget"] == 0.5 and "evaluation_top1" in entry["best"]
     assert "evaluation_top1" in entry["reference"]["tome"] and "keep" in policy  # keep section carried over
+    pair = entry["best"]["evaluation_vs_tome"]  # paired on the same evaluation images
+    delta = entry["best"]["evaluation_top1"] - entry["reference"]["tome"]["evaluation_top1"]
+    assert pair["delta"] == pytest.approx(delta) and pair["ci95"][0] <= pair["delta"] <= pair["ci95"][1]
     assert resolve_budget(0.5, path=tmp_path / "policy.json")["alpha"] == 1.0
     table = (tmp_path / "results.md").read_text()
     assert "| criterion | budget 0.5 |" in table and "unpruned (reference)" in table

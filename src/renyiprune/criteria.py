@@ -225,6 +225,13 @@ def criterion_options(fn: Callable[..., Tensor]) -> dict[str, object]:
     return {p.name: p.default for p in params}
 
 
+def takes_alpha(criterion: str | None, options: dict | None = None) -> bool:
+    """Whether a registered criterion's ranking depends on a Rényi order (hybrid: only over renyi)."""
+    if criterion not in CRITERIA or "alpha" not in criterion_options(CRITERIA[criterion]):
+        return False
+    return criterion != "hybrid" or (options or {}).get("base", "renyi") == "renyi"
+
+
 def make_criterion(criterion: str | Criterion, **options) -> Criterion:
     """Bind options to a registered criterion (or a callable), checking them on a tiny input now.
 

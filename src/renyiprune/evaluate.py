@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .criteria import takes_alpha
 from .data import Batch, check_bad
 from .distributed import all_reduce_sum
 from .flops import count_gmacs
@@ -64,9 +65,9 @@ class PruneConfig:
         if self.criterion is None:
             return "unpruned"
         text = self.criterion
-        if self.criterion in ("renyi", "hybrid"):
-            text += f" a={self.alpha:g}"
         opts = dict(self.options)
+        if takes_alpha(self.criterion, opts):
+            text += f" a={self.alpha:g}"
         text += "".join(f" {k}={v}" for k, v in opts.items() if k not in ("budget", "removed", "tokens"))
         if "budget" in opts:
             text += f" budget={opts['budget']:g}"

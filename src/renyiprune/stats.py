@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["paired_difference"]
+__all__ = ["paired_difference", "compare_records", "format_difference"]
 
 Z95 = 1.959963984540054  # standard normal 97.5 % quantile
 
@@ -53,3 +53,20 @@ def paired_difference(a: str, b: str) -> dict:
         "b_only": b_only,
         "p_mcnemar": p,
     }
+
+
+def compare_records(a: dict, b: dict) -> dict | None:
+    """``paired_difference`` of two sweep records (their per-image ``correct`` strings), JSON-ready;
+    None where a record has no per-image outcomes (written before they were recorded)."""
+    if "correct" not in a or "correct" not in b:
+        return None
+    d = paired_difference(a["correct"], b["correct"])
+    return {**{k: v for k, v in d.items() if k != "images"}, "ci95": list(d["ci95"])}
+
+
+def format_difference(d: dict | None) -> tuple[str, str]:
+    """('+1.02 [-2.16, +4.21]', '0.61') for a table; ('-', '-') without outcomes."""
+    if d is None:
+        return "-", "-"
+    lo, hi = d["ci95"]
+    return f"{d['delta']:+.2f} [{lo:+.2f}, {hi:+.2f}]", f"{d['p_mcnemar']:.2f}"

@@ -7,6 +7,8 @@ import io
 import math
 from collections.abc import Sequence
 
+from .criteria import takes_alpha
+
 __all__ = ["row_name", "column_of", "group_name", "to_csv", "markdown_tables", "best_per_keep"]
 
 CSV_FIELDS = [
@@ -26,9 +28,9 @@ def row_name(config: dict) -> str:
     if crit is None:
         return "unpruned"
     text = crit
-    if crit == "renyi" or (crit == "hybrid" and config.get("options", {}).get("base", "renyi") == "renyi"):
-        text += f" α={_alpha_text(config['alpha'])}"
     opts = config.get("options", {})
+    if takes_alpha(crit, opts):
+        text += f" α={_alpha_text(config['alpha'])}"
     text += "".join(f" {k}={v}" for k, v in sorted(opts.items()) if k != "budget")
     if "budget" in opts and crit != "tome" and "removed" not in opts:
         text += " +fuse" if config.get("fuse") else " drop"

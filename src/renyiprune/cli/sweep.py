@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..criteria import CRITERIA, criterion_options, list_criteria
+from ..criteria import list_criteria, takes_alpha
 from ..data import EvalTransform, list_samples
 from ..entropy import parse_alpha
 from ..evaluate import parse_stages
@@ -82,8 +82,7 @@ def parse_spec(spec: str, alphas) -> tuple[str, list[float], dict]:
         crit, _, inner = crit[:-1].partition("[")
         extra = parse_options(inner)
     # crossed with --alphas: criteria with an order (hybrid only while its base is the Rényi score)
-    tuned = crit in CRITERIA and "alpha" in criterion_options(CRITERIA[crit])
-    tuned = tuned and extra.get("base", "renyi") == "renyi"
+    tuned = takes_alpha(crit, extra)
     alphas = list(alphas) if tuned else [1.0]
     if tuned and "alpha" in extra:  # 'evit_renyi[alpha=inf]' is 'evit_renyi:inf'
         alphas = [parse_alpha(str(extra.pop("alpha")))]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..data import list_samples
 from ..policy import choose, entry_config, split_samples
-from ..stats import paired_difference
+from ..stats import compare_records, format_difference
 from ..sweep import SweepConfig
 from . import common
 from .sweep import add_data_args, build_configs, check_args, sweep_samples
@@ -66,14 +66,6 @@ def calibrate(args: argparse.Namespace, model, calib: list) -> dict[float, dict]
     return chosen
 
 
-def _vs(a: dict, b: dict) -> dict | None:
-    """Paired top-1 difference of two records on the same images (None for records without outcomes)."""
-    if "correct" not in a or "correct" not in b:
-        return None
-    d = paired_difference(a["correct"], b["correct"])
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items() if k != "images"}
-
-
 def run(args: argparse.Namespace) -> int:
     check_args(args)
     samples = list_samples(args.data)[: args.limit]
@@ -103,16 +95,14 @@ def run(args: argparse.Namespace) -> int:
             entry["reference"][ref].update(evaluation_top1=e["top1"], gmacs=e["gmacs"])
         b, ref = entry["best"], entry["reference"]
         # Paired on the same evaluation images: is the difference more than which images disagree?
-        pair = _vs(ev[configs[(r, "best")]], ev[configs[(r, "evit_ref")]])
+        pair = compare_records(ev[configs[(r, "best")]], ev[configs[(r, "evit_ref")]])
         if pair is not None:
             b["evaluation_vs_evit"] = pair
-        lo_hi = f" [{pair['ci95'][0]:+.2f}, {pair['ci95'][1]:+.2f}]" if pair else ""
         rows.append(
             [f"{r:g}", b["label"], f"{b['calibration_top1']:.2f}", f"{ref['evit']['calibration_top1']:.2f}",
              f"{b['evaluation_top1']:.2f}", f"{ref['evit']['evaluation_top1']:.2f}",
              f"{ref['shannon']['evaluation_top1']:.2f}",
-             f"{b['evaluation_top1'] - ref['evit']['evaluation_top1']:+.2f}{lo_hi}",
-             f"{pair['p_mcnemar']:.2f}" if pair else "-",
+             *format_difference(pair),
              f"{b['gmacs'] / ref['evit']['gmacs']:.3f}"]
         )  # fmt: skip
     policy = {

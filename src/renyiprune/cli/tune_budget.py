@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..data import list_samples
 from ..policy import DEFAULT_BUDGET_CANDIDATES, POLICY_DIR, choose, split_samples
+from ..stats import compare_records, format_difference
 from ..sweep import SweepConfig, config_from_dict
 from . import common
 from .sweep import build_configs, sweep_samples, write_outputs
@@ -104,10 +105,13 @@ def run(args: argparse.Namespace) -> int:
         if args.report_all:
             entry["evaluation"] = {ev[c]["label"]: ev[c]["top1"] for c in candidates if _budget(c) == f}
         t = entry["reference"]["tome"]
+        pair = compare_records(ev[picked[f]], ev[ref])  # paired on the same evaluation images
+        if pair is not None:
+            best["evaluation_vs_tome"] = pair
         rows.append([
             f"{f:g}", best["label"], f"{best['calibration_top1']:.2f}", f"{t['calibration_top1']:.2f}",
             f"{best['evaluation_top1']:.2f}", f"{t['evaluation_top1']:.2f}",
-            f"{best['evaluation_top1'] - t['evaluation_top1']:+.2f}", f"{best['gmacs'] / t['gmacs']:.3f}",
+            *format_difference(pair), f"{best['gmacs'] / t['gmacs']:.3f}",
         ])  # fmt: skip
     policy["budget_candidates"] = list(args.candidates)
     policy["budget_split"] = {"calibration_images": len(calib), "evaluation_images": len(evals)}
@@ -115,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.policy_out or args.out / "policy.json"
     common.atomic_write_text(out, json.dumps(policy, indent=2, allow_nan=False) + "\n")
     headers = ["budget", "chosen (calibration)", "cal top-1", "cal ToMe", "eval top-1", "eval ToMe",
-               "Δ vs ToMe", "GMACs/ToMe"]  # fmt: skip
+               "Δ vs ToMe [95 % CI]", "McNemar p", "GMACs/ToMe"]  # fmt: skip
     print(f"{len(calib)} calibration / {len(evals)} evaluation images; {len(candidates)} candidate configs")
     print(common.format_table(headers, rows))
     print(f"policy written to {out}")
