@@ -1,4 +1,4 @@
-"""cls_value, pagerank and evit_renyi against naive float64 loops; they plug into patch() and sweeps."""
+"""cls_value, pagerank, evit_renyi and diverse against naive float64 loops; they plug into patch()."""
 
 import math
 
@@ -116,7 +116,7 @@ def test_hybrid_accepts_any_registered_base():
         make_criterion("hybrid", base="hybrid")
 
 
-@pytest.mark.parametrize("criterion", ["cls_value", "pagerank", "evit_renyi"])
+@pytest.mark.parametrize("criterion", ["cls_value", "pagerank", "evit_renyi", "diverse"])
 @pytest.mark.parametrize("removed", ["fuse", "merge"])
 def test_new_cls_criteria_prune_a_model_as_their_scores_say(criterion, removed):
     """In a patched model the kept patches at the first location are the top scores of the criterion
@@ -131,7 +131,57 @@ def test_new_cls_criteria_prune_a_model_as_their_scores_say(criterion, removed):
     with torch.no_grad():
         out = m(x)
         q, k, v = blk.attn.qkv_heads(blk.norm1(captured["x"]))
-        c = AttentionContext(attention_logits(q, k, blk.attn.scale), 16, value=v)
+        c = AttentionContext(attention_logits(q, k, blk.attn.scale), 16, key=k, value=v)
         ref = CRITERIA[criterion](c).topk(8, dim=1).indices.sort(dim=1).values
     assert out.shape == (2, 5) and torch.isfinite(out).all()
     assert torch.equal(m.renyiprune.records[0].kept, ref)
+
+
+@pytest.mark.parametrize("base", ["evit", "headvar"])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 2.0])
+def test_diverse_is_the_base_minus_redundancy_to_higher_ranked_patches(base, beta):
+    c = ctx(6)
+    q, k, v = qkv(6)
+    score = CRITERIA[base](ctx(6)).double()
+    B, H, N, d = k.shape
+    kbar = k.mean(dim=1)  # (B, N, d) head-mean keys
+    red = torch.zeros(B, N - 1, dtype=torch.float64)
+    for b in range(B):
+        for j in range(N - 1):
+            best = -1.0
+            for i in range(N - 1):
+                if score[b, i] > score[b, j]:
+                    ki, kj = kbar[b, i + 1], kbar[b, j + 1]
+                    best = max(best, float(ki @ kj) / float(ki.norm() * kj.norm()))
+            red[b, j] = best
+
+    def z(s):
+        m = s.mean(dim=1, keepdim=True)
+        return (s - m) / (s - m).pow(2).mean(dim=1, keepdim=True).sqrt()
+
+    got = CRITERIA["diverse"](c, beta=beta, base=base).double()
+    torch.testing.assert_close(got, z(score) - beta * z(red), atol=1e-5, rtol=1e-5)
+    if beta == 0.0:
+        assert torch.equal(got.argsort(1), score.argsort(1))
+
+
+def test_diverse_prunes_a_near_duplicate_before_a_distinct_patch():
+    """Two patches with equal keys: the one the base ranks lower is fully redundant and goes first."""
+    B, H, N, d = 1, 2, 5, 4
+    k = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    k[:, :, 3] = k[:, :, 2]  # patch 2 (key token 3) duplicates patch 1 (key token 2)
+    q = torch.zeros(B, H, N, d, dtype=torch.float64)
+    logits = torch.zeros(B, H, N, N, dtype=torch.float64)
+    logits[:, :, 0, 1:] = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)  # CLS prefers 1 > 2 > 3 > 4
+    c = AttentionContext(logits, 4, query=q, key=k)
+    assert CRITERIA["evit"](c).argmin().item() == 3  # EViT prunes patch 4 first
+    assert CRITERIA["diverse"](c, beta=4.0).argmin().item() == 2  # diverse prunes the duplicate
+
+
+def test_diverse_options_fail_clearly():
+    with pytest.raises(ValueError, match="beta"):
+        make_criterion("diverse", beta=-1.0)
+    with pytest.raises(ValueError, match="base"):
+        make_criterion("diverse", base="diverse")
+    with pytest.raises(ValueError, match="keys"):
+        CRITERIA["diverse"](AttentionContext(torch.randn(1, 2, 5, 5), 4))

@@ -18,6 +18,7 @@ CONFIGS = [
     dict(criterion="cls_value", fuse=True),
     dict(criterion="pagerank"),
     dict(criterion="evit_renyi", alpha=2.0),
+    dict(criterion="diverse", fuse=True),
     dict(method="tome", r=2),
     dict(method="tome", r=2, entropy_weight=0.05, alpha=2.0),
 ]

@@ -130,6 +130,13 @@ class AttentionContext:
         return self.cls_rows.mean(dim=1)
 
     @property
+    def key(self) -> Tensor:
+        """The block's keys (B, H, N, d), for criteria that compare tokens by what they match on."""
+        if self._key is None:
+            raise ValueError("this criterion needs the attention keys; pass key= to AttentionContext")
+        return self._key
+
+    @property
     def value(self) -> Tensor:
         """The block's values (B, H, N, d), for criteria that weigh attention by what it carries."""
         if self._value is None:
@@ -457,3 +464,27 @@ def evit_renyi(ctx: AttentionContext, alpha: float = 2.0, sharpness: float = 1.0
     h = renyi_entropy(rows.log(), a, dim=-1)  # log p as logits: softmax(log p) = p; zeros leave the support
     w = torch.softmax(-g * h, dim=1)  # (B, H), sums to 1 over heads
     return ctx.patches((w.unsqueeze(-1) * rows).sum(dim=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Redundancy: a patch whose information a more important patch already carries can go
+
+
+@register_criterion("diverse")
+def diverse(ctx: AttentionContext, beta: float = 2.0, base: str = "evit") -> Tensor:
+    """A ``base`` criterion's score minus ``beta`` x redundancy, both standardized per image.
+
+    Redundancy of patch j = max cosine similarity of its key to the key of any patch that the base
+    ranks above j (head-mean keys, the similarity ToMe matches on): the twin and the fused token
+    carry what j would add, so pruning it loses little. beta = 0 ranks as the base.
+    """
+    b = float(beta)
+    if not b >= 0.0:
+        raise ValueError(f"beta must be >= 0, got {beta!r}")
+    _choice("base", base, tuple(c for c in list_criteria() if c not in ("diverse", "hybrid")))
+    score = CRITERIA[base](ctx).float()  # (B, n)
+    k = torch.nn.functional.normalize(ctx.patches(ctx.key.float().mean(dim=1), dim=1), dim=-1)
+    sim = k @ k.transpose(1, 2)  # (B, n, n) cosine similarity of patch keys
+    above = score.unsqueeze(1) > score.unsqueeze(2)  # above[b, j, i]: the base ranks patch i above j
+    redundancy = sim.masked_fill(~above, -1.0).amax(dim=2)  # -1 for the top patch: nothing above it
+    return standardize(score) - b * standardize(redundancy)

@@ -165,7 +165,7 @@ def _scored_attention(
                 logits, **ctx_kw, query=qf, key=kf, value=vf, scale=attn.scale, reuse_logits=True
             )
         else:
-            ctx = AttentionContext(logits.add_(bias.to(logits.dtype)), **ctx_kw, value=vf)
+            ctx = AttentionContext(logits.add_(bias.to(logits.dtype)), **ctx_kw, key=kf, value=vf)
         del logits  # the context owns the buffer
         with torch.no_grad():  # scores only rank tokens; no gradient flows through the ranking
             scores = criterion(ctx)

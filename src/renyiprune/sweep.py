@@ -238,7 +238,7 @@ def first_stage_scores(
         x = cache.tokens[rows[i : i + batch_size]]
         q, k, v = blk.attn.qkv_heads(blk.norm1(x))
         logits = (q * blk.attn.scale) @ k.transpose(-2, -1)
-        out.append(fn(AttentionContext(logits, num_patches=x.shape[1] - 1, value=v)).float())
+        out.append(fn(AttentionContext(logits, num_patches=x.shape[1] - 1, key=k, value=v)).float())
     return torch.cat(out)
 
 
