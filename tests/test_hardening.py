@@ -35,26 +35,29 @@ def attention(draw):
     base = draw(st.sampled_from(["random", "tied", "special"]))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     logits = torch.randn(B, H, N, N, generator=g) * 3
+    kv = torch.randn(2, B, H, N, 4, generator=g)  # keys and values, for criteria that read them
     if base == "tied":
         logits = torch.full((B, H, N, N), draw(st.floats(-5, 5)))
+        kv = torch.full_like(kv, draw(st.floats(-5, 5)))
     elif base == "special":
         count = draw(st.integers(1, 6))
         for _ in range(count):
             idx = tuple(draw(st.integers(0, s - 1)) for s in (B, H, N, N))
             logits[idx] = draw(SPECIAL)
-    return logits, n
+            kv[(draw(st.integers(0, 1)), *idx[:3], draw(st.integers(0, 3)))] = draw(SPECIAL)
+    return logits, n, kv
 
 
 @settings(max_examples=150, deadline=None)
 @given(attention(), st.floats(1e-3, 1.0), st.booleans())
 def test_every_criterion_keeps_exactly_k_valid_tokens(att, r, fuse):
-    logits, n = att
+    logits, n, (keys, values) = att
     B = logits.shape[0]
     x = torch.randn(B, n + 1, 4)
     k = keep_count(n, r)
-    finite = bool(torch.isfinite(logits).all())
+    finite = all(bool(torch.isfinite(t).all()) for t in (logits, keys, values))
     for name, opts in all_criteria():
-        ctx = AttentionContext(logits, n)
+        ctx = AttentionContext(logits, n, key=keys, value=values)
         scores = make_criterion(name, **opts)(ctx)
         assert scores.shape == (B, n)
         if finite:
