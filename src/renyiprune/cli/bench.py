@@ -9,11 +9,10 @@ import sys
 import torch
 
 from ..benchmark import DTYPES, benchmark_configs, machine_info
+from ..criteria import list_criteria, takes_alpha
 from ..evaluate import PruneConfig
 from ..model import create_model
 from . import common
-
-CRITERIA = ("evit", "renyi", "shannon", "random")
 
 
 def add_parser(sub) -> None:
@@ -26,7 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--model", type=common.model_name, default="deit_small_patch16_224")
     p.add_argument("--weights", type=common.existing_path, default=None, help="weights (default: random)")
     p.add_argument("--keep", type=common.keep_rates, default=[0.9, 0.7, 0.5], help="keep rates")
-    p.add_argument("--criteria", type=common.names, default=["evit", "renyi"], help=", ".join(CRITERIA))
+    p.add_argument("--criteria", type=common.names, default=["evit", "renyi"],
+                   help=f"any of {', '.join(list_criteria())}; those with an order take each --alpha")
+    p.add_argument("--fuse", action="store_true", help="fuse the pruned tokens into one (EViT)")
     p.add_argument("--alpha", type=common.alphas, default=[2.0], help="Rényi order(s), e.g. 1,2,inf")
     p.add_argument("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
     p.add_argument("--batch-size", type=int, default=64)
@@ -43,12 +44,13 @@ def add_parser(sub) -> None:
 
 def configs_from_args(args: argparse.Namespace) -> list[PruneConfig]:
     configs = []
+    fuse = bool(getattr(args, "fuse", False))
     for crit in args.criteria:
-        if crit not in CRITERIA:
-            raise ValueError(f"unknown criterion {crit!r} for bench; choose from {', '.join(CRITERIA)}")
+        if crit not in list_criteria():
+            raise ValueError(f"unknown criterion {crit!r}; choose from {', '.join(list_criteria())}")
         for r in args.keep:
-            for a in args.alpha if crit == "renyi" else [1.0]:
-                configs.append(PruneConfig(crit, r, a, tuple(args.locations)))
+            for a in args.alpha if takes_alpha(crit) else [1.0]:
+                configs.append(PruneConfig(crit, r, a, tuple(args.locations), fuse))
     return list(dict.fromkeys(configs))
 
 
