@@ -25,6 +25,14 @@ def test_bench_json(capsys):
     assert rows["evit r=0.5"]["vs_evit"] is None
 
 
+def test_bench_takes_any_registered_criterion_with_fusion(capsys):
+    args = [*TINY, "--keep", "0.5", "--criteria", "evit,diverse,evit_renyi", "--alpha", "2,inf", "--fuse"]
+    assert main(["bench", *args, "--reps", "1", "--warmup", "0", "--json"]) == 0
+    rows = {r["config"] for r in json.loads(capsys.readouterr().out)["results"]}
+    assert rows == {"unpruned", "evit r=0.5 +fuse", "diverse r=0.5 +fuse", "evit_renyi a=2 r=0.5 +fuse",
+                    "evit_renyi a=inf r=0.5 +fuse"}  # fmt: skip
+
+
 def test_bench_table_and_progress(capsys):
     assert main(["bench", *TINY, "--keep", "0.5", "--reps", "2", "--warmup", "1", "--dtype", "bfloat16"]) == 0
     cap = capsys.readouterr()
