@@ -391,7 +391,27 @@ def patch(
         for b in blocks[locs[0] + 1 :]:
             if not hasattr(b, "_renyiprune"):
                 _swap(b, _SizedBlock, state)
+    if budget is not None and tokens is None and hasattr(model, "patch_embed"):
+        _fit_counted_budget(model, state, budget)
     return model
+
+
+def _fit_counted_budget(model: nn.Module, state: PruneState, budget: float) -> None:
+    """Lower the solved common keep rate, one first-location patch at a time, until the counted GMACs
+    fit the budget: the solver counts the blocks and merging, not the criterion's own products
+    (Shannon's p @ K, ``diverse``'s key similarities), which FlopCounterMode sees."""
+    from .budget import VitShape
+    from .flops import count_gmacs
+
+    shape = VitShape.of(model)
+    target = budget * shape.gmacs(shape.unpruned()) * (1 + 1e-9)
+    step = 1.0 / model.patch_embed.num_patches
+    while count_gmacs(model) > target:
+        rate = state.stages[0].keep_rate - step
+        if rate <= 0:
+            raise ValueError(f"budget {budget} is below what this criterion can reach at these locations")
+        for stage in state.stages:
+            stage.keep_rate = rate
 
 
 def _attach(model: nn.Module, state: PruneState) -> None:
