@@ -50,6 +50,8 @@ DEFAULT_BUDGET_CANDIDATES = (
     "renyi:2[removed=merge]",
     "renyi:2@3+evit@6+evit@9[removed=merge]",
     "evit[removed=fuse]",
+    "diverse[removed=merge]",
+    "pagerank[removed=merge]",
 )
 
 
