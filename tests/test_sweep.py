@@ -163,3 +163,24 @@ def test_criterion_tokens_with_alpha_options_and_stages():
         ("renyi", 1.0, ()),
         ("renyi", 2.0, ()),
     ]
+
+
+@pytest.mark.parametrize("budget", [False, True])
+def test_records_carry_per_image_outcomes_and_cross_entropy(budget):
+    """'correct' and 'nll' agree with the pruned model's own logits, image by image (budget mode too)."""
+    model = small_vit()
+    cfg = SweepConfig("evit", 0.5, 1.0, (1, 3), True, budget=budget)
+    cache = sw.build_cache(model, batches(), 1, total=10, progress=False)
+    rec = sw.run_config(model, cfg, cache, batch_size=4, progress=False)
+    assert len(rec["correct"]) == 10 and rec["correct"].count("1") == round(rec["top1"] / 10)
+    if budget:
+        return  # per-image keep rates: no single view to compare with
+    view = pruned_view(model, cfg.prune_config)
+    with torch.no_grad():
+        logits = torch.cat([view(b.images) for b in batches()]).double()
+    labels = torch.cat([b.labels for b in batches()])
+    expect = "".join("1" if c else "0" for c in (logits.argmax(1) == labels).tolist())
+    assert rec["correct"] == expect
+    nll = sum(float(torch.logsumexp(row, 0) - row[y]) for row, y in zip(logits, labels, strict=True)) / 10
+    assert rec["nll"] == pytest.approx(nll, rel=1e-5)
+    assert ",nll," in to_csv([rec]).splitlines()[0]

@@ -13,7 +13,7 @@ __all__ = ["row_name", "column_of", "group_name", "to_csv", "markdown_tables", "
 
 CSV_FIELDS = [
     "label", "criterion", "alpha", "keep_rate", "fuse", "locations", "options", "budget",
-    "top1", "top5", "gmacs", "images", "seconds",
+    "top1", "top5", "nll", "gmacs", "images", "seconds",
 ]  # fmt: skip
 
 
@@ -70,6 +70,7 @@ def to_csv(records: Sequence[dict]) -> str:
                 "budget": c.get("budget", False),
                 "top1": f"{r['top1']:.2f}",
                 "top5": f"{r['top5']:.2f}",
+                "nll": f"{r['nll']:.4f}" if "nll" in r else "",  # older records have none
                 "gmacs": f"{r['gmacs']:.4f}",
                 "images": r["images"],
                 "seconds": f"{r.get('seconds', 0.0):.2f}",
