@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.stats import binomtest, norm
 
-from renyiprune.stats import paired_difference
+from renyiprune.stats import paired_counts, paired_difference
 
 
 @given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=300))
@@ -46,3 +46,37 @@ def test_mismatched_or_bad_outcomes_are_refused():
         paired_difference("1x1", "101")
     with pytest.raises(ValueError, match="no images"):
         paired_difference("", "")
+
+
+def test_counts_form_equals_the_outcome_form_and_checks_its_input():
+    a, b = "1101001110", "1001101011"
+    r = paired_difference(a, b)
+    assert paired_counts(r["a_only"], r["b_only"], len(a)) == r
+    with pytest.raises(ValueError, match="do not fit"):
+        paired_counts(6, 5, 10)
+    with pytest.raises(ValueError, match="no images"):
+        paired_counts(0, 0, 0)
+
+
+def test_evaluate_pairs_every_config_with_the_reference_image_by_image():
+    import torch
+
+    import renyiprune as rp
+    from renyiprune.data import Batch
+    from renyiprune.evaluate import PruneConfig, evaluate, pruned_view
+
+    torch.manual_seed(0)
+    cfg = dict(img_size=32, patch_size=8, embed_dim=24, depth=4, num_heads=3, num_classes=3)
+    m = rp.VisionTransformer(**cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 3, 32, 32, generator=g), torch.randint(0, 3, (40,), generator=g)
+    batches = [Batch(x[i : i + 8], y[i : i + 8], torch.arange(i, i + 8), []) for i in range(0, 40, 8)]
+    views = {"unpruned": m, "r=0.3": pruned_view(m, PruneConfig("random", 0.3, 1.0, (1, 2), True))}
+    res = {r.config: r for r in evaluate(views, batches, progress=False, reference="unpruned")}
+    with torch.no_grad():
+        hits = {k: (v(x).argmax(1) == y).tolist() for k, v in views.items()}
+    right = {k: "".join("1" if c else "0" for c in h) for k, h in hits.items()}
+    assert res["r=0.3"].paired == paired_difference(right["r=0.3"], right["unpruned"])
+    assert res["unpruned"].paired["delta"] == 0 and res["unpruned"].paired["p_mcnemar"] == 1.0
+    with pytest.raises(ValueError, match="reference"):
+        evaluate(views, batches, progress=False, reference="nope")

@@ -19,6 +19,7 @@ from .data import Batch, check_bad
 from .distributed import all_reduce_sum
 from .flops import count_gmacs
 from .patch import patch, share_parameters
+from .stats import paired_counts
 
 __all__ = ["PruneConfig", "EvalResult", "evaluate", "pruned_view", "patch_kwargs", "parse_stages"]
 
@@ -91,6 +92,8 @@ class EvalResult:
     images_per_s: float
     skipped: int = 0
     details: dict = field(default_factory=dict)
+    # Against the reference config on the same images (stats.paired_counts): delta, ci95, p_mcnemar, ...
+    paired: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,17 +134,23 @@ def evaluate(
     total: int | None = None,
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
+    reference: str | None = None,
 ) -> list[EvalResult]:
     """Run every model on every batch; returns one result per model in the mapping's order.
 
     A bad image stops the run with an error naming it unless ``skip_bad``; skipped images are counted.
     ``dtype`` float16/bfloat16 runs the forwards under ``torch.autocast`` (weights stay float32).
+    With ``reference`` (a key of ``models``) each result carries its paired top-1 difference to it.
     """
+    if reference is not None and reference not in models:
+        raise ValueError(f"reference {reference!r} is not one of the evaluated configs")
     dev = torch.device(device).type
     half = dtype != torch.float32
     names = list(models)
     correct1 = dict.fromkeys(names, 0)
     correct5 = dict.fromkeys(names, 0)
+    only_here = dict.fromkeys(names, 0)  # images this config gets right and the reference wrong
+    only_ref = dict.fromkeys(names, 0)  # ... and the reverse
     seconds = dict.fromkeys(names, 0.0)
     images = skipped = 0
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
@@ -154,6 +163,7 @@ def evaluate(
             continue
         x = batch.images.to(device, non_blocking=True)
         y = batch.labels.to(device)
+        right = {}
         for name in names:
             sync()
             t0 = time.perf_counter()
@@ -165,17 +175,26 @@ def evaluate(
             hit = top5 == y[:, None]
             correct1[name] += int(hit[:, 0].sum())
             correct5[name] += int(hit.any(dim=1).sum())
+            right[name] = hit[:, 0]
+        if reference is not None:
+            for name in names:
+                only_here[name] += int((right[name] & ~right[reference]).sum())
+                only_ref[name] += int((right[reference] & ~right[name]).sum())
         images += n
     bar.close()
     # Under torchrun each process saw its own shard: add up the counts (and the throughputs).
     counts = all_reduce_sum(torch.tensor(
         [images, skipped] + [correct1[k] for k in names] + [correct5[k] for k in names]
+        + [only_here[k] for k in names] + [only_ref[k] for k in names]
         + [images / seconds[k] if seconds[k] > 0 else 0.0 for k in names], dtype=torch.float64))
     images, skipped = int(counts[0]), int(counts[1])
     k = len(names)
-    correct1 = {n: int(c) for n, c in zip(names, counts[2 : 2 + k].tolist(), strict=True)}
-    correct5 = {n: int(c) for n, c in zip(names, counts[2 + k : 2 + 2 * k].tolist(), strict=True)}
-    rates = dict(zip(names, counts[2 + 2 * k :].tolist(), strict=True))
+
+    def per_config(i: int) -> dict:
+        return {n: int(c) for n, c in zip(names, counts[2 + i * k : 2 + (i + 1) * k].tolist(), strict=True)}
+
+    correct1, correct5, only_here, only_ref = (per_config(i) for i in range(4))
+    rates = dict(zip(names, counts[2 + 4 * k :].tolist(), strict=True))
     results = []
     for name in names:
         gmacs = count_gmacs(models[name])
@@ -188,6 +207,8 @@ def evaluate(
                 gmacs=gmacs,
                 images_per_s=rates[name],
                 skipped=skipped,
+                paired=(paired_counts(only_here[name], only_ref[name], images)
+                        if reference is not None and images else None),  # fmt: skip
             )
         )
     return results

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["paired_difference", "compare_records", "format_difference"]
+__all__ = ["paired_difference", "paired_counts", "compare_records", "format_difference"]
 
 Z95 = 1.959963984540054  # standard normal 97.5 % quantile
 
@@ -27,19 +27,29 @@ def _binom_tail(k: int, n: int) -> float:
 def paired_difference(a: str, b: str) -> dict:
     """Top-1 of A minus top-1 of B (points) on the same images, with its 95 % interval and McNemar's p.
 
-    Only images where A and B disagree carry information: ``a_only`` (A right, B wrong) and ``b_only``.
-    The interval is the normal one for the mean of the per-image differences d_i in {-1, 0, 1};
-    p is the exact two-sided McNemar (sign) test of a_only against b_only.
+    ``a``, ``b``: per-image outcomes ('1' = right) in the same image order. See ``paired_counts``.
     """
     if len(a) != len(b):
         raise ValueError(f"outcomes of {len(a)} and {len(b)} images: not the same images")
     if set(a) - {"0", "1"} or set(b) - {"0", "1"}:
         raise ValueError("outcomes must be strings of '0' and '1'")
-    n = len(a)
     a_only = sum(1 for x, y in zip(a, b, strict=True) if x == "1" and y == "0")
     b_only = sum(1 for x, y in zip(a, b, strict=True) if x == "0" and y == "1")
-    if n == 0:
+    return paired_counts(a_only, b_only, len(a))
+
+
+def paired_counts(a_only: int, b_only: int, images: int) -> dict:
+    """Top-1 difference of A and B from the images where they disagree (points), 95 % interval, p.
+
+    Only disagreements carry information: ``a_only`` images A gets right and B wrong, ``b_only`` the
+    reverse, out of ``images``. The interval is the normal one for the mean of the per-image
+    differences d_i in {-1, 0, 1}; p is the exact two-sided McNemar (sign) test of a_only vs b_only.
+    """
+    n = int(images)
+    if n <= 0:
         raise ValueError("no images to compare")
+    if a_only < 0 or b_only < 0 or a_only + b_only > n:
+        raise ValueError(f"{a_only} + {b_only} disagreements do not fit {n} images")
     mean = (a_only - b_only) / n
     var = (a_only + b_only) / n - mean * mean  # population variance of d_i
     half = Z95 * math.sqrt(max(var, 0.0) / n)
@@ -49,8 +59,8 @@ def paired_difference(a: str, b: str) -> dict:
         "images": n,
         "delta": 100.0 * mean,
         "ci95": (100.0 * (mean - half), 100.0 * (mean + half)),
-        "a_only": a_only,
-        "b_only": b_only,
+        "a_only": int(a_only),
+        "b_only": int(b_only),
         "p_mcnemar": p,
     }
 

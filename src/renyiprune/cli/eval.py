@@ -229,6 +229,7 @@ def _run(args: argparse.Namespace, configs: list[PruneConfig], dist_info) -> int
         total=len(samples),
         progress=not args.no_progress and dist_info.is_main,
         dtype=getattr(torch, args.dtype),
+        reference="unpruned" if "unpruned" in views else None,
     )
     if not dist_info.is_main:
         return 0
@@ -239,12 +240,13 @@ def _run(args: argparse.Namespace, configs: list[PruneConfig], dist_info) -> int
     base = next((r for r in results if r.config == "unpruned"), None)
     headers = ["config", "top-1 %", "top-5 %", "GMACs", "images/s"]
     if base:
-        headers += ["Δtop-1", "GMACs ratio"]
+        headers += ["Δtop-1", "95 % CI", "GMACs ratio"]
     rows = []
     for r in results:
         row = [r.config, f"{r.top1:.2f}", f"{r.top5:.2f}", f"{r.gmacs:.3f}", f"{r.images_per_s:.1f}"]
         if base:
-            row += [f"{r.top1 - base.top1:+.2f}", f"{base.gmacs / r.gmacs:.2f}x"]
+            lo, hi = r.paired["ci95"] if r.paired else (0.0, 0.0)
+            row += [f"{r.top1 - base.top1:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", f"{base.gmacs / r.gmacs:.2f}x"]
         rows.append(row)
     print(
         f"{args.model} on {args.data} ({results[0].images} images"
