@@ -184,3 +184,19 @@ def test_records_carry_per_image_outcomes_and_cross_entropy(budget):
     nll = sum(float(torch.logsumexp(row, 0) - row[y]) for row, y in zip(logits, labels, strict=True)) / 10
     assert rec["nll"] == pytest.approx(nll, rel=1e-5)
     assert ",nll," in to_csv([rec]).splitlines()[0]
+
+
+def test_a_bad_config_fails_before_any_config_runs(tmp_path):
+    model = small_vit()
+    log = sw.ResultLog(tmp_path / "results.jsonl", {"run": "t"})
+    bad = SweepConfig("diverse", 0.5, 1.0, (1, 3), True, (("beta", -1),))
+    configs = [SweepConfig(None, 1.0, 1.0, (), False), bad]
+    calls = []
+
+    def make_batches():
+        calls.append(1)
+        return batches()
+
+    with pytest.raises(ValueError, match="beta"):
+        sw.run_sweep(model, configs, make_batches, total=10, log=log, progress=False)
+    assert not calls and not (tmp_path / "results.jsonl").exists()

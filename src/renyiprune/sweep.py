@@ -390,6 +390,8 @@ def run_sweep(
     keyed = [(c, log.key(c) if log else str(i)) for i, c in enumerate(configs)]
     todo = [(c, k) for c, k in keyed if k not in done]
     timing = {"cache_s": 0.0, "configs_s": 0.0, "skipped": 0, "ran": len(todo)}
+    for c, _ in todo:  # a bad option fails here, before decoding, not after earlier configs ran
+        pruned_view(model, c.prune_config if isinstance(c, SweepConfig) else c)
     if todo:
         depth = len(model.blocks)
         start = min(first_location(c, depth) for c, _ in todo)
