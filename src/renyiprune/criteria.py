@@ -485,6 +485,6 @@ def diverse(ctx: AttentionContext, beta: float = 2.0, base: str = "evit") -> Ten
     score = CRITERIA[base](ctx).float()  # (B, n)
     k = torch.nn.functional.normalize(ctx.patches(ctx.key.float().mean(dim=1), dim=1), dim=-1)
     sim = k @ k.transpose(1, 2)  # (B, n, n) cosine similarity of patch keys
-    above = score.unsqueeze(1) > score.unsqueeze(2)  # above[b, j, i]: the base ranks patch i above j
-    redundancy = sim.masked_fill(~above, -1.0).amax(dim=2)  # -1 for the top patch: nothing above it
+    not_above = score.unsqueeze(1) <= score.unsqueeze(2)  # [b, j, i]: the base does not rank i above j
+    redundancy = sim.masked_fill_(not_above, -1.0).amax(dim=2)  # -1 for the top patch: nothing above it
     return standardize(score) - b * standardize(redundancy)
