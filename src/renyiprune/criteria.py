@@ -2,8 +2,8 @@
 
 A criterion is a plain function ``fn(ctx, **options) -> Tensor (B, n)``, higher = keep, registered
 by name with ``@register_criterion``. Adding one is one function plus its decorator line. The
-context gives the attention logits of the pruning block and cached derived views (probabilities,
-CLS attention), so a criterion computes only what it needs.
+context (``context.AttentionContext``) gives the attention logits of the pruning block and cached
+derived views (probabilities, CLS attention, keys, values), so a criterion computes only what it needs.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .context import AttentionContext, attention_logits
 from .entropy import check_alpha, renyi_entropy
 
 __all__ = [
-    "AttentionContext",
+    "AttentionContext",  # defined in context.py, re-exported: criteria are written against it
+    "attention_logits",
     "Criterion",
     "CRITERIA",
     "register_criterion",
@@ -27,186 +29,7 @@ __all__ = [
     "list_criteria",
 ]
 
-Criterion = Callable[["AttentionContext"], Tensor]
-
-
-class AttentionContext:
-    """What a criterion may read at a pruning block.
-
-    ``logits``: (B, H, N, N) attention logits q.k/sqrt(d) before softmax, queries x keys; tokens
-    0..P-1 are the ``num_prefix`` prefix tokens (token 0 is CLS, then e.g. a distillation token), never
-    candidates; tokens P..P+n-1 are the candidate patches, a fused token (if any) comes last.
-
-    A pruning block also passes its queries, keys and scale (``attention_logits``) and lets
-    the context turn the logits buffer into the probabilities in place, so that the block holds one
-    (B, H, N, N) tensor at a time and ``row_entropy`` is derived from the probabilities without another
-    pass over the logits. Reading ``logits`` after that recomputes them (same matmul, same values).
-    """
-
-    def __init__(
-        self,
-        logits: Tensor,
-        num_patches: int,
-        stage: int = 0,
-        step: int = 0,
-        *,
-        query: Tensor | None = None,
-        key: Tensor | None = None,
-        value: Tensor | None = None,
-        scale: float = 1.0,
-        reuse_logits: bool = False,
-        num_prefix: int = 1,
-    ):
-        self._logits: Tensor | None = logits
-        self.num_patches = num_patches
-        self.num_prefix = num_prefix  # prefix tokens (CLS, distillation, ...) before the patches
-        self.stage = stage
-        self.step = step
-        self._query = query
-        self._key = key
-        self._value = value
-        self._scale = scale  # logits = (query @ key^T) * scale
-        # In-place softmax needs a way to get the logits back, and no autograd graph through them.
-        self._reuse = reuse_logits and query is not None and key is not None and not logits.requires_grad
-        self._probs: Tensor | None = None
-        self._lse: Tensor | None = None  # (B, H, N) log-sum-exp of each logits row, when known
-        self._cls_rows: Tensor | None = None
-        self._entropy: dict[float, Tensor] = {}
-
-    def __repr__(self) -> str:
-        shape = tuple((self._logits if self._logits is not None else self._probs).shape)
-        return f"AttentionContext(logits={shape}, num_patches={self.num_patches}, stage={self.stage})"
-
-    @property
-    def logits(self) -> Tensor:
-        """The attention logits (B, H, N, N); once a criterion has read them they are never overwritten."""
-        if self._logits is None:  # became the probabilities in place: recompute
-            self._logits = attention_logits(self._query, self._key, self._scale)
-        self._reuse = False
-        return self._logits
-
-    @property
-    def probs(self) -> Tensor:
-        """softmax(logits) over keys (B, H, N, N), computed once and shared with the attention output."""
-        if self._probs is None:
-            s = self._logits if self._logits is not None else self.logits
-            if not self._reuse:
-                self._probs = s.softmax(dim=-1)
-            elif s.dtype in (torch.float32, torch.float64):
-                self._probs = torch.softmax(s, dim=-1, out=s)  # in place: one N x N buffer
-                self._logits = None
-            else:  # float16/bfloat16 (autocast): in place too, with the normalizer summed in float32
-                self._softmax_keeping_lse(s)
-        return self._probs
-
-    def _softmax_keeping_lse(self, s: Tensor) -> None:
-        """In-place softmax of the logits buffer in steps (max, exp, sum, divide) that also leave the
-        row log-sum-exp L = max + log(sum); Shannon entropy needs L, and a fused softmax discards it."""
-        m = s.amax(dim=-1, keepdim=True)
-        s.sub_(m).exp_()
-        z = s.sum(dim=-1, keepdim=True, dtype=_acc_dtype(s))
-        self._probs = s.div_(z)
-        self._lse = (m.to(z.dtype) + z.log()).squeeze(-1)
-        self._logits = None
-
-    def probs_and_lse(self) -> tuple[Tensor, Tensor | None]:
-        """The probabilities and, where the in-place softmax can provide it, the row log-sum-exp."""
-        if self._probs is None and self._reuse:
-            self._softmax_keeping_lse(self._logits if self._logits is not None else self.logits)
-        return self.probs, self._lse
-
-    @property
-    def cls_rows(self) -> Tensor:
-        """Each head's CLS query (token 0) attention to every token, prefix included (B, H, N), float32."""
-        if self._cls_rows is None:
-            s = self._logits if self._logits is not None else None
-            row = self._probs[:, :, 0] if self._probs is not None else s[:, :, 0].softmax(-1)
-            self._cls_rows = row.float()
-        return self._cls_rows
-
-    @property
-    def cls_attn(self) -> Tensor:
-        """Mean over heads of the CLS query's attention to every token, prefix included (B, N)."""
-        return self.cls_rows.mean(dim=1)
-
-    @property
-    def key(self) -> Tensor:
-        """The block's keys (B, H, N, d), for criteria that compare tokens by what they match on."""
-        if self._key is None:
-            raise ValueError("this criterion needs the attention keys; pass key= to AttentionContext")
-        return self._key
-
-    @property
-    def value(self) -> Tensor:
-        """The block's values (B, H, N, d), for criteria that weigh attention by what it carries."""
-        if self._value is None:
-            raise ValueError("this criterion needs the attention values; pass value= to AttentionContext")
-        return self._value
-
-    def patches(self, t: Tensor, dim: int = -1) -> Tensor:
-        """Slice the candidate patch tokens P..P+n-1 out of ``t`` along ``dim`` (P = ``num_prefix``)."""
-        return t.narrow(dim, self.num_prefix, self.num_patches)
-
-    def row_entropy(self, alpha: float) -> Tensor:
-        """Per-head Rényi entropy H_alpha of each candidate patch's attention row (B, H, n).
-
-        Cached per alpha. With the block's queries and keys it comes from the probabilities that the
-        attention output uses (``_row_entropy_from_probs``); otherwise from the logits by log-sum-exp.
-        """
-        a = check_alpha(alpha)
-        if a not in self._entropy:
-            fast = self._reuse or (self._probs is not None and self._query is not None)
-            h = _row_entropy_from_probs(self, a) if fast else None
-            if h is None:
-                s = self._logits if self._logits is not None else self.logits
-                h = renyi_entropy(self.patches(s, dim=2), a, dim=-1)
-            self._entropy[a] = h
-        return self._entropy[a]
-
-
-def attention_logits(query: Tensor, key: Tensor, scale: float) -> Tensor:
-    """(query @ key^T) * scale, the scale applied in place: the one formula blocks and contexts share."""
-    return torch.matmul(query, key.transpose(-2, -1)).mul_(scale)
-
-
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    """float32 for float16/bfloat16 (as ``renyi_entropy``), the tensor's own dtype otherwise."""
-    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
-
-
-def _row_entropy_from_probs(ctx: AttentionContext, a: float) -> Tensor | None:
-    """H_alpha of the patch rows from the probabilities p = softmax(s), s = c q k^T; None where unsafe.
-
-    No (B, H, n, N) temporary: every term is a row reduction of p or a product with q, k:
-      H_inf = -log max_j p_j
-      H_1   = L - sum_j p_j s_j, with sum_j p_j s_j = c q.(p K) and L = log sum_j exp s_j kept by the
-              in-place softmax (else L = s_j* - log p_j*, j* = argmax p)
-      H_a   = a/(1-a) log ||p||_a  (a != 1; only where p^a cannot underflow and |a-1| >= 0.5)
-    """
-    n = ctx.num_patches
-    keys = n + ctx.num_prefix + 1  # at most: prefix, patches and a fused token
-    if a not in (1.0, math.inf) and (abs(a - 1.0) < 0.5 or a == 0.0 or a * math.log(keys) > 60.0):
-        return None  # the log-sum-exp form is exact there
-    probs, lse = ctx.probs_and_lse() if a == 1.0 else (ctx.probs, None)
-    p = ctx.patches(probs, dim=2)  # (B, H, n, N)
-    acc = _acc_dtype(p)
-    if a == 2.0 or (a != 1.0 and not math.isinf(a)):
-        norm = torch.linalg.vector_norm(p, ord=a, dim=-1, dtype=acc)
-        return norm.log() * (a / (1.0 - a))
-    if math.isinf(a):
-        return p.amax(dim=-1).to(acc).log().neg_()  # amax: no argmax indices needed
-    q = ctx.patches(ctx._query, dim=2)  # (B, H, n, d)
-    k = ctx._key
-    if lse is not None:  # H_1 = L - c q.(p K)
-        dot = (p @ k).to(acc).mul_(q).sum(dim=-1).mul_(ctx._scale)
-        return ctx.patches(lse, dim=2).to(acc) - dot
-    pmax, jmax = p.max(dim=-1)
-    log_pmax = pmax.to(acc).log()
-    k_star = k.gather(2, jmax.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])).to(acc)  # key of argmax
-    expected_k = (p @ k).to(acc)  # sum_j p_j k_j
-    # L - sum_j p_j s_j = c q.(k_j* - sum_j p_j k_j) - log p_j*   (in place: two (B, H, n, d) buffers)
-    dot = k_star.sub_(expected_k).mul_(q).sum(dim=-1)
-    return dot.mul_(ctx._scale).sub_(log_pmax)
+Criterion = Callable[[AttentionContext], Tensor]
 
 
 CRITERIA: dict[str, Callable[..., Tensor]] = {}
