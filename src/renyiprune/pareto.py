@@ -33,8 +33,10 @@ def pareto_plot(records: Sequence[dict], path_stem: str | Path, title: str = "")
             lines.setdefault(row_name(r["config"]), []).append(r)
         for i, (name, rs) in enumerate(lines.items()):
             rs = sorted(rs, key=lambda r: r["gmacs"])
-            style = "-" if i < 10 else "--"
-            ax.plot([r["gmacs"] for r in rs], [r["top1"] for r in rs], style, marker="o", ms=3, label=name)
+            # 10 colors; past them the line style and marker change, so every line stays distinct
+            style, marker = [("-", "o"), ("--", "s"), (":", "^")][(i // 10) % 3]
+            ax.plot([r["gmacs"] for r in rs], [r["top1"] for r in rs], style, marker=marker,
+                    ms=3 if marker == "o" else 4, color=f"C{i % 10}", label=name)  # fmt: skip
         for u in unpruned[:1]:
             ax.plot([u["gmacs"]], [u["top1"]], "k*", ms=12, label="unpruned")
         ax.set_title(gname)
