@@ -33,3 +33,25 @@ def test_failed_export_leaves_no_file(tmp_path):
         export_onnx(Broken(), target, image_size=8)
     assert target.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.onnx"]  # no temporary file left
+
+
+@pytest.mark.parametrize("criterion", ["cls_value", "pagerank", "evit_renyi", "diverse"])
+def test_criteria_that_read_keys_and_values_export(tmp_path, criterion):
+    torch.manual_seed(0)
+    m = rp.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
+    rp.patch(m.eval(), keep_rate=0.5, criterion=criterion, locations=(1, 2), fuse=True)
+    path = export_onnx(m, tmp_path / "tiny.onnx", image_size=32)
+    assert onnx_max_difference(path, m, torch.randn(2, 3, 32, 32)) <= 1e-4
+
+
+def test_cli_exports_the_tuned_policy(shared_assets, tmp_path, capsys):
+    from renyiprune.cli import main
+
+    w = shared_assets / "weights" / "deit_tiny_patch16_224.safetensors"
+    out = tmp_path / "best.onnx"
+    argv = ["export", "--weights", str(w), "--criterion", "best", "--keep", "0.7", "--fuse",
+            "--onnx", str(out), "--check"]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    best = rp.policy.resolve_best(0.7)[0]
+    assert out.is_file() and f"{best}@3:0.7" in text and "max |diff|" in text

@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
     )
     common.add_model_args(p)
     p.add_argument("--onnx", type=Path, required=True, metavar="FILE", help="output .onnx file")
-    p.add_argument("--criterion", default="renyi", help=f"none or one of {', '.join(list_criteria())}")
+    p.add_argument("--criterion", default="renyi",
+                   help=f"none, best (the tuned policy's choice for --keep) or {', '.join(list_criteria())}")
     p.add_argument("--alpha", type=common.alpha, default=2.0, help="Rényi order")
     p.add_argument("--keep", type=common.keep_rate, default=0.7, help="keep rate in (0, 1]")
     p.add_argument("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
@@ -35,8 +36,10 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..export import export_onnx, onnx_max_difference
 
-    if args.criterion != "none" and args.criterion not in list_criteria():
-        raise ValueError(f"unknown criterion {args.criterion!r}; choose none or {', '.join(list_criteria())}")
+    if args.criterion not in ("none", "best") and args.criterion not in list_criteria():
+        raise ValueError(
+            f"unknown criterion {args.criterion!r}; choose none, best or {', '.join(list_criteria())}"
+        )
     if args.onnx.suffix != ".onnx":
         raise ValueError(f"--onnx must name a .onnx file, got {args.onnx}")
     if args.device != "cpu":
@@ -52,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
               locations=args.locations, fuse=args.fuse)  # fmt: skip
     size = model.pretrained_cfg.img_size
     export_onnx(model, args.onnx, image_size=size)
-    print(f"wrote {args.onnx}")
+    what = model.renyiprune.describe() if args.criterion != "none" else "unpruned"
+    print(f"wrote {args.onnx} ({what})")
     if args.check:
         diff = onnx_max_difference(args.onnx, model, torch.randn(3, 3, size, size))
         print(f"onnxruntime vs torch: max |diff| = {diff:.3g}")
