@@ -137,7 +137,8 @@ def test_eval_under_torchrun_shards_and_adds_up(shared_assets, weights, tmp_path
     a, b = json.loads(one.stdout)["results"], json.loads(two.stdout)["results"]
     assert [r["images"] for r in b] == [5, 5]
     assert a[0]["top1"] > 0  # real labels: the unpruned model gets some right
-    keys = ("config", "top1", "top5", "images")
+    keys = ("config", "top1", "top5", "images", "paired")  # paired: counts vs unpruned, all-reduced
+    assert a[1]["paired"]["a_only"] + a[1]["paired"]["b_only"] <= 5
     for x, y in zip(a, b, strict=True):
         assert [x[k] for k in keys] == [y[k] for k in keys]
 
