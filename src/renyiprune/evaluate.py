@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from .criteria import takes_alpha
@@ -124,6 +124,12 @@ def pruned_view(model: nn.Module, config: PruneConfig) -> nn.Module:
     return view
 
 
+def top1_top5(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per image (bool): the label is the top prediction; the label is among the top 5."""
+    hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+    return hit[:, 0], hit.any(dim=1)
+
+
 @torch.inference_mode()
 def evaluate(
     models: Mapping[str, nn.Module],
@@ -171,11 +177,9 @@ def evaluate(
                 logits = models[name](x).float()
             sync()
             seconds[name] += time.perf_counter() - t0
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hit = top5 == y[:, None]
-            correct1[name] += int(hit[:, 0].sum())
-            correct5[name] += int(hit.any(dim=1).sum())
-            right[name] = hit[:, 0]
+            right[name], in_top5 = top1_top5(logits, y)
+            correct1[name] += int(right[name].sum())
+            correct5[name] += int(in_top5.sum())
         if reference is not None:
             for name in names:
                 only_here[name] += int((right[name] & ~right[reference]).sum())

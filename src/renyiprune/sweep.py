@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .criteria import AttentionContext, make_criterion
 from .data import Batch, check_bad
-from .evaluate import PruneConfig, parse_stages, pruned_view
+from .evaluate import PruneConfig, parse_stages, pruned_view, top1_top5
 from .flops import count_gmacs
 
 __all__ = [
@@ -199,16 +199,10 @@ def run_view(
     return torch.cat(out) if out else torch.empty(0)
 
 
-def _hits(logits: Tensor, labels: Tensor) -> tuple[int, int]:
-    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hit = top5 == labels[:, None]
-    return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
-
-
-def _per_image(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per image: top-1 correct (bool) and cross-entropy of the true class (nats, float64)."""
-    nll = torch.nn.functional.cross_entropy(logits.double(), labels, reduction="none")
-    return logits.argmax(dim=1) == labels, nll
+def _outcomes(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per image: top-1 right, top-5 right, and the cross-entropy of the true class (nats, float64)."""
+    top1, top5 = top1_top5(logits, labels)
+    return top1, top5, torch.nn.functional.cross_entropy(logits.double(), labels, reduction="none")
 
 
 def _bits(correct: Tensor) -> str:
@@ -264,21 +258,18 @@ def _run_budget(
     # Counts are rounded to multiples of BUDGET_STEP patches so that images share batches (and GMACs).
     counts = (scores >= tau).sum(dim=1).float().div(BUDGET_STEP).round().mul(BUDGET_STEP).long()
     counts = counts.clamp(min(BUDGET_STEP, n), n)
-    top1 = top5 = 0
     gmacs = 0.0
     m = cache.tokens.shape[0]
-    correct = torch.zeros(m, dtype=torch.bool)
+    correct, in_top5 = torch.zeros(m, dtype=torch.bool), torch.zeros(m, dtype=torch.bool)
     nll = torch.zeros(m, dtype=torch.float64)
     for k in counts.unique().tolist():
         rows = all_rows[counts == k]
         view = pruned_view(model, replace(config.prune_config, keep_rate=k / n))
         logits = run_view(view, cache, rows=rows, batch_size=batch_size, device=device, bar=bar)
-        h1, h5 = _hits(logits, cache.labels[rows])
-        top1, top5 = top1 + h1, top5 + h5
-        correct[rows], nll[rows] = _per_image(logits, cache.labels[rows])
+        correct[rows], in_top5[rows], nll[rows] = _outcomes(logits, cache.labels[rows])
         gmacs += count_gmacs(view) * rows.numel()
     details = {"threshold": tau, "mean_keep_rate": float(counts.float().mean() / n)}
-    return (top1, top5, correct, nll), gmacs / max(m, 1), details
+    return (correct, in_top5, nll), gmacs / max(m, 1), details
 
 
 def run_config(
@@ -302,16 +293,16 @@ def run_config(
     details: dict = {}
     if getattr(config, "budget", False):
         calib = calibration if calibration is not None else torch.ones(m, dtype=torch.bool)
-        (top1, top5, correct, nll), gmacs, details = _run_budget(
+        (correct, in_top5, nll), gmacs, details = _run_budget(
             model, config, cache, calib, batch_size, device, bar
         )
     else:
         pc = config.prune_config if isinstance(config, SweepConfig) else config
         view = pruned_view(model, pc)
         logits = run_view(view, cache, batch_size=batch_size, device=device, bar=bar)
-        top1, top5 = _hits(logits, cache.labels)
-        correct, nll = _per_image(logits, cache.labels)
+        correct, in_top5, nll = _outcomes(logits, cache.labels)
         gmacs = count_gmacs(view)
+    top1, top5 = int(correct.sum()), int(in_top5.sum())
     seconds = time.perf_counter() - t0
     bar.close()
     return {

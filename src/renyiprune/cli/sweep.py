@@ -30,21 +30,26 @@ def _on_off(text: str) -> list[bool]:
     return list(dict.fromkeys(out))
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    """Arguments shared by sweep and tune-alpha."""
+def add_image_args(p: argparse.ArgumentParser) -> None:
+    """Model, images and pruning locations: what sweep, tune-alpha and tune-budget all take."""
     common.add_model_args(p)
     p.add_argument("--data", type=common.existing_path, required=True, help="labels.tsv folder / ImageFolder")
-    p.add_argument("--keep", type=common.keep_rates, default=[0.5, 0.6, 0.7, 0.8, 0.9], help="keep rates")
-    p.add_argument("--alphas", type=common.alphas, default=[0.5, 1.0, 2.0, 3.0, float("inf")], help="Rényi α")
-    p.add_argument("--lambdas", type=common._typed(common._list(float), "lambdas"), default=[0.5],
-                   help="hybrid: weight of EViT's CLS attention, in [0, 1]")  # fmt: skip
-    p.add_argument("--fuse", type=_on_off, default=[False], help="off, on or off,on")
     p.add_argument("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
     p.add_argument("--limit", type=int, default=None, help="first N images in listing order")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (decoding)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
     p.add_argument("--no-progress", action="store_true")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by sweep and tune-alpha: the images and the grid of keep rates, α, λ, fusion."""
+    add_image_args(p)
+    p.add_argument("--keep", type=common.keep_rates, default=[0.5, 0.6, 0.7, 0.8, 0.9], help="keep rates")
+    p.add_argument("--alphas", type=common.alphas, default=[0.5, 1.0, 2.0, 3.0, float("inf")], help="Rényi α")
+    p.add_argument("--lambdas", type=common._typed(common._list(float), "lambdas"), default=[0.5],
+                   help="hybrid: weight of EViT's CLS attention, in [0, 1]")  # fmt: skip
+    p.add_argument("--fuse", type=_on_off, default=[False], help="off, on or off,on")
 
 
 def add_parser(sub) -> None:
@@ -208,11 +213,15 @@ def write_outputs(out: Path, records: list[dict], title: str) -> None:
     pareto_plot(records, out / "pareto", title=title)
 
 
-def check_args(args) -> None:
+def check_image_args(args) -> None:
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
+
+
+def check_args(args) -> None:
+    check_image_args(args)
     if any(not 0.0 <= lam <= 1.0 for lam in args.lambdas):
         raise ValueError("--lambdas must be in [0, 1]")
 

@@ -19,7 +19,7 @@ from ..policy import DEFAULT_BUDGET_CANDIDATES, POLICY_DIR, choose, split_sample
 from ..stats import compare_records, format_difference
 from ..sweep import SweepConfig, config_from_dict
 from . import common
-from .sweep import build_configs, sweep_samples, write_outputs
+from .sweep import add_image_args, build_configs, check_image_args, sweep_samples, write_outputs
 
 REFERENCE = "tome"  # ToMe, constant r: what users pick today
 
@@ -32,24 +32,17 @@ def add_parser(sub) -> None:
         "budget on the calibration half, pick the best per budget, evaluate it against ToMe on the "
         "evaluation half and write the policy's budget section.",
     )
-    common.add_model_args(p)
-    p.add_argument("--data", type=common.existing_path, required=True, help="labels.tsv folder / ImageFolder")
+    add_image_args(p)
     p.add_argument("--budgets", type=common.keep_rates, default=[0.9, 0.75, 0.65, 0.5],
                    help="compute budgets F in (0, 1]: GMACs <= F x unpruned")
     p.add_argument("--candidates", type=common.names, default=list(DEFAULT_BUDGET_CANDIDATES),
                    help="comma list of method specs: tome, tome[schedule=decreasing], "
                    "tome[entropy_weight=0.05;alpha=1], evit[removed=merge], renyi:2[removed=fuse], ...")
-    p.add_argument("--locations", type=common.locations, default=(3, 6, 9), help="pruning blocks (0-based)")
     p.add_argument("--report-all", action="store_true",
                    help="also run every candidate on the evaluation half (for reports; the choice is made "
                    "before, on the calibration half)")
     p.add_argument("--base-policy", type=common.existing_path, default=None,
                    help="policy whose keep-rate section is kept (default: the one shipped for --model)")
-    p.add_argument("--limit", type=int, default=None, help="first N images in listing order")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (decoding)")
-    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
-    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", type=Path, required=True, help="work folder (calibration/evaluation jsonl)")
     p.add_argument("--policy-out", type=Path, default=None, help="policy JSON (default OUT/policy.json)")
     p.set_defaults(run=run)
@@ -66,8 +59,7 @@ def _budget(c: SweepConfig) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.limit is not None and args.limit < 1:
-        raise ValueError("--limit must be >= 1")
+    check_image_args(args)
     candidates = _configs(args, args.candidates)
     refs = _configs(args, [REFERENCE])
     samples = list_samples(args.data)[: args.limit]
