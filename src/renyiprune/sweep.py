@@ -11,6 +11,12 @@ in flight and a rerun skips what is done.
 calibration images so that their mean keep rate at the first location is ``keep_rate``, sets how
 many patches each image keeps (the same rate is applied at the later locations); images with equal
 counts run together and GMACs are the mean over images.
+
+Under ``torchrun`` each process caches and runs its share of the images (``distributed.batch_shard``:
+whole batches, so each image is in the batch it would be in with one process); the per-image outcomes
+are gathered and put back in image order before a record is made, the budget threshold is calibrated
+on every process's calibration scores, and only rank 0 appends to ``results.jsonl``: the records are
+those one process writes.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from . import distributed as D
 from .criteria import AttentionContext, make_criterion
 from .data import Batch, check_bad
 from .evaluate import PruneConfig, parse_stages, pruned_view, top1_top5
@@ -215,6 +222,8 @@ def first_stage_scores(
     model: nn.Module, cache: TokenCache, config: PruneConfig, rows: Tensor, batch_size: int = 64
 ) -> Tensor:
     """Criterion scores (len(rows), n) of ``config``'s first stage, from the cached tokens."""
+    if rows.numel() == 0:  # a process whose share holds no (calibration) image
+        return torch.empty(0, cache.tokens.shape[1] - getattr(model, "num_prefix_tokens", 1))
     if "@" in (config.criterion or ""):
         raise ValueError("budget mode takes one criterion, not a per-stage spec")
     opts = dict(config.options)
@@ -244,13 +253,14 @@ def _run_budget(
     batch_size: int,
     device,
     bar: tqdm | None,
-) -> tuple[tuple, float, dict]:
-    """Per-image keep counts from a calibrated threshold; returns outcomes, mean GMACs and details."""
+) -> tuple[dict[str, Tensor], dict]:
+    """Per-image keep counts from a calibrated threshold; returns per-image outcomes (with each image's
+    keep count and GMACs) and the threshold. The threshold pools every process's calibration scores."""
     all_rows = torch.arange(cache.tokens.shape[0])
     calib_rows = all_rows[calibration]
-    if calib_rows.numel() == 0:
+    cal = D.all_gather_cat(first_stage_scores(model, cache, config, calib_rows, batch_size).flatten())
+    if cal.numel() == 0:
         raise ValueError("budget mode needs calibration images")
-    cal = first_stage_scores(model, cache, config, calib_rows, batch_size).flatten()
     # Keep score >= tau; tau is the (1 - r) quantile of the pooled calibration scores.
     tau = float(cal.kthvalue(max(1, round((1.0 - config.keep_rate) * cal.numel()))).values)
     scores = first_stage_scores(model, cache, config, all_rows, batch_size)
@@ -258,18 +268,32 @@ def _run_budget(
     # Counts are rounded to multiples of BUDGET_STEP patches so that images share batches (and GMACs).
     counts = (scores >= tau).sum(dim=1).float().div(BUDGET_STEP).round().mul(BUDGET_STEP).long()
     counts = counts.clamp(min(BUDGET_STEP, n), n)
-    gmacs = 0.0
     m = cache.tokens.shape[0]
-    correct, in_top5 = torch.zeros(m, dtype=torch.bool), torch.zeros(m, dtype=torch.bool)
-    nll = torch.zeros(m, dtype=torch.float64)
+    out = _empty_outcomes(m)
+    out["keep"], out["gmacs"] = counts, torch.zeros(m, dtype=torch.float64)
     for k in counts.unique().tolist():
         rows = all_rows[counts == k]
         view = pruned_view(model, replace(config.prune_config, keep_rate=k / n))
         logits = run_view(view, cache, rows=rows, batch_size=batch_size, device=device, bar=bar)
-        correct[rows], in_top5[rows], nll[rows] = _outcomes(logits, cache.labels[rows])
-        gmacs += count_gmacs(view) * rows.numel()
-    details = {"threshold": tau, "mean_keep_rate": float(counts.float().mean() / n)}
-    return (correct, in_top5, nll), gmacs / max(m, 1), details
+        out["correct"][rows], out["top5"][rows], out["nll"][rows] = _outcomes(logits, cache.labels[rows])
+        out["gmacs"][rows] = count_gmacs(view)
+    return out, {"threshold": tau, "patches": n}
+
+
+def _empty_outcomes(m: int) -> dict[str, Tensor]:
+    return {
+        "correct": torch.zeros(m, dtype=torch.bool),
+        "top5": torch.zeros(m, dtype=torch.bool),
+        "nll": torch.zeros(m, dtype=torch.float64),
+    }
+
+
+def _gathered(outcomes: dict[str, Tensor], indices: Tensor) -> dict[str, Tensor]:
+    """Every process's per-image outcomes, in image (sample-list) order: one process's cache order."""
+    if not D.is_distributed():
+        return outcomes
+    order = D.all_gather_cat(indices).argsort()
+    return {k: D.all_gather_cat(v)[order] for k, v in outcomes.items()}
 
 
 def run_config(
@@ -287,21 +311,34 @@ def run_config(
     depth = len(model.blocks)
     if first_location(config, depth) < cache.start:
         raise ValueError(f"{config.label} prunes before block {cache.start}, where the cache starts")
-    m = cache.tokens.shape[0]
-    bar = tqdm(total=m, unit="img", desc=config.label, disable=not progress, leave=False)
+    local = cache.tokens.shape[0]
+    bar = tqdm(total=local, unit="img", desc=config.label, disable=not progress, leave=False)
     t0 = time.perf_counter()
     details: dict = {}
     if getattr(config, "budget", False):
-        calib = calibration if calibration is not None else torch.ones(m, dtype=torch.bool)
-        (correct, in_top5, nll), gmacs, details = _run_budget(
-            model, config, cache, calib, batch_size, device, bar
-        )
+        calib = calibration if calibration is not None else torch.ones(local, dtype=torch.bool)
+        out, details = _run_budget(model, config, cache, calib, batch_size, device, bar)
+        out = _gathered(out, cache.indices)
+        n = details.pop("patches")
+        # mean GMACs over images: each keep count's GMACs times its images, in increasing count order
+        gmacs = 0.0
+        for k in out["keep"].unique().tolist():
+            same = out["keep"] == k
+            gmacs += float(out["gmacs"][same][0]) * int(same.sum())
+        m = out["keep"].shape[0]
+        gmacs /= max(m, 1)
+        details["mean_keep_rate"] = float(out["keep"].float().mean() / n) if m else math.nan
     else:
         pc = config.prune_config if isinstance(config, SweepConfig) else config
         view = pruned_view(model, pc)
-        logits = run_view(view, cache, batch_size=batch_size, device=device, bar=bar)
-        correct, in_top5, nll = _outcomes(logits, cache.labels)
+        out = _empty_outcomes(local)
+        if local:
+            logits = run_view(view, cache, batch_size=batch_size, device=device, bar=bar)
+            out["correct"], out["top5"], out["nll"] = _outcomes(logits, cache.labels)
+        out = _gathered(out, cache.indices)
         gmacs = count_gmacs(view)
+    correct, in_top5, nll = out["correct"], out["top5"], out["nll"]
+    m = correct.shape[0]
     top1, top5 = int(correct.sum()), int(in_top5.sum())
     seconds = time.perf_counter() - t0
     bar.close()
@@ -376,8 +413,13 @@ def run_sweep(
     ``make_batches()`` is called only if something is left to do. ``calibration`` maps the cached
     sample indices to a boolean mask of the calibration images (budget mode). Returns the records in
     ``configs`` order and timing {"cache_s", "configs_s", "skipped"}.
+
+    Under ``torchrun`` every process calls this with its own share of the images (``make_batches``,
+    ``total``; ``Batch.indices`` positions in the whole sample list): rank 0 reads ``log`` and tells the
+    others what is done, every process runs what is left, and only rank 0 appends records.
     """
-    done = log.load() if log else {}
+    main = D.rank() == 0
+    done = D.broadcast_object(log.load() if log and main else {})
     keyed = [(c, log.key(c) if log else str(i)) for i, c in enumerate(configs)]
     todo = [(c, k) for c, k in keyed if k not in done]
     timing = {"cache_s": 0.0, "configs_s": 0.0, "skipped": 0, "ran": len(todo)}
@@ -390,14 +432,15 @@ def run_sweep(
             model, make_batches(), start, total=total, device=device, skip_bad=skip_bad,
             progress=progress, storage=storage,
         )  # fmt: skip
-        timing["cache_s"], timing["skipped"] = cache.seconds, cache.skipped
+        skipped = D.all_reduce_sum(torch.tensor([cache.skipped], dtype=torch.int64))
+        timing["cache_s"], timing["skipped"] = cache.seconds, int(skipped[0])
         mask = calibration(cache.indices) if calibration else None
         for c, k in tqdm(todo, desc="configs", unit="cfg", disable=not progress):
             rec = run_config(
                 model, c, cache, batch_size=batch_size, device=device, calibration=mask, progress=progress
             )
             timing["configs_s"] += rec["seconds"]
-            if log:
+            if log and main:
                 log.append(rec)
             done[k] = rec
     return [done[k] for _, k in keyed], timing

@@ -1,12 +1,15 @@
 """Fine-tuning with token pruning in the loop (EViT's recipe), resumable and distributed.
 
-``train(TrainConfig(...))`` builds the model with a head for the data set's classes, patches a
+``train(TrainConfig(...))`` builds the model with a head for the data set's classes (the checkpoint's
+own when the labels are its classes: ``resolve_head``), patches a
 parameter-sharing copy of it to prune while it trains (scores are computed under ``no_grad`` by
 ``renyiprune.patch``), and runs AdamW with warm-up + cosine, label smoothing, mixup/cutmix, RandAugment,
 random erasing, drop-path, optional clipping, AMP and EMA. After every epoch it evaluates the model
-unpruned and pruned at several keep rates. Every checkpoint (each epoch, every ``save_every`` steps) is
-atomic and holds everything needed to continue bit-exactly: all randomness is a function of
-(seed, epoch, sample index) per image and (seed, step, rank) per step, and the data position is stored.
+unpruned and pruned at several keep rates; under ``torchrun`` every process evaluates its share of the
+images and the counts are added up, so that every rank runs the same collectives. Every checkpoint
+(each epoch, every ``save_every`` steps) is atomic and holds everything needed to continue bit-exactly:
+all randomness is a function of (seed, epoch, sample index) per image and (seed, step, rank) per step,
+and the data position is stored.
 """
 
 from __future__ import annotations
@@ -35,10 +38,20 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, save_weight
 from .data import EvalTransform, ImageDataset, collate
 from .datasets import DEFAULT_SPLITS, DatasetSplit, load_split, open_sample
 from .evaluate import PruneConfig, evaluate, pruned_view
-from .model import create_model
+from .model import create_model, get_spec
 from .patch import patch, share_parameters
+from .weights import download, read_state_dict
 
-__all__ = ["TrainConfig", "WarmupCosine", "train", "CHECKPOINT", "WEIGHTS", "METRICS"]
+__all__ = [
+    "TrainConfig",
+    "WarmupCosine",
+    "train",
+    "resolve_head",
+    "imagenet1k_wnids",
+    "CHECKPOINT",
+    "WEIGHTS",
+    "METRICS",
+]
 
 CHECKPOINT = "last.pt"  # full training state, overwritten atomically
 WEIGHTS = "model.safetensors"  # model weights only: renyiprune eval --weights OUT/model.safetensors
@@ -59,6 +72,9 @@ class TrainConfig:
     train_split: str | None = None
     eval_split: str | None = None
     num_classes: int | None = None
+    # the checkpoint's classifier: None keeps it when the data's label space is the checkpoint's
+    # (resolve_head), True keeps it or fails, False always starts a fresh head
+    keep_head: bool | None = None
     limit: int | None = None  # first N training images (and evaluation images)
     # pruning while training
     keep: float = 0.7
@@ -101,6 +117,7 @@ class TrainConfig:
     threads: int | None = None
     resume: bool = False
     progress: bool = True
+    dist_timeout: float | None = None  # seconds a collective waits (None: $RENYIPRUNE_DIST_TIMEOUT or 600)
 
 
 class WarmupCosine:
@@ -234,19 +251,109 @@ def _eval_configs(cfg: TrainConfig) -> list[PruneConfig]:
     return configs
 
 
-def _evaluate(model: nn.Module, cfg: TrainConfig, split: DatasetSplit, progress: bool) -> list[dict]:
+def _evaluate(
+    model: nn.Module, cfg: TrainConfig, split: DatasetSplit, dist: D.DistInfo, progress: bool
+) -> list[dict]:
+    """Top-1/top-5 of the evaluation configurations; every process must call it (counts all-reduced)."""
     pc = model.pretrained_cfg
     tf = EvalTransform(pc.img_size, pc.crop_pct, pc.interpolation, pc.mean, pc.std)
     samples = split.samples[: cfg.limit] if cfg.limit else split.samples
+    batch = max(cfg.batch_size, 1)
+    mine = [samples[i] for i in D.batch_shard(len(samples), batch, dist.rank, dist.world_size)]
     loader = DataLoader(
-        ImageDataset(samples, _BannerCropped(tf, split.crop_bottom)),
-        batch_size=max(cfg.batch_size, 1),
+        ImageDataset(mine, _BannerCropped(tf, split.crop_bottom)),
+        batch_size=batch,
         num_workers=cfg.workers,
         collate_fn=collate,
     )
     views = {c.label: pruned_view(model, c) for c in _eval_configs(cfg)}
-    results = evaluate(views, loader, device=cfg.device, total=len(samples), progress=progress)
+    results = evaluate(views, loader, device=dist.device, total=len(mine), progress=progress)
     return [r.to_dict() for r in results]
+
+
+def imagenet1k_wnids() -> list[str]:
+    """The 1000 ImageNet-1k WordNet ids; position = the class index of ImageNet checkpoints' heads."""
+    from importlib import resources
+
+    text = resources.files("renyiprune").joinpath("imagenet1k_wnids.txt").read_text(encoding="utf-8")
+    return [w.strip() for w in text.splitlines() if w.strip() and not w.startswith("#")]
+
+
+def _tsv_names_imagenet(split: DatasetSplit) -> bool:
+    """True when every row of the split's labels.tsv names a WordNet id that is ImageNet-1k's at its
+    class index (``file, class_index, wnid[, name]``): its label space is then an ImageNet head's."""
+    from .data import LABELS_FILE
+
+    tsv = split.root / LABELS_FILE
+    if split.name != "labels-tsv" or not tsv.is_file():
+        return False
+    wnids = imagenet1k_wnids()
+    rows = 0
+    for line in tsv.read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        cols = line.split("\t")
+        if len(cols) < 3 or not cols[1].strip().isdigit():
+            return False
+        index = int(cols[1])
+        if index >= len(wnids) or cols[2].strip() != wnids[index]:
+            return False
+        rows += 1
+    return rows > 0
+
+
+def resolve_head(
+    keep_head: bool | None, num_classes: int | None, split: DatasetSplit, checkpoint_classes: int | None
+) -> tuple[int, bool, str]:
+    """How many classes the trained head has, whether it is the checkpoint's, and why (one line).
+
+    ``keep_head`` None keeps the checkpoint's head when the data's label space is the checkpoint's: the
+    same class count (``num_classes`` or the data set's), or a labels.tsv whose WordNet ids are
+    ImageNet-1k's at their indices with a 1000-class checkpoint. True keeps it or raises ValueError
+    saying why it cannot; False always starts a fresh head.
+    """
+    data_classes = num_classes or split.num_classes
+    max_label = max((s.label for s in split.samples), default=-1)
+    if keep_head is False or checkpoint_classes is None:
+        if keep_head:
+            raise ValueError("--keep-head: there is no pretrained head to keep (no weights, or none in them)")
+        return data_classes, False, f"a new {data_classes}-class head"
+    c = checkpoint_classes
+    if keep_head:
+        if num_classes is not None and num_classes != c:
+            raise ValueError(
+                f"--keep-head keeps the checkpoint's {c}-class head; --num-classes "
+                f"{num_classes} differs (drop one of the two)"
+            )
+        if split.classes and len(split.classes) != c:
+            raise ValueError(
+                f"--keep-head: the checkpoint's head has {c} classes but {split.name} has "
+                f"{len(split.classes)}; its labels are not the checkpoint's classes "
+                "(train a new head: leave out --keep-head)"
+            )
+        if max_label >= c:
+            raise ValueError(
+                f"--keep-head: the checkpoint's head has {c} classes but the training data "
+                f"has class index {max_label} (labels must be the checkpoint's class indices)"
+            )
+        return c, True, f"the checkpoint's {c}-class head (--keep-head)"
+    if data_classes == c:
+        return c, True, f"the checkpoint's {c}-class head (the data has as many classes)"
+    if num_classes is None and c == 1000 and max_label < c and _tsv_names_imagenet(split):
+        return c, True, "the checkpoint's 1000-class head (labels.tsv names ImageNet-1k's classes)"
+    return data_classes, False, f"a new {data_classes}-class head (the checkpoint has {c} classes)"
+
+
+def _checkpoint_state(cfg: TrainConfig) -> dict | None:
+    """The state dict the model starts from (read once), or None for random initialisation."""
+    if cfg.weights is not None:
+        return read_state_dict(cfg.weights)
+    if cfg.pretrained:
+        spec = get_spec(cfg.model)
+        if spec.url is None:
+            raise ValueError(f"model {cfg.model!r} has no official download; pass --weights PATH")
+        return read_state_dict(download(spec.url, spec.sha256))
+    return None
 
 
 def _state(model, ema, opt, sched, scaler, cfg, epoch, step_in_epoch, global_step) -> dict:
@@ -280,15 +387,15 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dist = D.init_distributed(cfg.device)
+    dist = D.init_distributed(cfg.device, cfg.dist_timeout)
     device = torch.device(dist.device)
     use_cuda = device.type == "cuda"
     out = Path(cfg.out)
     ckpt_path = out / CHECKPOINT
+    if ckpt_path.exists() and not cfg.resume:  # every rank checks, so every rank stops
+        raise ValueError(f"{ckpt_path} exists; pass --resume to continue it, or choose another --out")
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if ckpt_path.exists() and not cfg.resume:
-            raise ValueError(f"{ckpt_path} exists; pass --resume to continue it, or choose another --out")
     if cfg.amp not in ("none", "bf16", "fp16"):
         raise ValueError(f"--amp must be none, bf16 or fp16, got {cfg.amp!r}")
 
@@ -300,17 +407,21 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
     eval_ds = load_split(cfg.dataset, cfg.data_root, eval_split)
     if cfg.limit:
         train_ds.samples = train_ds.samples[: cfg.limit]
-    num_classes = cfg.num_classes or train_ds.num_classes
+    start = _checkpoint_state(cfg)
+    head_w = start.get("head.weight") if start is not None else None
+    num_classes, kept, head_note = resolve_head(
+        cfg.keep_head, cfg.num_classes, train_ds, int(head_w.shape[0]) if head_w is not None else None
+    )
+    if dist.is_main and cfg.progress:
+        print(f"renyiprune train: training {head_note}", file=sys.stderr)
 
     torch.manual_seed(cfg.seed)
     model = create_model(
-        cfg.model,
-        weights=cfg.weights,
-        pretrained=cfg.pretrained and cfg.weights is None,
-        num_classes=num_classes,
-        drop_path_rate=cfg.drop_path,
-        **cfg.model_kwargs,
-    ).to(device)
+        cfg.model, weights=start, num_classes=num_classes, drop_path_rate=cfg.drop_path, **cfg.model_kwargs
+    )
+    if start is not None and head_w is not None and not kept and head_w.shape[0] == num_classes:
+        model.reset_classifier(num_classes)  # --no-keep-head with the checkpoint's class count
+    model = model.to(device)
     ema = copy.deepcopy(model) if cfg.ema_decay > 0 else None
     trainee = share_parameters(model)  # the pruning copy trains; `model` stays unpatched for evaluation
     if cfg.criterion != "none":
@@ -323,8 +434,10 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
     global_batch = cfg.batch_size * dist.world_size
     lr = cfg.lr * global_batch / 512 if cfg.lr_scale else cfg.lr
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=lr)
+    # drop_last: K processes x batch B take exactly the images one process takes with batch K x B
+    # (no padding with repeated images; the tail that fills no global batch is dropped either way).
     sampler = DistributedSampler(
-        range(len(train_ds.samples)), dist.world_size, dist.rank, shuffle=True, seed=cfg.seed
+        range(len(train_ds.samples)), dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True
     )
     steps_per_epoch = len(sampler) // cfg.batch_size
     if steps_per_epoch < 1:
@@ -373,10 +486,11 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
     last_eval: list[dict] = []
 
     def run_eval(ep: int, train_loss: float | None) -> None:
+        # Every rank evaluates its share (evaluate all-reduces the counts); only rank 0 writes.
         nonlocal last_eval
+        t0 = time.perf_counter()
+        last_eval = _evaluate(model, cfg, eval_ds, dist, show)
         if dist.is_main:
-            t0 = time.perf_counter()
-            last_eval = _evaluate(model, cfg, eval_ds, show)
             log.write(
                 {
                     "kind": "eval",
@@ -390,8 +504,6 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
             if show:
                 summary = ", ".join(f"{r['config']}: {r['top1']:.2f}%" for r in last_eval)
                 print(f"renyiprune train: epoch {ep} top-1 {summary}", file=sys.stderr)
-        if dist.enabled:
-            torch.distributed.barrier()
 
     if cfg.eval_before and global_step == 0 and cfg.eval_every:
         run_eval(0, None)
@@ -417,7 +529,7 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
             x, y = x.to(device, non_blocking=True), y.to(device)
             if cfg.mixup > 0 or cfg.cutmix > 0:
                 x, target = mixup_cutmix(
-                    x, y, num_classes, rng, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob, cfg.smoothing
+                    x, y, model.num_classes, rng, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob, cfg.smoothing
                 )
             else:
                 target = None
@@ -427,8 +539,9 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
                 loss = soft_target_cross_entropy(logits, target)
             else:
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.smoothing)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {global_step}; stopping")
+            loss_all = float(D.all_reduce_mean(loss.detach()))  # every rank sees a NaN anywhere and stops
+            if not math.isfinite(loss_all):
+                raise FloatingPointError(f"loss is {loss_all} at step {global_step}; stopping")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if callback is not None:
@@ -444,7 +557,6 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
                         pe.lerp_(pm, 1.0 - cfg.ema_decay)
             global_step += 1
             step_in_epoch += 1
-            loss_all = float(D.all_reduce_mean(loss.detach()))
             losses.append(loss_all)
             log.write(
                 {

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed as D
 from ..criteria import list_criteria, takes_alpha
 from ..data import EvalTransform, list_samples
 from ..entropy import parse_alpha
@@ -186,21 +187,36 @@ def loader_of(samples, transform, args):
     )  # fmt: skip
 
 
+def _global_batches(loader, positions: torch.Tensor):
+    """The loader's batches with ``indices`` mapped from positions in a shard to the whole sample list."""
+    for batch in loader:
+        yield batch._replace(indices=positions[batch.indices])
+
+
 def sweep_samples(args, samples, configs, log_path: Path, part: str, model) -> tuple[list[dict], dict]:
-    """Run ``configs`` on ``samples`` (resuming ``log_path``); returns records and timing."""
+    """Run ``configs`` on ``samples`` (resuming ``log_path``); returns records and timing.
+
+    Under torchrun (a joined process group) this process decodes and runs only its share of the
+    images (``distributed.batch_shard``); the records are gathered as one process makes them.
+    """
     log = ResultLog(log_path, fingerprint(args, samples, part))
     transform = transform_of(model)
+    world = torch.distributed.get_world_size() if D.is_distributed() else 1
+    positions = torch.tensor(D.batch_shard(len(samples), args.batch_size, D.rank(), world), dtype=torch.int64)
+    mine = [samples[int(i)] for i in positions]
     return run_sweep(
         model,
         configs,
-        lambda: loader_of(samples, transform, args),
-        total=len(samples),
+        lambda: _global_batches(loader_of(mine, transform, args), positions),
+        total=len(mine),
         log=log,
         batch_size=args.batch_size,
         device=args.device,
         skip_bad=args.skip_bad,
-        calibration=lambda idx: torch.tensor([is_calibration(samples[int(i)].path) for i in idx]),
-        progress=not args.no_progress,
+        calibration=lambda idx: torch.tensor(
+            [is_calibration(samples[int(i)].path) for i in idx], dtype=torch.bool
+        ),  # dtype: a process may hold no image
+        progress=not args.no_progress and D.rank() == 0,
     )
 
 
@@ -232,6 +248,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_unpruned:
         configs.insert(0, SweepConfig(None, 1.0, 1.0, (), False))
     samples = list_samples(args.data)[: args.limit]
+    info = D.init_distributed(args.device)  # under torchrun: one share of the images per process
+    args.device = info.device
+    try:
+        return _run(args, configs, samples, info.is_main)
+    finally:
+        D.cleanup()
+
+
+def _run(args: argparse.Namespace, configs: list[SweepConfig], samples: list, is_main: bool) -> int:
     model = common.load_model(args)
     depth = len(model.blocks)
     if any(i >= depth for i in args.locations):
@@ -239,6 +264,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     records, timing = sweep_samples(args, samples, configs, args.out / "results.jsonl", "all", model)
     timing["total_s"] = time.perf_counter() - t0
+    if not is_main:  # rank 0 writes the outputs and reports
+        return 0
     write_outputs(args.out, records, f"{args.model}, {records[0]['images']} images")
     common.atomic_write_text(args.out / "timing.json", json.dumps(timing, indent=2) + "\n")
     print(markdown_tables(records))

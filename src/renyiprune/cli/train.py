@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..criteria import list_criteria
 from ..datasets import DATASETS
+from ..distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
 from ..train import TrainConfig, train
 from . import common
 
@@ -32,6 +33,14 @@ def add_parser(sub) -> None:
     p.add_argument("--train-split", default=None, help="default: trainval (flowers, aircraft) or train")
     p.add_argument("--eval-split", default=None, help="default: test (flowers, aircraft) or val")
     p.add_argument("--num-classes", type=int, default=None, help="default: the data set's class count")
+    p.add_argument(
+        "--keep-head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the checkpoint's classifier (labels are its class indices; an error when they "
+        "cannot be). Default: kept when the data has the checkpoint's class count or its "
+        "labels.tsv names ImageNet-1k's classes; --no-keep-head always starts a new head",
+    )
     p.add_argument("--limit", type=int, default=None, help="use the first N images of each split")
     g = p.add_argument_group("pruning while training")
     g.add_argument("--keep", type=common.keep_rate, default=0.7)
@@ -68,6 +77,13 @@ def add_parser(sub) -> None:
     g.add_argument("--resume", action="store_true", help="continue OUT/last.pt exactly")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    g.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        help="torchrun: seconds a collective waits for the other processes before it fails "
+        f"(default: ${TIMEOUT_ENV} or {DEFAULT_TIMEOUT_S:.0f})",
+    )
     g.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
 
@@ -78,10 +94,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.dist_timeout is not None and not 0 < args.dist_timeout < float("inf"):
+        raise ValueError("--dist-timeout must be a finite number of seconds > 0")
     return TrainConfig(
         data_root=str(args.data_root), out=str(args.out), dataset=args.dataset, model=args.model,
         weights=str(args.weights) if args.weights else None, pretrained=args.weights is None,
         train_split=args.train_split, eval_split=args.eval_split, num_classes=args.num_classes,
+        keep_head=args.keep_head,
         limit=args.limit, keep=args.keep, criterion=args.criterion, alpha=args.alpha,
         locations=tuple(args.locations), fuse=args.fuse, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, lr_scale=not args.no_lr_scale, min_lr=args.min_lr, warmup_lr=args.warmup_lr,
@@ -91,7 +110,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ema_decay=args.ema_decay, eval_keep=tuple(args.eval_keep), eval_before=not args.no_eval_before,
         eval_every=args.eval_every, save_every=args.save_every, max_steps=args.max_steps, seed=args.seed,
         workers=args.workers, device=args.device, threads=args.threads, resume=args.resume,
-        progress=not args.no_progress,
+        progress=not args.no_progress, dist_timeout=args.dist_timeout,
     )  # fmt: skip
 
 
