@@ -133,3 +133,94 @@ def test_ddp_two_processes_match_one(data, tmp_path, monkeypatch):
         torch.testing.assert_close(two[0][name], g, rtol=1e-4, atol=1e-6, msg=name)
         torch.testing.assert_close(two[1][name], g, rtol=1e-4, atol=1e-6, msg=name)
     assert steps(tmp_path / "two")[1] == pytest.approx(steps(tmp_path / "one")[1], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------ the checkpoint's head
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_WEIGHTS = REPO / "demo" / "weights" / "deit_tiny_patch16_224.safetensors"
+
+
+def demo_tsv(root: Path, n: int, columns: int = 4) -> Path:
+    """labels.tsv of the first ``n`` demo ImageNet images (absolute paths), with or without wnids."""
+    src = REPO / "demo" / "imagenet-100"
+    rows = [r.split("\t") for r in (src / "labels.tsv").read_text().splitlines() if r and r[0] != "#"]
+    root.mkdir(parents=True, exist_ok=True)
+    lines = ["\t".join([str(src / r[0]), *r[1:columns]]) for r in rows[:n]]
+    (root / "labels.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def reference_top1(root: Path) -> float:
+    """Top-1 (%) of the checkpoint as it is, image by image: the number a kept head starts from."""
+    from renyiprune.data import EvalTransform, list_samples, load_image
+
+    model = create_model("deit_tiny_patch16_224", weights=DEMO_WEIGHTS)
+    tf = EvalTransform()
+    samples = list_samples(root)
+    with torch.no_grad():
+        right = [int(model(tf(load_image(s.path))[None]).argmax()) == s.label for s in samples]
+    return 100.0 * sum(right) / len(samples)
+
+
+def test_imagenet_labels_keep_the_pretrained_head(tmp_path):
+    """A labels.tsv naming ImageNet's classes keeps the ImageNet head: epoch-0 top-1 is the checkpoint's
+    own (80 % measured, not chance); --no-keep-head trains a new head from chance. 10 demo images."""
+    data = demo_tsv(tmp_path / "data", 10)
+    kw = dict(model="deit_tiny_patch16_224", weights=str(DEMO_WEIGHTS), dataset="labels-tsv", epochs=1,
+              max_steps=1, batch_size=4, eval_every=1, eval_keep=(0.7,), workers=0, threads=1,
+              progress=False, mixup=0, cutmix=0)  # fmt: skip
+    kept = train(TrainConfig(str(data), str(tmp_path / "kept"), criterion="renyi", **kw))
+    top1 = {r["config"]: r["top1"] for r in kept["eval"]}
+    assert top1["unpruned"] == pytest.approx(reference_top1(data)) and top1["unpruned"] >= 50
+    assert top1["renyi a=2 r=0.7"] >= 40  # pruned at keep 0.7: still far above chance (0.1 %)
+    new = train(TrainConfig(str(data), str(tmp_path / "new"), criterion="none", keep_head=False, **kw))
+    assert new["eval"][0]["top1"] <= 20  # a fresh 91-class head: chance (measured 1 of 10)
+    saved = read_state_dict(tmp_path / "kept" / WEIGHTS)
+    assert saved["head.weight"].shape[0] == 1000
+    assert read_state_dict(tmp_path / "new" / WEIGHTS)["head.weight"].shape[0] == 91  # 1 + largest label (90)
+
+
+def test_resolve_head_rules(tmp_path, data):
+    from renyiprune.datasets import load_split
+    from renyiprune.train import imagenet1k_wnids, resolve_head
+
+    wnids = imagenet1k_wnids()
+    assert len(wnids) == 1000 and wnids == sorted(wnids) and wnids[0] == "n01440764"
+    named = load_split("labels-tsv", demo_tsv(tmp_path / "named", 12), "train")  # labels up to 110
+    bare = load_split("labels-tsv", demo_tsv(tmp_path / "bare", 12, columns=2), "train")
+    folder = load_split("imagefolder", data, "train")  # 3 class folders
+    assert resolve_head(None, None, named, 1000)[:2] == (1000, True)  # wnids are ImageNet's
+    assert resolve_head(None, None, bare, 1000)[:2] == (111, False)  # nothing says they are
+    assert resolve_head(True, None, bare, 1000)[:2] == (1000, True)  # forced: indices fit
+    assert resolve_head(False, None, named, 1000)[:2] == (111, False)
+    assert resolve_head(None, None, named, 21843)[:2] == (111, False)  # not an ImageNet-1k head
+    assert resolve_head(None, None, folder, 3)[:2] == (3, True)  # same class count: kept (as before)
+    assert resolve_head(None, 1000, bare, 1000)[:2] == (1000, True)
+    # a wnid at the wrong index: not ImageNet's label space
+    rows = (tmp_path / "named" / "labels.tsv").read_text().replace("\t0\tn01440764", "\t1\tn01440764")
+    (tmp_path / "named" / "labels.tsv").write_text(rows)
+    shifted = load_split("labels-tsv", tmp_path / "named", "train")
+    assert resolve_head(None, None, shifted, 1000)[1] is False
+    with pytest.raises(ValueError, match="1000 classes but imagefolder has 3"):
+        resolve_head(True, None, folder, 1000)
+    with pytest.raises(ValueError, match="class index 110"):
+        resolve_head(True, None, bare, 100)
+    with pytest.raises(ValueError, match="--num-classes 5"):
+        resolve_head(True, 5, bare, 1000)
+    with pytest.raises(ValueError, match="no pretrained head"):
+        resolve_head(True, None, bare, None)
+
+
+def test_cli_keep_head_flag(tmp_path):
+    from renyiprune.cli import build_parser
+    from renyiprune.cli.train import config_from_args
+
+    base = ["train", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]
+    parse = build_parser().parse_args
+    assert config_from_args(parse(base)).keep_head is None
+    assert config_from_args(parse([*base, "--keep-head"])).keep_head is True
+    assert config_from_args(parse([*base, "--no-keep-head"])).keep_head is False
+    assert config_from_args(parse([*base, "--dist-timeout", "30"])).dist_timeout == 30.0
+    with pytest.raises(ValueError, match="--dist-timeout"):
+        config_from_args(parse([*base, "--dist-timeout", "0"]))
