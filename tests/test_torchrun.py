@@ -89,13 +89,17 @@ def test_train_two_processes_equal_one(data, tmp_path):
 
     # Steps: 13 // 4 = 3 in both (drop_last, no padded repeats). The loss of a step is the mean over the
     # same 4 images: 1 process sums 4 per-image losses, 2 processes two pairs, then all-reduce and halve.
-    # Float32 summation order differs, so the losses agree to a few ulps (rel 1e-6), the learning rates
-    # exactly.
+    # Step 1 starts from the same weights, so only the summation order differs: a few ulps (rel 1e-6).
+    # Steps 2 and 3 start from weights that differ where AdamW amplified rounding noise (see below;
+    # measured rel 1.8e-6 under ATEN_CPU_CAPABILITY=avx2): rel 2e-5, which one wrong image in a step
+    # (~1e-2) would exceed by far. Learning rates are exact, gradient norms agree to rel 1e-4.
     st_a, st_b = records(a, "step"), records(b, "step")
     assert [r["global_step"] for r in st_a] == [r["global_step"] for r in st_b] == [1, 2, 3]
+    rel = [abs(y["loss"] - x["loss"]) / abs(x["loss"]) for x, y in zip(st_a, st_b, strict=True)]
+    print("train: relative loss differences per step", [f"{r:.1e}" for r in rel])
+    assert rel[0] <= 1e-6 and max(rel) <= 2e-5, rel
     for x, y in zip(st_a, st_b, strict=True):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-6)
-        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)  # see the weights below
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
         assert y["lr"] == x["lr"]
 
     # Weights. The gradients of the two runs differ in the last bits (summation order: one process sums

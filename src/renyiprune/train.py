@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from . import distributed as D
 from .augment import TrainTransform, mixup_cutmix, soft_target_cross_entropy
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, save_weights, set_rng_state
+from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, save_weights, set_rng_state
 from .data import EvalTransform, ImageDataset, collate
 from .datasets import DEFAULT_SPLITS, DatasetSplit, load_split, open_sample
 from .evaluate import PruneConfig, evaluate, pruned_view
@@ -238,9 +238,8 @@ class _Log:
                             r.get("train_loss"),
                         ]
                     )
-        from .cli.common import atomic_write_text
-
-        atomic_write_text(self.out / "metrics.csv", buf.getvalue())
+        text = buf.getvalue()
+        atomic_write(self.out / "metrics.csv", lambda tmp: Path(tmp).write_text(text))
 
 
 def _eval_configs(cfg: TrainConfig) -> list[PruneConfig]:
