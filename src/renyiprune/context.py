@@ -1,20 +1,65 @@
-"""What a criterion sees at a pruning block: the attention logits and views derived from them.
+"""What a criterion sees at a pruning block, and what it declares it needs.
 
-``AttentionContext`` holds one block's logits (and, from a pruning block, its queries, keys and values)
-and computes the probabilities, CLS attention and row entropies at most once, so that criteria share
-them. Nothing here knows about models or the registry of criteria.
+``Needs`` is a criterion's declaration of what it reads (row entropies, the CLS row, column statistics,
+keys, values, or the full attention), so that a pruning block computes only that (``streamed.attend``).
+``AttentionContext`` holds one block's explicit logits (and, from a pruning block, its queries, keys and
+values) and computes the probabilities, CLS attention, row entropies and column statistics at most once,
+so that criteria share them. Nothing here knows about models or the registry of criteria.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
 from .entropy import check_alpha, renyi_entropy
 
-__all__ = ["AttentionContext", "attention_logits"]
+__all__ = ["AttentionContext", "Needs", "FULL", "attention_logits"]
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a criterion reads from a pruning block's attention; the block computes only that.
+
+    ``row_entropy``: Rényi orders of the per-head row entropies (``ctx.row_entropy``); ``cls_row``: each
+    head's CLS-query row (``ctx.cls_rows`` / ``ctx.cls_attn``); ``received``: the per-head attention each
+    token receives, mean over queries (``ctx.received``); ``column_norm``: orders n of the l_n norms of the
+    head-mean attention columns (``ctx.column_norm``); ``mean_attention``: the head-mean (B, N, N)
+    attention (``ctx.mean_attention``); ``key`` / ``value``: the block's keys / values; ``full``: the
+    explicit (B, H, N, N) logits and probabilities (``ctx.logits`` / ``ctx.probs``), for anything else.
+    Needs combine with ``|``.
+    """
+
+    row_entropy: tuple[float, ...] = ()
+    cls_row: bool = False
+    received: bool = False
+    column_norm: tuple[float, ...] = ()
+    mean_attention: bool = False
+    key: bool = False
+    value: bool = False
+    full: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "row_entropy", tuple(sorted({check_alpha(a) for a in self.row_entropy})))
+        object.__setattr__(self, "column_norm", tuple(sorted({float(n) for n in self.column_norm})))
+
+    def __or__(self, other: Needs) -> Needs:
+        merged = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            merged[f.name] = a + b if isinstance(a, tuple) else a or b
+        return Needs(**merged)
+
+    @property
+    def per_query(self) -> bool:
+        """Whether the block must look at every query's row (entropies or column statistics)."""
+        return bool(self.row_entropy or self.received or self.column_norm or self.mean_attention)
+
+
+FULL = Needs(full=True)  # what an undeclared criterion gets: the explicit attention, as before
 
 
 class AttentionContext:
@@ -103,13 +148,48 @@ class AttentionContext:
         return self.probs, self._lse
 
     @property
+    def batch_size(self) -> int:
+        return self._any_attention().shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self._any_attention().device
+
+    def _any_attention(self) -> Tensor:
+        return self._logits if self._logits is not None else self._probs
+
+    @property
     def cls_rows(self) -> Tensor:
-        """Each head's CLS query (token 0) attention to every token, prefix included (B, H, N), float32."""
+        """Each head's CLS query (token 0) attention to every token, prefix included (B, H, N); float32
+        for float16/bfloat16 attention, its own dtype otherwise."""
         if self._cls_rows is None:
             s = self._logits if self._logits is not None else None
             row = self._probs[:, :, 0] if self._probs is not None else s[:, :, 0].softmax(-1)
-            self._cls_rows = row.float()
+            self._cls_rows = row.to(_acc_dtype(row))
         return self._cls_rows
+
+    @property
+    def received(self) -> Tensor:
+        """Attention each token receives per head, mean over the queries (B, H, N), prefix included."""
+        p = self.probs
+        return p.to(_acc_dtype(p)).mean(dim=2)
+
+    @property
+    def mean_attention(self) -> Tensor:
+        """The head-mean attention (B, N queries, N keys)."""
+        p = self.probs
+        return p.to(_acc_dtype(p)).mean(dim=1)
+
+    def column_norm(self, n: float) -> Tensor:
+        """l_n norm of every key's column (over queries) of the head-mean attention (B, N), prefix included.
+
+        Scaled by the column maximum so that p^n cannot underflow to 0 for small attention.
+        """
+        cols = self.mean_attention
+        if math.isinf(n):
+            return cols.amax(dim=1)
+        peak = cols.amax(dim=1, keepdim=True).clamp_min(torch.finfo(cols.dtype).tiny)
+        return peak.squeeze(1) * (cols / peak).pow(n).sum(dim=1).pow(1.0 / n)
 
     @property
     def cls_attn(self) -> Tensor:

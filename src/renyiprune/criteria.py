@@ -1,9 +1,11 @@
 """Token-importance criteria: each maps one block's attention to a score per patch token.
 
 A criterion is a plain function ``fn(ctx, **options) -> Tensor (B, n)``, higher = keep, registered
-by name with ``@register_criterion``. Adding one is one function plus its decorator line. The
-context (``context.AttentionContext``) gives the attention logits of the pruning block and cached
-derived views (probabilities, CLS attention, keys, values), so a criterion computes only what it needs.
+by name with ``@register_criterion(name, needs=...)``. Adding one is one function plus its decorator
+line. ``needs`` (``context.Needs``, or a function of the criterion's options returning one) declares
+what the criterion reads from the context (row entropies, the CLS row, column statistics, keys, values,
+or the full attention), so that the pruning block computes only that and never more
+(``streamed.attend``); a criterion without a declaration gets the full explicit attention.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .context import AttentionContext, attention_logits
+from .context import FULL, AttentionContext, Needs, attention_logits
 from .entropy import check_alpha, renyi_entropy
 
 __all__ = [
     "AttentionContext",  # defined in context.py, re-exported: criteria are written against it
+    "Needs",
     "attention_logits",
+    "needs_of",
     "Criterion",
     "CRITERIA",
     "register_criterion",
@@ -33,16 +37,34 @@ Criterion = Callable[[AttentionContext], Tensor]
 
 
 CRITERIA: dict[str, Callable[..., Tensor]] = {}
+NeedsSpec = Needs | Callable[[dict], Needs]
 
 
-def register_criterion(name: str) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Decorator: make ``fn(ctx, **options)`` available as criterion ``name``."""
+def register_criterion(
+    name: str, needs: NeedsSpec = FULL
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Decorator: make ``fn(ctx, **options)`` available as criterion ``name``.
+
+    ``needs``: what it reads from the context, a ``Needs`` or a function of its options (a dict with
+    every option, defaults filled in) returning one. The default is the full explicit attention.
+    """
 
     def deco(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        fn.needs = needs
         CRITERIA[name] = fn
         return fn
 
     return deco
+
+
+def needs_of(criterion: str | Callable[..., Tensor], **options) -> Needs:
+    """What a registered criterion (by name, with these options) or a bound criterion reads."""
+    fn = CRITERIA[criterion] if isinstance(criterion, str) else criterion
+    base = getattr(fn, "func", fn)  # a functools.partial carries its options bound
+    spec = getattr(fn, "needs", None) or getattr(base, "needs", FULL)
+    if callable(spec):
+        return spec({**criterion_options(base), **getattr(fn, "keywords", {}), **options})
+    return spec
 
 
 def list_criteria() -> list[str]:
@@ -65,10 +87,12 @@ def takes_alpha(criterion: str | None, options: dict | None = None) -> bool:
 def make_criterion(criterion: str | Criterion, **options) -> Criterion:
     """Bind options to a registered criterion (or a callable), checking them on a tiny input now.
 
-    Unknown option names and invalid values fail here, not at the first forward.
+    Unknown option names and invalid values fail here, not at the first forward, and so does a criterion
+    that reads something its ``needs`` did not declare: the probe context holds only what was declared.
+    The returned callable carries its resolved ``needs``.
     """
     if callable(criterion):
-        fn = functools.partial(criterion, **options) if options else criterion
+        fn = functools.partial(criterion, **options)
     else:
         if criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {criterion!r}; known: {', '.join(list_criteria())}")
@@ -81,8 +105,11 @@ def make_criterion(criterion: str | Criterion, **options) -> Criterion:
                 f"its options: {', '.join(known) or 'none'}"
             )
         fn = functools.partial(base, **options)
+    fn.needs = needs_of(fn)
+    from .streamed import attend  # the block's own path, with only the declared quantities
+
     q, k, v = torch.randn(3, 1, 2, 4, 3).unbind(0)
-    probe = AttentionContext(attention_logits(q, k, 0.5), num_patches=3, query=q, key=k, value=v, scale=0.5)
+    _, probe = attend(q, k, v, 0.5, fn.needs, num_patches=3)
     out = fn(probe)
     if out.shape != (1, 3):
         raise ValueError(f"criterion returned shape {tuple(out.shape)} for 3 patches; expected (1, 3)")
@@ -104,7 +131,14 @@ def _mean_heads_log_probs(log_p: Tensor) -> Tensor:
 # Criteria
 
 
-@register_criterion("renyi")
+def _renyi_needs(o: dict) -> Needs:
+    """Row entropies for the default options (per-head rows, CLS key included); the rest reads the logits."""
+    if (o["direction"], o["heads"], o["cls_key"]) == ("row", "mean", "include"):
+        return Needs(row_entropy=(o.get("alpha", 1.0),))
+    return FULL
+
+
+@register_criterion("renyi", needs=_renyi_needs)
 def renyi(
     ctx: AttentionContext,
     alpha: float = 1.0,
@@ -143,25 +177,25 @@ def renyi(
     return -renyi_entropy(cols, alpha, dim=-2).mean(dim=1)
 
 
-@register_criterion("shannon")
+@register_criterion("shannon", needs=_renyi_needs)
 def shannon(ctx: AttentionContext, direction: str = "row", heads: str = "mean", cls_key: str = "include"):
     """Rényi with alpha = 1: -Shannon entropy of each patch's attention."""
     return renyi(ctx, alpha=1.0, direction=direction, heads=heads, cls_key=cls_key)
 
 
-@register_criterion("evit")
+@register_criterion("evit", needs=Needs(cls_row=True))
 def evit(ctx: AttentionContext) -> Tensor:
     """EViT: the CLS query's attention to each patch, averaged over heads."""
     return ctx.patches(ctx.cls_attn)
 
 
-@register_criterion("random")
+@register_criterion("random", needs=Needs())
 def random(ctx: AttentionContext, seed: int = 0) -> Tensor:
     """Uniform random scores, independent per image and stage, reproducible for a seed."""
-    device = ctx.logits.device
+    device = ctx.device
     g = torch.Generator(device=device)
     g.manual_seed((int(seed) * 1_000_003 + ctx.step * 1009 + ctx.stage) % (2**63))
-    return torch.rand(ctx.logits.shape[0], ctx.num_patches, generator=g, device=device)
+    return torch.rand(ctx.batch_size, ctx.num_patches, generator=g, device=device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,11 +203,11 @@ def random(ctx: AttentionContext, seed: int = 0) -> Tensor:
 
 
 def _received(ctx: AttentionContext) -> Tensor:
-    """Attention each candidate patch receives per head, averaged over queries: (B, H, n), float32."""
-    return ctx.patches(ctx.probs.float().mean(dim=2), dim=-1)
+    """Attention each candidate patch receives per head, averaged over queries: (B, H, n)."""
+    return ctx.patches(ctx.received, dim=-1)
 
 
-@register_criterion("headvar")
+@register_criterion("headvar", needs=Needs(received=True))
 def headvar(ctx: AttentionContext, robust: bool = False) -> Tensor:
     """Disagreement of heads about a patch (arXiv 2507.19175): variance over heads of the attention it
     receives; ``robust`` uses the median absolute deviation from the head median instead."""
@@ -184,19 +218,14 @@ def headvar(ctx: AttentionContext, robust: bool = False) -> Tensor:
     return (a - med).abs().median(dim=1).values
 
 
-@register_criterion("column_norm")
+@register_criterion("column_norm", needs=lambda o: Needs(column_norm=(float(o["norm"]),)))
 def column_norm(ctx: AttentionContext, norm: float = 4.0) -> Tensor:
     """l_n norm of each patch key's column of the head-mean attention (Su et al., arXiv 2603.27900);
     ranking by it matches ranking by the column Rényi entropy of order n."""
     n = float(norm)
     if not n >= 1.0:
         raise ValueError(f"norm must be >= 1, got {norm!r}")
-    cols = ctx.patches(ctx.probs.float().mean(dim=1), dim=-1)  # (B, N queries, n keys)
-    if math.isinf(n):
-        return cols.amax(dim=1)
-    # Scale by the column maximum so that p^n cannot underflow to 0 for small attention.
-    peak = cols.amax(dim=1, keepdim=True).clamp_min(torch.finfo(cols.dtype).tiny)
-    return peak.squeeze(1) * (cols / peak).pow(n).sum(dim=1).pow(1.0 / n)
+    return ctx.patches(ctx.column_norm(n))  # over the queries of the head-mean attention
 
 
 def standardize(s: Tensor, eps: float = 1e-12) -> Tensor:
@@ -211,7 +240,14 @@ def _ranks(s: Tensor) -> Tensor:
     return r / max(s.shape[1] - 1, 1)
 
 
-@register_criterion("hybrid")
+def _hybrid_needs(o: dict) -> Needs:
+    base = needs_of("renyi", **{k: o[k] for k in ("alpha", "direction", "heads", "cls_key")})
+    if o["base"] != "renyi":
+        base = needs_of(o["base"]) if o["base"] in CRITERIA else FULL
+    return base | Needs(cls_row=True)
+
+
+@register_criterion("hybrid", needs=_hybrid_needs)
 def hybrid(
     ctx: AttentionContext,
     alpha: float = 1.0,
@@ -243,7 +279,7 @@ def hybrid(
 # CLS-attention refinements: what the attention carries, where it flows, which heads are focused
 
 
-@register_criterion("cls_value")
+@register_criterion("cls_value", needs=Needs(cls_row=True, value=True))
 def cls_value(ctx: AttentionContext) -> Tensor:
     """How far each patch moves the CLS token: mean over heads of a_h(CLS -> j) * ||v_h,j||.
 
@@ -254,7 +290,7 @@ def cls_value(ctx: AttentionContext) -> Tensor:
     return ctx.patches((ctx.cls_rows * norms).mean(dim=1))
 
 
-@register_criterion("pagerank")
+@register_criterion("pagerank", needs=Needs(mean_attention=True))
 def pagerank(ctx: AttentionContext, iterations: int = 3) -> Tensor:
     """Attention received, weighted by the importance of who attends: s <- A^T s from uniform s.
 
@@ -265,14 +301,14 @@ def pagerank(ctx: AttentionContext, iterations: int = 3) -> Tensor:
     it = int(iterations)
     if it < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations!r}")
-    a = ctx.probs.float().mean(dim=1)  # (B, N queries, N keys)
+    a = ctx.mean_attention  # (B, N queries, N keys)
     s = torch.full(a.shape[:2], 1.0 / a.shape[1], dtype=a.dtype, device=a.device)
     for _ in range(it):
         s = torch.bmm(s.unsqueeze(1), a).squeeze(1)  # s_j <- sum_i s_i A_ij
     return ctx.patches(s)
 
 
-@register_criterion("evit_renyi")
+@register_criterion("evit_renyi", needs=Needs(cls_row=True))
 def evit_renyi(ctx: AttentionContext, alpha: float = 2.0, sharpness: float = 1.0) -> Tensor:
     """EViT's CLS attention with heads weighted by focus: w_h ∝ exp(-sharpness * H_alpha(CLS row of h)).
 
@@ -293,7 +329,9 @@ def evit_renyi(ctx: AttentionContext, alpha: float = 2.0, sharpness: float = 1.0
 # Redundancy: a patch whose information a more important patch already carries can go
 
 
-@register_criterion("diverse")
+@register_criterion(
+    "diverse", needs=lambda o: (needs_of(o["base"]) if o["base"] in CRITERIA else FULL) | Needs(key=True)
+)
 def diverse(ctx: AttentionContext, beta: float = 2.0, base: str = "evit") -> Tensor:
     """A ``base`` criterion's score minus ``beta`` x redundancy, both standardized per image.
 

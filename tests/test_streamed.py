@@ -1,0 +1,247 @@
+"""Streamed pruning attention (``streamed.attend``) against the explicit computation, and criteria needs."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from renyiprune.benchmark import PeakTensorMemory
+from renyiprune.context import FULL, Needs
+from renyiprune.criteria import CRITERIA, make_criterion, needs_of
+from renyiprune.entropy import renyi_entropy
+from renyiprune.streamed import StreamedContext, attend, chunk_plan
+
+ALPHAS = (0.0, 0.5, 0.7, 1.0, 2.0, 3.0, math.inf)
+EVERYTHING = Needs(row_entropy=ALPHAS, cls_row=True, received=True, column_norm=(1.0, 4.0, math.inf),
+                   mean_attention=True, key=True, value=True)  # fmt: skip
+
+
+def qkv(B, H, N, d, dtype=torch.float64, seed=0, spread=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return (spread * torch.randn(3, B, H, N, d, generator=g, dtype=torch.float64)).to(dtype).unbind(0)
+
+
+def reference(q, k, v, scale, bias=None):
+    """Everything from the one explicit (B, H, N, N) attention, in float64 by the plain formulas."""
+    q, k, v = q.double(), k.double(), v.double()
+    s = q @ k.transpose(-1, -2) * scale
+    if bias is not None:
+        s = s + bias.double()
+    p = s.softmax(-1)
+    mean = p.mean(dim=1)
+    return dict(
+        out=p @ v,
+        entropy={a: renyi_entropy(s, a) for a in ALPHAS},  # log-sum-exp form, not the chunk fast path
+        cls=p[:, :, 0],
+        received=p.mean(dim=2),
+        mean_attention=mean,
+        column_norm={n: mean.amax(1) if math.isinf(n) else mean.pow(n).sum(1).pow(1 / n)
+                     for n in (1.0, 4.0, math.inf)},
+    )  # fmt: skip
+
+
+def check(q, k, v, scale, bias, chunk, atol, out_atol=None, needs=EVERYTHING, num_prefix=1):
+    ref = reference(q, k, v, scale, bias)
+    out, ctx = attend(q, k, v, scale, needs, bias=bias, chunk_bytes=chunk, num_prefix=num_prefix)
+    assert isinstance(ctx, StreamedContext) and out.dtype == v.dtype and out.shape == v.shape
+    torch.testing.assert_close(out.double(), ref["out"], atol=out_atol or atol, rtol=0)
+    for a in needs.row_entropy:
+        want = ref["entropy"][a][:, :, num_prefix:]
+        torch.testing.assert_close(ctx.row_entropy(a).double(), want, atol=atol, rtol=0)
+    if needs.cls_row:
+        torch.testing.assert_close(ctx.cls_rows.double(), ref["cls"], atol=atol, rtol=0)
+        torch.testing.assert_close(ctx.cls_attn.double(), ref["cls"].mean(1), atol=atol, rtol=0)
+    if needs.received:
+        torch.testing.assert_close(ctx.received.double(), ref["received"], atol=atol, rtol=0)
+    if needs.mean_attention:
+        torch.testing.assert_close(ctx.mean_attention.double(), ref["mean_attention"], atol=atol, rtol=0)
+    for n in needs.column_norm:
+        torch.testing.assert_close(ctx.column_norm(n).double(), ref["column_norm"][n], atol=atol, rtol=0)
+    return ctx
+
+
+# Float64: every quantity is a sum of at most N <= 64 terms of size <= log N ~ 4 (entropies) or <= 1
+# (probabilities); rounding is then below N * 4 * 2.2e-16 ~ 6e-14 per step, so 1e-12 leaves room for a
+# few steps and still fails on any real difference (a wrong row, key or chunk boundary moves values by
+# far more than that).
+F64 = 1e-12
+
+
+@pytest.mark.parametrize("chunk", [1, 3000, 40_000, None])  # one row, rows of an image, images, default
+@pytest.mark.parametrize("bias", ["none", "sizes", "masked"])
+def test_float64_equals_explicit(chunk, bias):
+    B, H, N, d = 3, 2, 37, 8  # N prime: no chunk size divides it
+    q, k, v = qkv(B, H, N, d, seed=1)
+    b = None
+    if bias != "none":
+        g = torch.Generator().manual_seed(2)
+        b = torch.rand(B, 1, 1, N, generator=g, dtype=torch.float64).mul(3).add(1).log()  # log token sizes
+        if bias == "masked":
+            b[0, ..., [3, 10, 36]] = -math.inf
+            b[2, ..., 0] = -math.inf
+    check(q, k, v, 0.3, b, chunk, F64)
+
+
+def test_float32_against_float64():
+    """float32 inputs: the chunk math in float32 against the float64 reference.
+
+    Logits here are O(10) (|q.k| * scale with spread 2); float32 rounds each to ~1e-6 absolute, softmax
+    and the entropy sums over 197 keys add a few such errors, so entropies agree to ~1e-5 and
+    probabilities (<= 1) to ~1e-6; 1e-4 / 2e-5 are a factor ~10 above what this platform shows, for other
+    CPUs' summation orders (AVX2 vs AVX-512), and far below any real mistake (entropy gaps between
+    rows are ~1e-2 here).
+    """
+    B, H, N, d = 2, 3, 197, 16
+    q, k, v = qkv(B, H, N, d, dtype=torch.float32, seed=3)
+    bias = torch.rand(B, 1, 1, N).mul(2).add(1).log()
+    for chunk in (5000, None):
+        ctx = check(q, k, v, 0.25, bias, chunk, atol=1e-4, out_atol=2e-5)
+        assert ctx.row_entropy(1.0).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_chunks_in_float32_without_full_copies(dtype):
+    """Half-precision q, k, v: statistics in float32, equal to the float32 computation on the same
+    (upcast) values up to float32 summation order (1e-5, as above); the output is rounded to the input
+    dtype (bf16 keeps 8 bits: |out| <= ~4 here, so 4 * 2^-8 = 0.016). Peak memory stays far below
+    one float32 (B, H, N, N) tensor."""
+    B, H, N, d = 4, 2, 96, 8
+    q, k, v = qkv(B, H, N, d, dtype=dtype, seed=4, spread=1.0)
+    full32 = B * H * N * N * 4
+    needs = Needs(row_entropy=(1.0, 2.0, math.inf), cls_row=True, received=True)
+    with torch.inference_mode(), PeakTensorMemory() as mem:
+        out, ctx = attend(q, k, v, 0.35, needs, chunk_bytes=full32 // 16)
+    assert mem.peak < full32 / 2
+    assert out.dtype == dtype and ctx.row_entropy(2.0).dtype == torch.float32
+    _, want = attend(q.float(), k.float(), v.float(), 0.35, needs, chunk_bytes=full32 // 16)
+    for a in needs.row_entropy:
+        torch.testing.assert_close(ctx.row_entropy(a), want.row_entropy(a), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ctx.received, want.received, atol=1e-6, rtol=0)
+    ref = reference(q, k, v, 0.35)
+    out_tol = 0.02 if dtype == torch.bfloat16 else 3e-3  # float16 keeps 11 bits: 4 * 2^-11 = 2e-3
+    torch.testing.assert_close(out.double(), ref["out"], atol=out_tol, rtol=0)
+
+
+def test_never_a_full_attention_tensor():
+    """Float32 at a small budget: the largest live storage is far below one (B, H, N, N) tensor."""
+    B, H, N, d = 4, 3, 64, 8
+    q, k, v = qkv(B, H, N, d, dtype=torch.float32, seed=5)
+    full = B * H * N * N * 4
+    for needs in (Needs(row_entropy=(1.0,)), Needs(received=True, cls_row=True), Needs(column_norm=(4.0,))):
+        with torch.inference_mode(), PeakTensorMemory() as mem:
+            attend(q, k, v, 0.3, needs, chunk_bytes=full // 10)
+        assert mem.peak < full / 4, needs
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(1, 3),
+    H=st.integers(1, 3),
+    N=st.integers(2, 40),
+    d=st.integers(1, 6),
+    prefix=st.integers(1, 2),
+    chunk=st.integers(1, 30_000),
+    mask=st.lists(st.booleans(), min_size=40, max_size=40),
+    alpha=st.sampled_from(ALPHAS),
+    seed=st.integers(0, 2**16),
+)
+def test_property_any_shape_and_chunk(B, H, N, d, prefix, chunk, mask, alpha, seed):
+    """Any shape (N = 2 up: CLS plus one patch), any chunk budget (one row at a time up to whole
+    images, chunks that do not divide N), masked keys (one key always left): float64 equality."""
+    prefix = min(prefix, N - 1)
+    q, k, v = qkv(B, H, N, d, seed=seed)
+    bias = torch.zeros(B, 1, 1, N, dtype=torch.float64)
+    bias[..., torch.tensor(mask[:N])] = -math.inf
+    bias[..., seed % N] = 0.0
+    needs = Needs(row_entropy=(alpha,), cls_row=True, received=True, column_norm=(4.0,), mean_attention=True)
+    check(q, k, v, 0.5, bias, chunk, F64, needs=needs, num_prefix=prefix)
+
+
+def test_cls_only_path_uses_sdpa_and_one_row():
+    """Needs without per-query work: fused SDPA output and the CLS row only; no entropies stored."""
+    B, H, N, d = 2, 3, 30, 8
+    q, k, v = qkv(B, H, N, d, seed=6)
+    bias = torch.rand(B, 1, 1, N, dtype=torch.float64).add(1).log()
+    ctx = check(q, k, v, 0.4, bias, None, F64, needs=Needs(cls_row=True, value=True))
+    assert ctx.value is v
+    with pytest.raises(ValueError, match="row_entropy"):
+        ctx.row_entropy(1.0)
+    with pytest.raises(ValueError, match="full=True"):
+        _ = ctx.probs
+    with pytest.raises(ValueError, match="key=True"):
+        _ = ctx.key
+
+
+def test_chunk_plan():
+    for B, H, N, budget in [(64, 6, 197, 4 << 20), (64, 6, 577, 4 << 20), (2, 1, 5, 1), (3, 2, 10, 10**9)]:
+        images, rows = chunk_plan(B, H, N, 4, budget)
+        assert 1 <= images <= B and 1 <= rows <= N
+        assert rows == 1 or 2 * images * H * rows * N * 4 <= budget
+        assert images == 1 or rows == N
+    assert chunk_plan(3, 2, 10, 4, 10**9) == (3, 10)
+    assert chunk_plan(64, 6, 577, 4, 4 << 20) == (1, 151)  # 4 MiB / (2 buffers * 6 * 577 * 4 B)
+    with pytest.raises(ValueError, match="positive"):
+        chunk_plan(1, 1, 4, 4, 0)
+
+
+def test_every_criterion_scores_equal_explicit_float64():
+    """Each registered criterion on its declared needs gives the scores (and so the kept sets) of the
+    explicit context, in float64, with and without a key bias."""
+    B, H, N, d = 2, 3, 26, 8
+    q, k, v = qkv(B, H, N, d, seed=7)
+    bias = torch.rand(B, 1, 1, N, dtype=torch.float64).add(1).log()
+    options = [(name, {}) for name in CRITERIA] + [
+        ("renyi", {"alpha": a}) for a in (0.5, 2.0, math.inf)] + [
+        ("column_norm", {"norm": math.inf}), ("hybrid", {"base": "headvar"}),
+        ("diverse", {"base": "pagerank"}), ("renyi", {"direction": "column"})]  # fmt: skip
+    for name, opts in options:
+        fn = make_criterion(name, **opts)
+        for b in (None, bias):
+            _, ctx = attend(q, k, v, 0.3, fn.needs, bias=b, chunk_bytes=2000)
+            _, explicit = attend(q, k, v, 0.3, FULL, bias=b)
+            got, want = fn(ctx), fn(explicit)
+            torch.testing.assert_close(got, want, atol=F64, rtol=0, msg=f"{name} {opts}")
+            kept = lambda s: s.topk(12, dim=1).indices.sort(dim=1).values  # noqa: E731
+            assert torch.equal(kept(got), kept(want)), (name, opts)
+
+
+def test_needs_declarations():
+    assert needs_of("renyi", alpha=2.0) == Needs(row_entropy=(2.0,))
+    assert needs_of("renyi", direction="column") == FULL and needs_of("renyi", cls_key="exclude") == FULL
+    assert needs_of("shannon") == Needs(row_entropy=(1.0,))
+    assert needs_of("evit") == Needs(cls_row=True)
+    assert needs_of("hybrid", alpha=math.inf) == Needs(row_entropy=(math.inf,), cls_row=True)
+    assert needs_of("diverse") == Needs(cls_row=True, key=True)
+    assert needs_of("column_norm", norm=2) == Needs(column_norm=(2.0,))
+    assert make_criterion("pagerank").needs == Needs(mean_attention=True)
+    assert not FULL.per_query and Needs(received=True).per_query
+    assert (Needs(row_entropy=(2.0,)) | Needs(row_entropy=(1.0, 2.0), key=True)) == Needs(
+        row_entropy=(1.0, 2.0), key=True)  # fmt: skip
+
+
+def test_undeclared_reads_fail_when_the_criterion_is_made():
+    """A criterion that reads more than it declared fails at make_criterion, naming what to declare;
+    an undeclared custom criterion gets the full attention and works as before."""
+
+    def sneaky(ctx):
+        return ctx.patches(ctx.probs[:, :, 0].mean(1))
+
+    sneaky.needs = Needs(cls_row=True)
+    with pytest.raises(ValueError, match="full=True"):
+        make_criterion(sneaky)
+
+    def undeclared(ctx):
+        return ctx.patches(ctx.probs[:, :, 0].mean(1))
+
+    fn = make_criterion(undeclared)
+    assert fn.needs == FULL
+    q, k, v = qkv(1, 2, 9, 4, seed=8)
+    _, ctx = attend(q, k, v, 0.5, fn.needs)
+    torch.testing.assert_close(fn(ctx), reference(q, k, v, 0.5)["cls"].mean(1)[:, 1:])
+
+
+def test_bad_alpha_in_needs():
+    with pytest.raises(ValueError, match="alpha"):
+        Needs(row_entropy=(-1.0,))
