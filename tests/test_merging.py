@@ -74,3 +74,68 @@ def test_merge_into_kept_matches_reference():
             torch.testing.assert_close(got[b, 1 + pos], want)
             torch.testing.assert_close(got_size[b, 1 + pos], s)
         assert torch.equal(got[b, 0], x[b, 0])
+
+
+def previous_merge(m, x, size):
+    """The earlier vectorized merge (sizes carried as an extra column through gather/scatter_add): the
+    faster ``Matching.merge`` must give the same bits, not just close values."""
+    weighted = torch.cat([x * size, size], dim=-1)
+    src, dst = weighted[:, ::2], weighted[:, 1::2]
+    c = weighted.shape[-1]
+    keep = src.gather(1, m.unmerged.unsqueeze(-1).expand(-1, -1, c))
+    moved = src.gather(1, m.merged.unsqueeze(-1).expand(-1, -1, c))
+    dst = dst.scatter_add(1, m.targets.unsqueeze(-1).expand(-1, -1, c), moved)
+    out = torch.cat([keep, dst], dim=1)
+    if m.num_prefix > 1:
+        front = [t // 2 if t % 2 == 0 else keep.shape[1] + t // 2 for t in range(m.num_prefix)]
+        order = front + [i for i in range(out.shape[1]) if i not in front]
+        out = out[:, order]
+    return out[..., :-1] / out[..., -1:], out[..., -1:]
+
+
+def previous_merge_into_kept(x, size, metric, kept, n, P):
+    """The earlier vectorized merge_into_kept (scatter_add over a size column)."""
+    B, _, C = x.shape
+    k = kept.shape[1]
+    pruned = torch.ones(B, n, dtype=torch.bool).scatter(1, kept, False)
+    m = metric[:, P:] / metric[:, P:].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    m_kept = m.gather(1, kept.unsqueeze(-1).expand(-1, -1, m.shape[-1]))
+    target = (m @ m_kept.transpose(-1, -2)).argmax(dim=-1)
+    own = torch.full((B, n), -1).scatter(1, kept, torch.arange(k).expand(B, -1))
+    target = torch.where(pruned, target, own)
+    weighted = torch.cat([x[:, P:] * size[:, P:], size[:, P:]], dim=-1)
+    acc = weighted.new_zeros(B, k, C + 1).scatter_add(1, target.unsqueeze(-1).expand(-1, -1, C + 1), weighted)
+    out = torch.cat([x[:, :P], acc[..., :-1] / acc[..., -1:]], dim=1)
+    return out, torch.cat([size[:, :P], acc[..., -1:]], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("P", [1, 2, 3])
+@pytest.mark.parametrize("N,r", [(197, 13), (197, 90), (50, 24), (9, 4)])
+def test_merge_bitwise_equal_to_previous(dtype, P, N, r):
+    """Same bits as before the speed-up: with many merges per target (r close to N/2), random sizes,
+    several prefix tokens, and sizes None (all 1)."""
+    torch.manual_seed(N * r + P)
+    B, C = 4, 24
+    x = torch.randn(B, N, C, dtype=dtype)
+    size = torch.randint(1, 6, (B, N, 1)).to(dtype)
+    m = bipartite_matching(torch.randn(B, N, 8, dtype=dtype), r, num_prefix=P)
+    for s in (size, None):
+        got, got_size = m.merge(x, s)
+        want, want_size = previous_merge(m, x, torch.ones_like(size) if s is None else s)
+        assert torch.equal(got, want) and torch.equal(got_size, want_size)
+
+
+@pytest.mark.parametrize("P", [1, 2])
+def test_merge_into_kept_bitwise_equal_to_previous(P):
+    torch.manual_seed(P)
+    B, n, C, k = 3, 60, 16, 21
+    x = torch.randn(B, P + n, C)
+    size = torch.randint(1, 5, (B, P + n, 1)).float()
+    metric = torch.randn(B, P + n, 8)
+    kept = torch.stack([torch.randperm(n)[:k].sort().values for _ in range(B)])
+    for s in (size, None):
+        got, got_size = merge_into_kept(x, s, metric, kept, n, P)
+        ones = torch.ones_like(size)
+        want, want_size = previous_merge_into_kept(x, ones if s is None else s, metric, kept, n, P)
+        assert torch.equal(got, want) and torch.equal(got_size, want_size)

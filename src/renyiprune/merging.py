@@ -30,23 +30,43 @@ class Matching:
     targets: Tensor  # (B, r) indices into B that each merged A token joins
     num_prefix: int = 1  # protected tokens moved back to the front after a merge
 
-    def merge(self, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
-        """Apply the matching to features x (B, N, C) with token sizes (B, N, 1).
+    def merge(self, x: Tensor, size: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Apply the matching to features x (B, N, C) with token sizes (B, N, 1) (None: all 1).
 
         Returns the new tokens [unmerged A..., B...] (size-weighted means) and their sizes; with
         ``num_prefix`` P > 1 the P prefix tokens are moved to the front in their original order.
+        Whole rows are copied (one ``index_select`` builds the output, one ``index_add_`` adds the merged
+        tokens onto their targets, in the order of ``merged``), then one in-place division.
         """
-        weighted = torch.cat([x * size, size], dim=-1)
-        src, dst = weighted[:, ::2], weighted[:, 1::2]
-        c = weighted.shape[-1]
-        keep = src.gather(1, self.unmerged.unsqueeze(-1).expand(-1, -1, c))
-        moved = src.gather(1, self.merged.unsqueeze(-1).expand(-1, -1, c))
-        dst = dst.scatter_add(1, self.targets.unsqueeze(-1).expand(-1, -1, c), moved)
-        out = torch.cat([keep, dst], dim=1)
+        B, N, C = x.shape
+        n_keep, n_b = self.unmerged.shape[1], N // 2
+        n_out = n_keep + n_b
+        dev = x.device
+        base = torch.arange(B, device=dev).unsqueeze(1)
+        rows = torch.cat([2 * self.unmerged, torch.arange(1, N, 2, device=dev).expand(B, -1)], dim=1)
+        rows = rows.add_(base * N).flatten()  # output row t of image b is input row rows[b * n_out + t]
+        from_rows = (2 * self.merged + base * N).flatten()
+        to_rows = (self.targets + n_keep + base * n_out).flatten()
+        flat = x.reshape(B * N, C)
+        out = flat.index_select(0, rows)
+        moved = flat.index_select(0, from_rows)
+        if size is None:  # every size 1: x * size and the division of unmerged tokens are exact no-ops
+            new_size = x.new_ones(B * n_out, 1).index_add_(0, to_rows, x.new_ones(from_rows.shape[0], 1))
+            out.index_add_(0, to_rows, moved)
+            out.view(B, n_out, C)[:, n_keep:].div_(new_size.view(B, n_out, 1)[:, n_keep:])
+        else:
+            s = size.reshape(B * N, 1)
+            new_size = s.index_select(0, rows)
+            moved_size = s.index_select(0, from_rows)
+            out.mul_(new_size)
+            out.index_add_(0, to_rows, moved.mul_(moved_size))
+            new_size.index_add_(0, to_rows, moved_size)
+            out.div_(new_size)
+        out, new_size = out.view(B, n_out, C), new_size.view(B, n_out, 1)
         if self.num_prefix > 1:
-            out = out.index_select(1, _prefix_first(self.num_prefix, keep.shape[1], out.shape[1], x.device))
-        new_size = out[..., -1:]
-        return out[..., :-1] / new_size, new_size
+            order = _prefix_first(self.num_prefix, n_keep, n_out, dev)
+            out, new_size = out.index_select(1, order), new_size.index_select(1, order)
+        return out, new_size
 
 
 def _prefix_first(num_prefix: int, num_keep: int, total: int, device: torch.device) -> Tensor:
@@ -90,13 +110,13 @@ def bipartite_matching(
 
 
 def merge_into_kept(
-    x: Tensor, size: Tensor, metric: Tensor, kept: Tensor, n: int, num_prefix: int = 1
+    x: Tensor, size: Tensor | None, metric: Tensor, kept: Tensor, n: int, num_prefix: int = 1
 ) -> tuple[Tensor, Tensor]:
     """Merge every pruned patch into its most similar kept patch (size-weighted); prefix tokens untouched.
 
-    x (B, P + n, C) with sizes (B, P + n, 1), P = ``num_prefix`` (CLS, then e.g. a distillation
-    token); ``metric`` (B, P + n, D) for the similarity; ``kept`` (B, k) sorted indices into patches
-    0..n-1. Returns [prefix..., kept...] and their sizes.
+    x (B, P + n, C) with sizes (B, P + n, 1) (None: all 1), P = ``num_prefix`` (CLS, then e.g. a
+    distillation token); ``metric`` (B, P + n, D) for the similarity; ``kept`` (B, k) sorted indices
+    into patches 0..n-1. Returns [prefix..., kept...] and their sizes.
     """
     B, _, C = x.shape
     P = num_prefix
@@ -109,8 +129,15 @@ def merge_into_kept(
     own = torch.full((B, n), -1, dtype=torch.long, device=x.device).scatter(
         1, kept, torch.arange(k, device=x.device).expand(B, -1))
     target = torch.where(pruned_mask, target, own)
-    weighted = torch.cat([x[:, P:] * size[:, P:], size[:, P:]], dim=-1)
-    acc = weighted.new_zeros(B, k, C + 1).scatter_add(1, target.unsqueeze(-1).expand(-1, -1, C + 1), weighted)
-    new_size = acc[..., -1:]
-    out = torch.cat([x[:, :P], acc[..., :-1] / new_size], dim=1)
-    return out, torch.cat([size[:, :P], new_size], dim=1)
+    # output row of every patch in the flattened (B * (P + k), C) result; rows are added in patch order
+    rows = target.add_(torch.arange(B, device=x.device).unsqueeze(1) * (P + k) + P).flatten()
+    out = x.new_empty(B, P + k, C)
+    out[:, :P] = x[:, :P]
+    out[:, P:] = 0
+    patches, sizes = x[:, P:], (x.new_ones(B, n, 1) if size is None else size[:, P:])
+    weighted = patches.reshape(B * n, C) if size is None else (patches * sizes).reshape(B * n, C)
+    out.view(B * (P + k), C).index_add_(0, rows, weighted)
+    new_size = x.new_zeros(B * (P + k), 1).index_add_(0, rows, sizes.reshape(B * n, 1)).view(B, P + k, 1)
+    new_size[:, :P] = 1.0 if size is None else size[:, :P]
+    out[:, P:].div_(new_size[:, P:])
+    return out, new_size
