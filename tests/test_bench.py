@@ -68,3 +68,44 @@ def test_time_interleaved_and_paired_ratio():
     assert [len(t.seconds) for t in out.values()] == [2, 2, 2]
     assert calls[:3] == ["a", "b", "c"] and calls[3:6] == ["b", "c", "a"]  # rotating start
     assert paired_ratio(Timing("x", [2.0, 4.0]), Timing("y", [1.0, 1.0])) == 3.0
+
+
+def test_bench_takes_every_eval_method(capsys):
+    """ToMe by r and by budget, entropy-aware ToMe, removed=merge, best, a per-stage spec: one run."""
+    args = [*TINY, "--keep", "0.7", "--criteria", "evit,tome,best,renyi:2@1+evit@2", "--tome-r", "2",
+            "--removed", "merge", "--reps", "1", "--warmup", "0", "--json"]  # fmt: skip
+    assert main(["bench", *args]) == 0
+    rows = {r["config"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert {"unpruned", "evit r=0.7 +merge", "tome r=2", "renyi:2@1+evit@2 r=0.7"} <= set(rows)
+    assert len(rows) == 5  # plus best's choice at keep 0.7
+    assert rows["tome r=2"]["keep_rate"] is None and rows["tome r=2"]["pruned_from"] == 0
+    assert rows["evit r=0.7 +merge"]["removed"] == "merge" and rows["evit r=0.7 +merge"]["pruned_from"] == 1
+    args = [*TINY, "--criteria", "tome,evit", "--budget", "0.6", "--entropy-weight", "0.05", "--alpha", "inf",
+            "--reps", "1", "--warmup", "0", "--json"]  # fmt: skip
+    assert main(["bench", *args]) == 0
+    rows = {r["config"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+    tome = rows["tome entropy_weight=0.05 alpha=inf budget=0.6"]
+    assert tome["budget"] == 0.6 and tome["alpha"] == "inf" and tome["gmacs_ratio"] >= 1 / 0.6
+    assert rows["evit budget=0.6"]["budget"] == 0.6 and rows["evit budget=0.6"]["keep_rate"] is None
+    assert tome["vs_evit"] is not None  # paired with evit at the same budget
+
+
+def test_forward_memory_per_block():
+    """Identical blocks on identical shapes peak identically (block 0 starts with less live: no earlier
+    block's input); pruning at block 2 leaves blocks 0-1 as they were (plus the pruning state's index
+    tensors, < 1 KB here) and lowers the later blocks' peaks; the whole forward's peak is at least every
+    block's."""
+    from renyiprune.benchmark import forward_memory
+    from renyiprune.evaluate import PruneConfig, pruned_view
+    from renyiprune.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("deit_tiny_patch16_224", img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    full = forward_memory(model, x)
+    assert len(full.block_peaks) == 12 and len(set(full.block_peaks[1:])) == 1
+    pruned = forward_memory(pruned_view(model, PruneConfig("evit", 0.5, locations=(2, 5))), x)
+    assert pruned.peak >= max(pruned.block_peaks) and full.peak >= max(full.block_peaks)
+    assert all(0 <= p - f < 1024 for p, f in zip(pruned.block_peaks[:2], full.block_peaks[:2], strict=True))
+    assert all(p < 0.95 * full.block_peaks[1] for p in pruned.block_peaks[2:])
+    assert pruned.peak_from(3) == max(pruned.block_peaks[3:]) and pruned.peak_from(None) == pruned.peak

@@ -4,6 +4,9 @@ Timing interleaves the configurations (round-robin) after a warm-up, so that a s
 machine hits all of them alike; speedups are medians of per-round ratios. Memory on CPU is the peak
 of live tensor storage during one forward, tracked at the dispatcher (the CPU twin of CUDA's
 ``max_memory_allocated``); workspaces that a fused kernel allocates inside itself are not seen.
+The same forward also records the peak inside each transformer block (forward hooks), so that the
+peak of the pruned part (the blocks from the first one that removes tokens) is reported beside the
+whole-forward peak, which at strong pruning is set by the unpruned first blocks.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ __all__ = [
     "Timing",
     "PeakTensorMemory",
     "peak_forward_memory",
+    "ForwardMemory",
+    "forward_memory",
     "time_interleaved",
     "autocast_context",
     "machine_info",
@@ -120,7 +125,11 @@ class PeakTensorMemory(TorchDispatchMode):
         super().__init__()
         self.current = 0
         self.peak = 0
+        self.window_peak = 0  # peak since the last ``start_window`` (e.g. one block's forward)
         self._live: set[int] = set()
+
+    def start_window(self) -> None:
+        self.window_peak = self.current
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -134,6 +143,7 @@ class PeakTensorMemory(TorchDispatchMode):
                 self._live.add(ptr)
                 self.current += st.nbytes()
                 self.peak = max(self.peak, self.current)
+                self.window_peak = max(self.window_peak, self.current)
                 weakref.finalize(st, self._free, ptr, st.nbytes())
         return out
 
@@ -142,7 +152,84 @@ class PeakTensorMemory(TorchDispatchMode):
         self.current -= nbytes
 
 
+@dataclass
+class ForwardMemory:
+    """Peak bytes of one forward beyond what was allocated before it: the whole forward and each block."""
+
+    peak: int
+    block_peaks: list[int]
+
+    def peak_from(self, first_block: int | None) -> int:
+        """Peak over the blocks ``first_block``.. (the pruned part); the whole forward when None."""
+        if first_block is None or not self.block_peaks:
+            return self.peak
+        return max(self.block_peaks[first_block:])
+
+
+def _blocks(model) -> list[nn.Module]:
+    from .adapters import check_model
+
+    try:
+        return list(check_model(model)) if isinstance(model, nn.Module) else []
+    except TypeError:  # not a ViT this package knows: whole-forward peak only
+        return []
+
+
 @torch.inference_mode()
+def forward_memory(
+    model: Callable[[Tensor], Tensor], x: Tensor, dtype: torch.dtype = torch.float32
+) -> ForwardMemory:
+    """Peak memory of one forward (CUDA: ``max_memory_allocated``; CPU: ``PeakTensorMemory``), in bytes
+    above what was allocated before it, and the peak inside each transformer block (forward hooks)."""
+    blocks = _blocks(model)
+    cuda = x.device.type == "cuda"
+    block_peaks = [0] * len(blocks)
+    state: dict = {"tracker": None, "base": 0, "before": 0}
+
+    def pre(i):
+        def hook(_module, _args):
+            if cuda:  # the peak so far is kept, then the counter restarts for this block
+                torch.cuda.synchronize()
+                state["before"] = max(state["before"], torch.cuda.max_memory_allocated())
+                torch.cuda.reset_peak_memory_stats()
+            else:
+                state["tracker"].start_window()
+
+        return hook
+
+    def post(i):
+        def hook(_module, _args, _out):
+            if cuda:
+                torch.cuda.synchronize()
+                block_peaks[i] = max(block_peaks[i], torch.cuda.max_memory_allocated() - state["base"])
+            else:
+                block_peaks[i] = max(block_peaks[i], state["tracker"].window_peak)
+
+        return hook
+
+    handles = [b.register_forward_pre_hook(pre(i)) for i, b in enumerate(blocks)]
+    handles += [b.register_forward_hook(post(i)) for i, b in enumerate(blocks)]
+    try:
+        with autocast_context(x.device, dtype):
+            if cuda:
+                torch.cuda.synchronize()
+                state["base"] = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                out = model(x)
+                torch.cuda.synchronize()
+                peak = max(state["before"], torch.cuda.max_memory_allocated()) - state["base"]
+                del out
+                return ForwardMemory(int(peak), block_peaks)
+            with PeakTensorMemory() as tracker:
+                state["tracker"] = tracker
+                out = model(x)
+                del out
+            return ForwardMemory(int(tracker.peak), block_peaks)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def peak_forward_memory(
     model: Callable[[Tensor], Tensor], x: Tensor, dtype: torch.dtype = torch.float32
 ) -> int:
@@ -150,20 +237,7 @@ def peak_forward_memory(
 
     CUDA: ``torch.cuda.max_memory_allocated``; CPU: ``PeakTensorMemory``.
     """
-    with autocast_context(x.device, dtype):
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            out = model(x)
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
-            del out
-            return int(peak)
-        with PeakTensorMemory() as tracker:
-            out = model(x)
-            del out
-        return int(tracker.peak)
+    return forward_memory(model, x, dtype).peak
 
 
 def compile_model(model: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -203,7 +277,12 @@ def _cpu_name() -> str:
 
 @dataclass
 class BenchRow:
-    """One configuration's numbers; ratios are against the unpruned model of the same run."""
+    """One configuration's numbers; ratios are against the unpruned model of the same run.
+
+    ``peak_mb``: peak of the whole forward; ``pruned_peak_mb``: peak inside the blocks from
+    ``pruned_from`` (the first block that removes tokens) on, and ``pruned_memory_ratio`` that against
+    the unpruned model's peak in the same blocks; ``block_peaks_mb``: the peak inside every block.
+    """
 
     config: str
     criterion: str | None
@@ -221,7 +300,13 @@ class BenchRow:
     efficiency: float
     peak_mb: float
     memory_ratio: float
-    vs_evit: float | None = None  # throughput / evit's at the same keep rate (paired by round)
+    vs_evit: float | None = None  # throughput / evit's at the same keep rate or budget (paired by round)
+    budget: float | None = None
+    removed: str | None = None
+    pruned_from: int | None = None
+    pruned_peak_mb: float | None = None
+    pruned_memory_ratio: float | None = None
+    block_peaks_mb: list[float] | None = None
 
     def to_dict(self) -> dict:
         """Plain JSON values: alpha = inf becomes "inf", NaN ratios become None."""
@@ -230,6 +315,31 @@ class BenchRow:
             if isinstance(v, float) and not math.isfinite(v):
                 d[k] = None if math.isnan(v) else str(v)
         return d
+
+
+def _describe(c: PruneConfig | None, view: nn.Module) -> dict:
+    """criterion, alpha, keep rate, budget, removed and first reducing block of one configuration."""
+    from .criteria import takes_alpha
+    from .patch import is_patched
+
+    if c is None or c.criterion is None:
+        return dict(criterion=None, alpha=None, keep_rate=None, budget=None, removed=None, pruned_from=None)
+    opts = dict(c.options)
+    state = view.renyiprune if is_patched(view) else None
+    locs = state.locations if state is not None else ()
+    tome = c.criterion == "tome" or (state is not None and state.method == "tome")
+    by_rate = not tome and "budget" not in opts and "tokens" not in opts
+    alpha = c.alpha if takes_alpha(c.criterion, opts) else None
+    if c.criterion == "tome":
+        alpha = opts.get("alpha") if opts.get("entropy_weight") else None
+    return dict(
+        criterion=c.criterion,
+        alpha=alpha,
+        keep_rate=c.keep_rate if by_rate else None,
+        budget=opts.get("budget"),
+        removed="merge" if tome else opts.get("removed", "fuse" if c.fuse else "drop"),
+        pruned_from=min(locs) if locs else None,
+    )
 
 
 def benchmark_configs(
@@ -244,10 +354,12 @@ def benchmark_configs(
     extra: Mapping[str, nn.Module] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchRow]:
-    """Time the unpruned ``model`` and each pruning configuration (and ``extra`` models) on batch ``x``.
+    """Time the unpruned ``model`` and each configuration (and ``extra`` models) on batch ``x``.
 
-    All share the model's weights (``pruned_view``). With ``compile`` every configuration is measured
-    both eager and through ``torch.compile``. GMACs are per image, counted on the eager forward.
+    Any configuration ``eval`` takes (pruning by keep rate or budget, ToMe, ``best``, ...); all share
+    the model's weights (``pruned_view``). With ``compile`` every configuration is measured both eager
+    and through ``torch.compile``. GMACs are per image, counted on the eager forward. Peak memory comes
+    from one extra forward per configuration after the timed rounds (``forward_memory``).
     """
     say = progress or (lambda _msg: None)
     base = PruneConfig(criterion=None)
@@ -274,22 +386,23 @@ def benchmark_configs(
     say(f"timing {len(runners)} configurations: {warmup} warm-up + {reps} interleaved rounds")
     timings = time_interleaved(runners, x, warmup=warmup, reps=reps, dtype=dtype, progress=say)
     say("measuring peak memory")
-    peaks = {
-        name: peak_forward_memory(runners[name] if meta[name][1] and x.is_cuda else meta[name][2], x, dtype)
+    mems = {
+        name: forward_memory(runners[name] if meta[name][1] and x.is_cuda else meta[name][2], x, dtype)
         for name in runners
     }
     rows = []
     for name, t in timings.items():
-        c, compiled, _ = meta[name]
+        c, compiled, view = meta[name]
         ref = "unpruned [compiled]" if compiled else "unpruned"
         speedup = paired_ratio(timings[ref], t)
         g_ratio = gmacs[ref] / gmacs[name]
+        info = _describe(c, view)
+        peak, ref_peak = mems[name].peak, mems[ref].peak
+        first = info["pruned_from"]
+        part, ref_part = mems[name].peak_from(first), mems[ref].peak_from(first)
         rows.append(
             BenchRow(
                 config=name,
-                criterion=c.criterion if c else None,
-                alpha=c.alpha if c and c.criterion == "renyi" else None,
-                keep_rate=c.keep_rate if c and c.criterion else None,
                 compiled=compiled,
                 latency_ms=1e3 * t.median,
                 latency_min_ms=1e3 * min(t.seconds),
@@ -300,13 +413,19 @@ def benchmark_configs(
                 gmacs=gmacs[name],
                 gmacs_ratio=g_ratio,
                 efficiency=speedup / g_ratio,
-                peak_mb=peaks[name] / 2**20,
-                memory_ratio=peaks[name] / peaks[ref] if peaks[ref] else float("nan"),
+                peak_mb=peak / 2**20,
+                memory_ratio=peak / ref_peak if ref_peak else float("nan"),
+                pruned_peak_mb=part / 2**20,
+                pruned_memory_ratio=part / ref_part if ref_part else float("nan"),
+                block_peaks_mb=[b / 2**20 for b in mems[name].block_peaks],
+                **info,
             )
         )
-    by_key = {(r.criterion, r.keep_rate, r.compiled): r for r in rows if r.criterion == "evit"}
+    # evit at the same keep rate (or budget): with the same fate of pruned tokens if measured, else dropped
+    evit = {(r.keep_rate, r.budget, r.compiled, r.removed): r for r in rows if r.criterion == "evit"}
     for r in rows:
-        ev = by_key.get(("evit", r.keep_rate, r.compiled))
+        at = (r.keep_rate, r.budget, r.compiled)
+        ev = evit.get((*at, r.removed)) or evit.get((*at, "drop"))
         if ev is not None and r.criterion not in (None, "evit"):
             r.vs_evit = paired_ratio(timings[ev.config], timings[r.config])
     return rows

@@ -11,25 +11,50 @@ import torch
 from ..benchmark import DTYPES, benchmark_configs, machine_info
 from ..criteria import list_criteria, takes_alpha
 from ..evaluate import PruneConfig
+from ..merge_order import list_merge_orders
 from ..model import create_model
 from . import common
+from . import eval as eval_cli
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "bench",
         help="throughput, latency, GMACs and peak memory of pruning configurations (random weights are fine)",
-        description="Time the unpruned model and each (criterion, keep rate) side by side in one process: "
-        "warm-up, then interleaved rounds; medians, spread and paired speedups. Progress on stderr.",
+        description="Time the unpruned model and each configuration side by side in one process: "
+        "warm-up, then interleaved rounds; medians, spread and paired speedups. Every method eval takes: "
+        "criteria by keep rate or --budget, --removed merge/fuse, ToMe (tome, --tome-r or --budget, "
+        "--entropy-weight), best (the tuned policy). Peak memory of the whole forward and of the pruned "
+        "part (blocks from the first that removes tokens). Progress on stderr.",
     )
     p.add_argument("--model", type=common.model_name, default="deit_small_patch16_224")
     p.add_argument("--weights", type=common.existing_path, default=None, help="weights (default: random)")
     p.add_argument("--keep", type=common.keep_rates, default=[0.9, 0.7, 0.5], help="keep rates")
-    p.add_argument("--criteria", type=common.names, default=["evit", "renyi"],
-                   help=f"any of {', '.join(list_criteria())}; those with an order take each --alpha")
-    p.add_argument("--fuse", action="store_true", help="fuse the pruned tokens into one (EViT)")
-    p.add_argument("--alpha", type=common.alphas, default=[2.0], help="Rényi order(s), e.g. 1,2,inf")
-    p.add_argument("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
+    arg = p.add_argument
+    arg("--criteria", "--criterion", dest="criteria", type=common.names, default=["evit", "renyi"],
+        help=f"comma list of: tome, best, {', '.join(list_criteria())} (those with an order take each "
+        "--alpha), or a per-stage spec renyi:2@3,evit@6,evit@9; the unpruned model always runs")
+    arg("--fuse", action="store_true", help="fuse the pruned tokens into one (EViT)")
+    arg("--removed", choices=["drop", "fuse", "merge"], default=None,
+        help="what happens to pruned tokens: drop, fuse (= --fuse) or merge into the most similar kept token")
+    arg("--alpha", type=common.alphas, default=[2.0], help="Rényi order(s), e.g. 1,2,inf")
+    arg("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
+    arg("--budget", type=common.keep_rates, default=None,
+        help="compute budget(s) F in (0, 1] instead of --keep: keep rate / ToMe r solved for GMACs <= F")
+    counts = common._typed(lambda t: tuple(int(v) for v in t.split(",")), "token counts")
+    arg("--tokens", type=counts, default=None, help="patches kept at each location, instead of --keep")
+    arg("--method", choices=["prune", "tome"], default="prune", help="tome: same as --criteria tome")
+    arg("--tome-r", type=common._typed(lambda t: [int(v) for v in t.split(",")], "r list"), default=[16],
+        help="tome: tokens merged after every block (comma list)")
+    arg("--schedule", choices=["constant", "decreasing"], default="constant", help="tome: r schedule")
+    arg("--entropy-weight", type=float, default=0.0,
+        help="tome: weight of the z-scored Rényi row entropy (order: first --alpha) in the merge order")
+    arg("--merge-order", choices=list_merge_orders(), default="entropy", help="tome: merge order")
+    arg("--policy", type=common.existing_path, default=None, help="tuned policy JSON for best")
+    arg("--direction", choices=["row", "column"], default=None, help="renyi: row or column")
+    arg("--heads", choices=["mean", "pooled"], default=None, help="renyi: head aggregation")
+    arg("--cls-key", choices=["include", "exclude"], default=None, help="renyi: CLS key")
+    arg("--seed", type=int, default=None, help="random criterion seed")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype below float32")
@@ -43,15 +68,55 @@ def add_parser(sub) -> None:
 
 
 def configs_from_args(args: argparse.Namespace) -> list[PruneConfig]:
-    configs = []
-    fuse = bool(getattr(args, "fuse", False))
-    for crit in args.criteria:
+    """The configurations to time: every registered criterion at each keep rate (or budget, or token
+    schedule) and, where it takes one, each --alpha, grouped by keep rate; then eval's configurations
+    for tome, best and per-stage specs."""
+    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731  (older namespaces)
+    criteria = eval_cli._criteria(args.criteria)
+    if get("method") == "tome" and "tome" not in criteria:
+        criteria = ["tome"]
+    if get("tokens") is not None and get("budget") is not None:
+        raise ValueError("--tokens and --budget both set the schedule; pass one")
+    locs, fuse = tuple(args.locations), bool(get("fuse", False))
+    if get("tokens") is not None:
+        counts = tuple(args.tokens) * len(locs) if len(args.tokens) == 1 else tuple(args.tokens)
+        if len(counts) != len(locs):
+            raise ValueError(f"--tokens: {len(args.tokens)} counts for {len(locs)} locations")
+        schedules = [(1.0, (("tokens", counts),))]
+    elif get("budget") is not None:
+        schedules = [(1.0, (("budget", f),)) for f in args.budget]
+    else:
+        schedules = [(r, ()) for r in args.keep]
+    plain, other = [], []
+    for crit in criteria:
+        if crit in eval_cli.UNPRUNED:
+            continue  # the unpruned model is always measured
+        if crit in ("tome", "best") or "@" in crit:
+            given = {**_eval_defaults(), **vars(args), "criterion": [crit], "method": "prune"}
+            other.extend(eval_cli.configs_from_args(argparse.Namespace(**given)))
+            continue
         if crit not in list_criteria():
-            raise ValueError(f"unknown criterion {crit!r}; choose from {', '.join(list_criteria())}")
-        for r in args.keep:
-            for a in args.alpha if takes_alpha(crit) else [1.0]:
-                configs.append(PruneConfig(crit, r, a, tuple(args.locations), fuse))
-    return list(dict.fromkeys(configs))
+            known = ", ".join(list_criteria())
+            raise ValueError(f"unknown criterion {crit!r}; choose from tome, best, {known}")
+        opts: tuple = ()
+        if crit in ("renyi", "shannon", "hybrid"):
+            opts = tuple((k, get(k)) for k in ("direction", "heads", "cls_key") if get(k) is not None)
+        elif crit == "random" and get("seed") is not None:
+            opts = (("seed", args.seed),)
+        if get("removed") is not None:
+            opts += (("removed", args.removed),)
+        plain.append((crit, opts, args.alpha if takes_alpha(crit, dict(opts)) else [1.0]))
+    configs = [PruneConfig(crit, rate, a, locs, fuse, opts + extra)
+               for rate, extra in schedules for crit, opts, alphas in plain for a in alphas]  # fmt: skip
+    return list(dict.fromkeys(configs + other))
+
+
+def _eval_defaults() -> dict:
+    """eval's option defaults, for the parts of its config builder that bench reuses."""
+    return dict(alpha=[1.0], keep=[0.7], locations=(3, 6, 9), tokens=None, fuse=False, removed=None,
+                tome_r=[16], schedule="constant", method="prune", entropy_weight=0.0, merge_order="entropy",
+                budget=None, direction=None, heads=None, cls_key=None, seed=None, policy=None,
+                model="deit_tiny_patch16_224")  # fmt: skip
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -120,7 +185,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_rows(rows) -> str:
-    """The bench table: one line per configuration."""
+    """The bench table: one line per configuration. ``peak MB`` / ``mem ratio``: the whole forward;
+    ``pruned MB`` / ``pruned ratio``: the blocks from the first that removes tokens, against the
+    unpruned model's same blocks."""
     headers = [
         "config",
         "images/s",
@@ -132,6 +199,8 @@ def format_rows(rows) -> str:
         "efficiency",
         "peak MB",
         "mem ratio",
+        "pruned MB",
+        "pruned ratio",
         "vs evit",
     ]
     body = [
@@ -146,6 +215,8 @@ def format_rows(rows) -> str:
             f"{r.efficiency:.2f}",
             f"{r.peak_mb:.0f}",
             _fmt_ratio(r.memory_ratio),
+            "-" if r.pruned_peak_mb is None or r.pruned_from is None else f"{r.pruned_peak_mb:.0f}",
+            "-" if r.pruned_from is None else _fmt_ratio(r.pruned_memory_ratio),
             _fmt_ratio(r.vs_evit, 3),
         ]
         for r in rows
