@@ -68,7 +68,9 @@ def test_fast_path_equals_straightforward(alpha, fuse):
     x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         want, want_kept = straightforward_forward(m, x, 0.6, (1, 3, 4), "renyi", alpha, fuse)
-        rp.patch(m, keep_rate=0.6, criterion="renyi", alpha=alpha, locations=(1, 3, 4), fuse=fuse)
+        # the straightforward forward fuses by the renormalized rule (EViT's: tests/test_fusion.py)
+        rp.patch(m, keep_rate=0.6, criterion="renyi", alpha=alpha, locations=(1, 3, 4), fuse=fuse,
+                 **({"fusion": "renorm"} if fuse else {}))
         got = m(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     for rec, kept in zip(m.renyiprune.records, want_kept, strict=True):
@@ -81,7 +83,7 @@ def test_evit_fast_path_equals_straightforward():
     x = torch.randn(3, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         want, want_kept = straightforward_forward(m, x, 0.5, (0, 2, 5), "evit", 1.0, True)
-        rp.patch(m, keep_rate=0.5, criterion="evit", locations=(0, 2, 5), fuse=True)
+        rp.patch(m, keep_rate=0.5, criterion="evit", locations=(0, 2, 5), fuse=True, fusion="renorm")
         got = m(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert all(torch.equal(r.kept, k) for r, k in zip(m.renyiprune.records, want_kept, strict=True))

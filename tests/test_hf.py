@@ -97,7 +97,8 @@ def test_tiny_model_fuse_per_stage_and_repatch():
                  fuse=True)  # fmt: skip
         out = m(x).logits
     assert out.shape == (2, 5) and torch.isfinite(out).all()
-    assert [r.patch_index.shape[1] for r in m.renyiprune.records] == [8, 4]
+    # EViT's fusion (the default): 16 -> 8 kept + the fused token = 9 candidates -> ceil(4.5) = 5 kept
+    assert [r.patch_index.shape[1] for r in m.renyiprune.records] == [8, 5]
 
 
 def test_distillation_token_is_kept_and_windowed_models_are_refused_clearly():

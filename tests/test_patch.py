@@ -25,10 +25,12 @@ def images():
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
-@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("fuse,fusion", [(False, None), (True, "evit"), (True, "renorm")])
 @pytest.mark.parametrize("r", [0.9, 0.7, 0.5, 0.01])
-def test_token_counts_and_patch_index(images, criterion, fuse, r):
-    m = rp.patch(small_vit(), keep_rate=r, criterion=criterion, locations=(1, 3, 4), fuse=fuse)
+def test_token_counts_and_patch_index(images, criterion, fuse, fusion, r):
+    """EViT's fusion (the default) ranks the fused token with the patches: n = kept + 1 from the second
+    location on, and a kept fused token has patch_index -1; renorm never ranks it (n = kept)."""
+    m = rp.patch(small_vit(), keep_rate=r, criterion=criterion, locations=(1, 3, 4), fuse=fuse, fusion=fusion)
     with torch.no_grad():
         m(images)
     n = 64
@@ -40,7 +42,15 @@ def test_token_counts_and_patch_index(images, criterion, fuse, r):
         assert rec.num_fused == (1 if fuse else 0)
         assert (rec.kept.diff(dim=1) > 0).all()  # original order, no repeats
         assert torch.equal(rec.patch_index, prev.gather(1, rec.kept))
-        prev, n = rec.patch_index, k
+        assert ((rec.patch_index >= 0) | (rec.patch_index == -1)).all()  # -1: a kept (earlier) fused token
+        for row in rec.patch_index.tolist():
+            real = [i for i in row if i >= 0]
+            assert len(set(real)) == len(real)
+        if fusion == "evit":  # the new fused token is the last candidate of the next location
+            prev, n = torch.cat([rec.patch_index, torch.full((3, 1), -1)], dim=1), k + 1
+        else:
+            assert (rec.patch_index >= 0).all()
+            prev, n = rec.patch_index, k
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
@@ -107,7 +117,10 @@ def test_matches_naive_reference(images, alpha, fuse):
     x = images.double()
     with torch.no_grad():
         want, want_kept = naive_pruned_forward(m, x, 0.6, (1, 3, 4), alpha, fuse)
-        rp.patch(m, keep_rate=0.6, criterion="renyi", alpha=alpha, locations=(1, 3, 4), fuse=fuse)
+        # The reference fuses by the renormalized rule (tests/test_fusion.py checks EViT's, the default).
+        fusion = "renorm" if fuse else None
+        rp.patch(m, keep_rate=0.6, criterion="renyi", alpha=alpha, locations=(1, 3, 4), fuse=fuse,
+                 fusion=fusion)
         got = m(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     for s, rec in enumerate(m.renyiprune.records):

@@ -156,7 +156,9 @@ def test_pruned_deit_matches_per_image_reference(cls, removed):
     x = pixels()
     with torch.no_grad():
         want, kept = reference(model, x, 0.5, LOCS, removed)
-        rp.patch(model, keep_rate=0.5, criterion="evit", locations=LOCS, removed=removed)
+        # the reference fuses by the renormalized rule (EViT's with two prefix tokens: tests/test_fusion.py)
+        rp.patch(model, keep_rate=0.5, criterion="evit", locations=LOCS, removed=removed,
+                 **({"fusion": "renorm"} if removed == "fuse" else {}))
         got = _out(model, model(x))
     extra = 1 if removed == "fuse" else 0
     if cls == "DeiTModel":
@@ -281,7 +283,7 @@ def test_select_tokens_keeps_prefix_first_and_fuses_last(P):
         x = torch.randn(B, P + n + fused, C, dtype=torch.float64)
         scores = torch.randn(B, n, dtype=torch.float64)
         cls_attn = torch.rand(B, P + n + fused, dtype=torch.float64)
-        out, kept = select_tokens(x, scores, k, cls_attn=cls_attn, fuse=True, num_prefix=P)
+        out, kept = select_tokens(x, scores, k, cls_attn=cls_attn, fuse=True, num_prefix=P, fusion="renorm")
         assert out.shape == (B, P + k + 1, C)
         for b in range(B):
             top = sorted(scores[b].topk(k).indices.tolist())
@@ -362,8 +364,11 @@ def test_merge_into_kept_with_two_prefix_tokens():
 def test_budget_counts_include_every_prefix_token():
     one, two = VitShape(8, 4, 16), VitShape(8, 4, 16, num_prefix=2)
     assert two.unpruned() == [(18, 18)] * 4
-    assert prune_counts(two, (1, 2), (0.5, 0.5), fuse=True) == [(18, 18), (18, 11), (11, 7), (7, 7)]
-    assert prune_counts(one, (1, 2), (0.5, 0.5), fuse=True) == [(17, 17), (17, 10), (10, 6), (6, 6)]
+    renorm = dict(fuse=True, fusion="renorm")
+    assert prune_counts(two, (1, 2), (0.5, 0.5), **renorm) == [(18, 18), (18, 11), (11, 7), (7, 7)]
+    assert prune_counts(one, (1, 2), (0.5, 0.5), **renorm) == [(17, 17), (17, 10), (10, 6), (6, 6)]
+    # EViT's rule: the fused token is one of the 9 candidates at the second location, ceil(4.5) = 5 kept
+    assert prune_counts(two, (1, 2), (0.5, 0.5), fuse=True) == [(18, 18), (18, 11), (11, 8), (8, 8)]
     assert tome_counts(two, [2, 2, 2, 2]) == [(18, 16), (16, 14), (14, 12), (12, 10)]
     assert tome_counts(two, [20] * 4)[0] == (18, 10)  # at most half of the 16 patches merge
 

@@ -125,24 +125,27 @@ def test_mask_greys_exactly_the_pruned_patches(model, chelsea, fuse):
     rows, kept_all = [], []
     for spec in specs:
         kept, fused = ia.pruning_masks(model, x, spec, keep, locs, fuse)
-        rows.append((spec.label, kept[0].numpy(), fused))
+        rows.append((spec.label, kept[0].numpy(), fused[0].tolist()))
         kept_all.append(kept[0])
     fig = plots.masks_figure(crop, rows, locs, GRID, "test")
-    counts = ia.kept_counts(196, keep, len(locs))
-    assert counts == [138, 97, 68]
+    counts = ia.kept_counts(196, keep, len(locs), fuse)
+    assert counts == ([138, 98, 70] if fuse else [138, 97, 68])  # fused: ceil(0.7 * 139), ceil(0.7 * 99)
     for (label, kept, fused), _ in zip(rows, specs, strict=True):
         for s in range(len(locs)):
             overlay = _drawn(fig, f"mask {label} stage={s}")
             assert overlay.shape == (*GRID, 4)
             greyed = int((overlay[..., 3] > 0).sum())
-            assert greyed == 196 - counts[s]
+            # EViT's fusion ranks the fused token(s) of earlier stages with the patches: each one kept
+            # is a patch fewer
+            assert 196 - counts[s] <= greyed <= 196 - counts[s] + (s if fuse else 0)
             assert np.array_equal(overlay[..., 3] == 0, kept[s].reshape(GRID))
-            assert fused[s] == (196 - counts[s] if fuse else 0)
+            assert fused[s] == (greyed if fuse else 0)
     # The mask rows are what the patched model's records say survived.
     view = rp.patch(share_parameters(model), keep_rate=keep, criterion="evit", locations=locs, fuse=fuse)
     view(x)
     for s, rec in enumerate(view.renyiprune.records):
-        assert set(rec.patch_index[0].tolist()) == set(np.flatnonzero(kept_all[1][s].numpy()).tolist())
+        patches = {i for i in rec.patch_index[0].tolist() if i >= 0}  # -1: a kept fused token
+        assert patches == set(np.flatnonzero(kept_all[1][s].numpy()).tolist())
 
 
 @torch.inference_mode()

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .selection import keep_count
+from .selection import check_fusion, keep_count
 
 __all__ = [
     "VitShape", "prune_counts", "tome_counts", "merge_macs", "tome_macs", "tome_schedule", "solve_keep_rate",
@@ -73,17 +73,26 @@ class VitShape:
 
 
 def prune_counts(
-    shape: VitShape, locations: Sequence[int], keep_rates: Sequence[float], fuse: bool
+    shape: VitShape, locations: Sequence[int], keep_rates: Sequence[float], fuse: bool, fusion: str = "evit"
 ) -> Counts:
-    """Token counts when ceil(r·n) patches are kept at each location (plus a fused token)."""
+    """Token counts when ceil(r·n) of the n candidates are kept at each location (plus a fused token).
+
+    ``fusion="evit"``: after the first fused stage the fused token is one of the n candidates (n = kept
+    + 1), so later stages keep ceil(r·(k + 1)); ``"renorm"``: n counts patches only and the fused
+    token rides along.
+    """
+    fusion = check_fusion(fusion)
     rates = dict(zip(locations, keep_rates, strict=True))
-    n, extra, counts = shape.num_patches, 0, []
+    n, extra, counts = shape.num_patches, 0, []  # extra: a fused token outside the n candidates
     for i in range(shape.depth):
         na = shape.num_prefix + n + extra
         if i in rates:
             k = keep_count(n, rates[i])
-            extra = 1 if (fuse and (k < n or extra)) else extra
-            n = k
+            if fusion == "evit":
+                n = k + 1 if (fuse and k < n) else k
+            else:
+                extra = 1 if (fuse and (k < n or extra)) else extra
+                n = k
         counts.append((na, shape.num_prefix + n + extra))
     return counts
 
@@ -127,10 +136,15 @@ def _bisect(f: Callable[[float], float], lo: float, hi: float, target: float, st
 
 
 def solve_keep_rate(
-    shape: VitShape, budget: float, locations: Sequence[int], fuse: bool = False, merge: bool = False
+    shape: VitShape,
+    budget: float,
+    locations: Sequence[int],
+    fuse: bool = False,
+    merge: bool = False,
+    fusion: str = "evit",
 ) -> float:
-    """The largest common keep rate whose GMACs (with merging's similarity products when ``merge``)
-    are <= budget × the unpruned model's."""
+    """The largest common keep rate whose GMACs (with merging's similarity products when ``merge``;
+    token counts of the fusion rule ``fusion`` when ``fuse``) are <= budget × the unpruned model's."""
     if not 0 < budget <= 1:
         raise ValueError(f"budget must be in (0, 1], got {budget}")
     target = budget * shape.gmacs(shape.unpruned())
@@ -138,7 +152,7 @@ def solve_keep_rate(
     def cost(r: float) -> float:
         rates = [r] * len(locations)
         extra = merge_macs(shape, locations, rates) if merge else 0.0
-        return shape.gmacs(prune_counts(shape, locations, rates, fuse), extra)
+        return shape.gmacs(prune_counts(shape, locations, rates, fuse, fusion), extra)
 
     if cost(1e-6) > target:
         raise ValueError(f"budget {budget} is below what pruning at blocks {list(locations)} can reach "

@@ -128,12 +128,15 @@ class MaskSpec:
     options: tuple[tuple[str, object], ...] = ()
 
 
-def kept_counts(num_patches: int, keep_rate: float, stages: int) -> list[int]:
-    """Number of patches kept after each of ``stages`` pruning stages (EViT's ceil rule)."""
+def kept_counts(num_patches: int, keep_rate: float, stages: int, fuse: bool = False) -> list[int]:
+    """Number of tokens kept after each of ``stages`` pruning stages (EViT's ceil rule). With ``fuse``
+    (EViT's fusion) the fused token is a candidate from the second stage on (n = kept + 1), and a kept
+    fused token counts among the kept."""
     out, n = [], num_patches
     for _ in range(stages):
-        n = keep_count(n, keep_rate)
-        out.append(n)
+        k = keep_count(n, keep_rate)
+        out.append(k)
+        n = k + 1 if fuse and k < n else k
     return out
 
 
@@ -159,13 +162,18 @@ def prune_records(
 
 def masks_from_records(
     records: Sequence[StageRecord], num_patches: int, fuse: bool
-) -> tuple[Tensor, list[int]]:
-    """``kept`` (B, stages, num_patches) bool of surviving original patches, and per stage the number
-    of original patches merged into the fused token (0 without fusion)."""
-    kept = torch.zeros(records[0].patch_index.shape[0], len(records), num_patches, dtype=torch.bool)
+) -> tuple[Tensor, Tensor]:
+    """``kept`` (B, stages, num_patches) bool of surviving original patches, and ``fused`` (B, stages) the
+    number of original patches inside each image's fused token after each stage (0 without fusion).
+
+    A surviving fused token (``patch_index`` -1, EViT's fusion) is no original patch: it marks none."""
+    B = records[0].patch_index.shape[0]
+    kept = torch.zeros(B, len(records), num_patches + 1, dtype=torch.bool)  # last column: fused token
     for i, rec in enumerate(records):
-        kept[:, i].scatter_(1, rec.patch_index.cpu(), True)
-    fused = [num_patches - rec.patch_index.shape[1] if fuse else 0 for rec in records]
+        idx = rec.patch_index.cpu()
+        kept[:, i].scatter_(1, torch.where(idx < 0, num_patches, idx), True)
+    kept = kept[..., :num_patches]
+    fused = num_patches - kept.sum(dim=-1) if fuse else torch.zeros(B, len(records), dtype=torch.long)
     return kept, fused
 
 
@@ -176,7 +184,7 @@ def pruning_masks(
     keep_rate: float,
     locations: Sequence[int],
     fuse: bool = False,
-) -> tuple[Tensor, list[int]]:
+) -> tuple[Tensor, Tensor]:
     """Which original patches survive each stage under ``spec``: :func:`masks_from_records` of a run."""
     records = prune_records(model, images, spec, keep_rate, locations, fuse)
     return masks_from_records(records, model.patch_embed.num_patches, fuse)

@@ -5,9 +5,11 @@ pruning locations for subclasses; all configuration and the records of the last 
 one ``PruneState`` object at ``model.renyiprune``, shared by those blocks. Nothing is copied, so the
 weights stay the user's.
 
-After a forward, ``model.renyiprune.stages[i]`` holds, for the i-th pruning location:
-``kept`` (B, k) indices into that stage's input patches, ``patch_index`` (B, k) the original patch
-numbers (0..num_patches-1, row-major on the grid) of the survivors, and ``scores`` (B, n).
+After a forward, ``model.renyiprune.records[i]`` holds, for the i-th pruning location:
+``kept`` (B, k) indices into that stage's n candidate tokens, ``patch_index`` (B, k) the original
+patch numbers (0..num_patches-1, row-major on the grid) of the survivors, and ``scores`` (B, n).
+With EViT's fusion (``fusion="evit"``, the default) a fused token of an earlier stage is a candidate
+too (the last of the n); when it survives, its ``patch_index`` is -1 (it is no original patch).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from .criteria import (
 from .entropy import check_alpha
 from .merge_order import get_merge_order
 from .merging import bipartite_matching, merge_into_kept
-from .selection import check_keep_rate, keep_count, select_tokens, top_k_sorted
+from .selection import check_fusion, check_keep_rate, keep_count, select_tokens, top_k_sorted
 
 __all__ = ["patch", "unpatch", "share_parameters", "PruneState", "StageConfig", "StageRecord", "is_patched"]
 
@@ -69,8 +71,9 @@ class StageRecord:
 class PruneState:
     """Configuration and per-forward bookkeeping, shared by the patched model and its blocks.
 
-    ``removed`` says what happens to pruned tokens: ``drop``, ``fuse`` (EViT's one extra token) or
-    ``merge`` (each into its most similar kept token). ``method="tome"`` merges ``merge_r[i]`` tokens
+    ``removed`` says what happens to pruned tokens: ``drop``, ``fuse`` (EViT's one extra token, built
+    by the rule ``fusion``: ``evit`` or ``renorm``, see ``selection``) or ``merge`` (each into its most
+    similar kept token). ``method="tome"`` merges ``merge_r[i]`` tokens
     after block i by bipartite soft matching instead of scoring. Merging tracks token sizes and uses
     proportional attention (log size added to the key logits) in every later block.
     """
@@ -85,10 +88,11 @@ class PruneState:
     entropy_alpha: float = 1.0
     merge_order: str = "entropy"
     num_prefix: int = 1  # tokens before the patches (CLS, distillation, ...): always kept, never merged
+    fusion: str = "evit"  # with removed="fuse": EViT's raw-weight, ranked fused token, or "renorm"
     # Filled during a forward:
     step: int = 0
     records: list[StageRecord] = field(default_factory=list)
-    patch_index: Tensor | None = None
+    patch_index: Tensor | None = None  # (B, n) original patch of each candidate token, -1: fused token
     size: Tensor | None = None  # (B, N, 1) patches per token, once tokens have been merged
 
     @property
@@ -118,7 +122,10 @@ class PruneState:
             return f"tome r={self.merge_r}{ent}"
         parts = [f"{s.name}@{s.location}:{s.tokens if s.tokens is not None else f'{s.keep_rate:g}'}"
                  for s in self.stages]
-        return " ".join(parts) + ("" if self.removed == "drop" else f" +{self.removed}")
+        fate = "" if self.removed == "drop" else f" +{self.removed}"
+        if self.removed == "fuse" and self.fusion != "evit":
+            fate += f" ({self.fusion})"
+        return " ".join(parts) + fate
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -197,12 +204,14 @@ class _PruningBlock:
             kept = top_k_sorted(scores, k)
             x, state.size = merge_into_kept(x, state.sizes(x), keys.mean(dim=1), kept, n, state.num_prefix)
         else:
-            x, kept = select_tokens(
-                x, scores, k, cls_attn=cls_attn, fuse=state.removed == "fuse", num_prefix=state.num_prefix
-            )
-        state.patch_index = state.patch_index.gather(1, kept)
+            x, kept = select_tokens(x, scores, k, cls_attn=cls_attn, fuse=state.removed == "fuse",
+                                    num_prefix=state.num_prefix, fusion=state.fusion)  # fmt: skip
+        survivors = state.patch_index.gather(1, kept)
         fused = x.shape[1] - state.num_prefix - k
-        state.records.append(StageRecord(cfg.location, kept, state.patch_index, scores, num_fused=fused))
+        state.records.append(StageRecord(cfg.location, kept, survivors, scores, num_fused=fused))
+        if fused and state.fusion == "evit":  # the new fused token is a candidate at the next stage
+            survivors = torch.cat([survivors, survivors.new_full((survivors.shape[0], 1), -1)], dim=1)
+        state.patch_index = survivors
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
@@ -307,6 +316,7 @@ def patch(
     schedule: str = "constant",
     budget: float | None = None,
     tokens: int | Sequence[int] | None = None,
+    fusion: str | None = None,
     **criterion_options,
 ) -> nn.Module:
     """Make ``model`` reduce its tokens in place and return it.
@@ -317,7 +327,10 @@ def patch(
     or one per location; ``alpha`` goes to criteria that take it, other options to the criterion.
     ``removed`` decides the fate of pruned tokens: ``drop`` (default), ``fuse`` (one extra token
     weighted by CLS attention; ``fuse=True`` is the same) or ``merge`` (into the most similar kept
-    token, with proportional attention afterwards).
+    token, with proportional attention afterwards). ``fusion`` picks the fusion rule: ``"evit"``
+    (default; EViT's official code: raw CLS-attention weights, and the fused token is ranked, counted
+    and possibly fused again at later locations like any patch) or ``"renorm"`` (weights renormalized
+    over the fused tokens, the fused token never ranked and always carried).
     ``method="tome"``: ToMe's bipartite soft matching merges ``r`` tokens after every block (an int,
     one int per block, or ``schedule="decreasing"``: 2r at the first block down to 0 at the last).
     ``tokens``: patches kept at each location (one int or one per location) instead of a keep rate.
@@ -330,13 +343,17 @@ def patch(
         return adapter(
             model, patch, keep_rate=keep_rate, criterion=criterion, alpha=alpha, locations=locations,
             fuse=fuse, removed=removed, method=method, r=r, schedule=schedule, budget=budget,
-            **({"tokens": tokens} if tokens is not None else {}), **criterion_options,
+            **({"tokens": tokens} if tokens is not None else {}),
+            **({"fusion": fusion} if fusion is not None else {}), **criterion_options,
         )  # fmt: skip
     if method not in ("prune", "tome"):
         raise ValueError(f"method must be 'prune' or 'tome', got {method!r}")
     removed = removed or ("fuse" if fuse else "drop")
     if removed not in ("drop", "fuse", "merge"):
         raise ValueError(f"removed must be drop, fuse or merge, got {removed!r}")
+    if fusion is not None and (removed != "fuse" or method != "prune"):
+        raise ValueError(f"fusion={fusion!r} applies to fused pruning only (fuse=True or removed='fuse')")
+    fusion = check_fusion(fusion)
     blocks = _check_model(model)
     if budget is not None and tokens is not None:
         raise ValueError("pass either budget or tokens, not both")
@@ -345,7 +362,7 @@ def patch(
         if tuned is not None:  # the policy chose a method for this budget (pruning, merging or ToMe)
             return patch(model, **{**tuned, **criterion_options, "budget": budget})
     if budget is not None:
-        keep_rate, r = _solve_budget(model, budget, method, locations, removed, schedule)
+        keep_rate, r = _solve_budget(model, budget, method, locations, removed, schedule, fusion)
     if method == "tome":
         weight = float(criterion_options.pop("entropy_weight", 0.0))
         order = str(criterion_options.pop("merge_order", "entropy"))
@@ -382,7 +399,7 @@ def patch(
         if "alpha" in opts:
             name = f"{name}(a={a:g})"
         stages.append(StageConfig(loc, r, make_criterion(c, **opts), name, tokens=t))
-    state = PruneState(stages=stages, fuse=removed == "fuse", removed=removed)
+    state = PruneState(stages=stages, fuse=removed == "fuse", removed=removed, fusion=fusion)
     _attach(model, state)
     for si, loc in enumerate(locs):
         _swap(blocks[loc], _PruningBlock, state)
@@ -450,14 +467,15 @@ def _patch_tome(
     return model
 
 
-def _solve_budget(model, budget: float, method: str, locations, removed: str, schedule: str):
+def _solve_budget(model, budget: float, method: str, locations, removed: str, schedule: str, fusion: str):
     """(keep_rate, r) meeting a GMACs budget for this model and method."""
     from .budget import VitShape, solve_keep_rate, solve_tome_r
 
     shape = VitShape.of(model)
     if method == "tome":
         return None, solve_tome_r(shape, budget, schedule)
-    rate = solve_keep_rate(shape, budget, tuple(locations), fuse=removed == "fuse", merge=removed == "merge")
+    rate = solve_keep_rate(shape, budget, tuple(locations), fuse=removed == "fuse", merge=removed == "merge",
+                           fusion=fusion)
     return rate, None
 
 

@@ -74,13 +74,23 @@ class SweepConfig(PruneConfig):
         return PruneConfig(**d)
 
 
+def _fusion_of(fuse: bool, options: dict) -> str | None:
+    """The fusion rule of a fused config (``options['fusion']``, default EViT's); None if not fused."""
+    fused = options.get("removed", "fuse" if fuse else "drop") == "fuse"
+    return options.get("fusion", "evit") if fused else None
+
+
 def config_to_dict(c: PruneConfig) -> dict:
-    """JSON-safe dict of a config (alpha inf as the string "inf")."""
+    """JSON-safe dict of a config (alpha inf as the string "inf"); a fused one names its fusion rule,
+    so that records of the two rules never stand for each other."""
     d = asdict(c)
     d["alpha"] = "inf" if math.isinf(c.alpha) else c.alpha
     d["locations"] = list(c.locations)
     d["options"] = {k: "inf" if isinstance(v, float) and math.isinf(v) else v for k, v in c.options}
     d.setdefault("budget", False)
+    fusion = _fusion_of(c.fuse, d["options"]) if c.criterion not in (None, "tome") else None
+    if fusion is not None:
+        d["fusion"] = fusion
     return d
 
 
@@ -88,6 +98,12 @@ def config_from_dict(d: dict) -> SweepConfig:
     """Inverse of ``config_to_dict``."""
     opts = {k: tuple(v) if isinstance(v, list) else float(v) if v == "inf" else v
             for k, v in d.get("options", {}).items()}
+    if d["criterion"] not in (None, "tome") and _fusion_of(bool(d["fuse"]), opts) is not None:
+        # records written before EViT's rule became the default name none: they used "renorm"
+        fusion = d.get("fusion", "renorm")
+        opts.pop("fusion", None)
+        if fusion != "evit":
+            opts["fusion"] = fusion
     return SweepConfig(
         criterion=d["criterion"],
         keep_rate=float(d["keep_rate"]),

@@ -8,13 +8,14 @@ import sys
 
 import torch
 
-from ..criteria import list_criteria
+from ..criteria import list_criteria, takes_alpha
 from ..data import EvalTransform, make_loader
 from ..distributed import cleanup, init_distributed
 from ..entropy import parse_alpha
 from ..evaluate import PruneConfig, evaluate, parse_stages, pruned_view
 from ..merge_order import list_merge_orders
 from ..policy import budget_config, entry_config, load_policy, policy_entry
+from ..selection import FUSIONS
 from . import common
 
 UNPRUNED = {"none", "unpruned", "baseline"}
@@ -72,6 +73,9 @@ def add_parser(sub) -> None:
     p.add_argument("--removed", choices=["drop", "fuse", "merge"], default=None,
                    help="what happens to pruned tokens: drop, fuse (= --fuse) or merge into the most "
                    "similar kept token (proportional attention afterwards)")
+    p.add_argument("--fusion", choices=list(FUSIONS), default=None,
+                   help="with --fuse: evit (default; EViT's rule: raw CLS-attention weights, the fused token "
+                   "ranked like a patch at later locations) or renorm (renormalized weights, never ranked)")
     p.add_argument("--tome-r", type=common._typed(lambda t: [int(v) for v in t.split(",")], "r list"),
                    default=[16], help="criterion tome: tokens merged after every block (comma list)")
     p.add_argument("--schedule", choices=["constant", "decreasing"], default="constant",
@@ -102,7 +106,36 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def _fusion(args: argparse.Namespace) -> str | None:
+    """The fusion rule asked for with --fusion (None: not given)."""
+    fusion = getattr(args, "fusion", None)
+    if fusion is not None and not (args.fuse or args.removed == "fuse"):
+        raise ValueError("--fusion applies to fused pruning: add --fuse (or --removed fuse)")
+    return fusion
+
+
+def _with_fusion(config: PruneConfig, fusion: str | None) -> PruneConfig:
+    """A fused ``config`` with the fusion rule ``fusion`` (EViT's, the default, is left implicit);
+    other configs, and any config when ``fusion`` is None (a policy entry keeps its own), unchanged."""
+    opts = dict(config.options)
+    fused = opts.get("removed", "fuse" if config.fuse else "drop") == "fuse"
+    if fusion is None or not fused or config.criterion in (None, "tome"):
+        return config
+    opts["fusion"] = fusion
+    if fusion == "evit":
+        del opts["fusion"]
+    return PruneConfig(config.criterion, config.keep_rate, config.alpha, config.locations, config.fuse,
+                       tuple(sorted(opts.items())))
+
+
 def configs_from_args(args: argparse.Namespace) -> list[PruneConfig]:
+    """The configurations an ``eval`` command line stands for; ``--alpha`` goes to every criterion that
+    takes an order (``criteria.takes_alpha``), 1 elsewhere."""
+    fusion = _fusion(args)
+    return list(dict.fromkeys(_with_fusion(c, fusion) for c in _configs(args)))
+
+
+def _configs(args: argparse.Namespace) -> list[PruneConfig]:
     renyi_opts = tuple(
         (k, v)
         for k, v in (("direction", args.direction), ("heads", args.heads), ("cls_key", args.cls_key))
@@ -137,10 +170,10 @@ def configs_from_args(args: argparse.Namespace) -> list[PruneConfig]:
             if len(args.tokens) not in (1, len(args.locations)):
                 raise ValueError(f"--tokens: {len(args.tokens)} counts for {len(args.locations)} locations")
             counts = args.tokens * len(args.locations) if len(args.tokens) == 1 else args.tokens
-            configs.append(PruneConfig(crit, 1.0, args.alpha[0] if crit in ("renyi", "hybrid") else 1.0,
+            configs.append(PruneConfig(crit, 1.0, args.alpha[0] if takes_alpha(crit, dict(opts)) else 1.0,
                                        tuple(args.locations), args.fuse, opts + (("tokens", counts),)))
             continue
-        alphas = args.alpha if crit in ("renyi", "hybrid") else [1.0]
+        alphas = args.alpha if takes_alpha(crit, dict(opts)) else [1.0]
         keeps = args.keep if args.budget is None else [(None, f) for f in args.budget]
         for a, r in itertools.product(alphas, keeps):
             if isinstance(r, tuple):  # a compute budget: the keep rate is solved in patch()

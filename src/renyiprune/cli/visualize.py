@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from .. import inspect_attention as ia
-from ..criteria import list_criteria
+from ..criteria import list_criteria, takes_alpha
 from ..data import BadImageError, DataError, EvalTransform, list_samples, load_image
 from ..entropy import parse_alpha
 from ..report_html import FigureEntry, render_index
@@ -85,9 +85,9 @@ def _mask_specs(names: list[str], alphas: list[float], renyi_opts: dict, seed: i
     for name in names:
         if name not in known:
             raise ValueError(f"unknown criterion {name!r}; choose from {', '.join(known)}")
-        if name == "renyi":
-            opts = tuple(renyi_opts.items())
-            specs += [ia.MaskSpec(f"renyi α={alpha_label(a)}", "renyi", a, opts) for a in alphas]
+        if takes_alpha(name):  # one row per --alphas order (renyi, evit_renyi, hybrid, ...)
+            opts = tuple(renyi_opts.items()) if name == "renyi" else ()
+            specs += [ia.MaskSpec(f"{name} α={alpha_label(a)}", name, a, opts) for a in alphas]
         elif name == "random":
             specs.append(ia.MaskSpec("random", "random", options=(("seed", seed),)))
         elif name == "shannon":
@@ -322,7 +322,7 @@ def _render(args, opt: Options, model, tf, grid, ps, blocks, locs, writer: _Writ
             rows = []
             for spec in opt.specs:
                 kept, fused = masks[replace(spec, label="")]
-                rows.append((spec.label, kept[i].numpy(), fused))
+                rows.append((spec.label, kept[i].numpy(), fused[i].tolist()))
             fig = plots.masks_figure(crop, rows, locs, grid, f"Pruned patches after each stage: {name}")
             caption = MASKS_CAPTION.format(cfg=cfg_txt) + (FUSED_NOTE if args.fuse else "")
             writer.add(fig, f"{stem}_masks", f"Image {name}", f"Pruning masks: {name}", caption)
