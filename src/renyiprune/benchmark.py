@@ -353,13 +353,15 @@ def benchmark_configs(
     compile: bool = False,
     extra: Mapping[str, nn.Module] | None = None,
     progress: Callable[[str], None] | None = None,
+    memory: bool = True,
 ) -> list[BenchRow]:
     """Time the unpruned ``model`` and each configuration (and ``extra`` models) on batch ``x``.
 
     Any configuration ``eval`` takes (pruning by keep rate or budget, ToMe, ``best``, ...); all share
     the model's weights (``pruned_view``). With ``compile`` every configuration is measured both eager
     and through ``torch.compile``. GMACs are per image, counted on the eager forward. Peak memory comes
-    from one extra forward per configuration after the timed rounds (``forward_memory``).
+    from one extra forward per configuration after the timed rounds (``forward_memory``); ``memory=False``
+    skips it (the memory fields are then NaN).
     """
     say = progress or (lambda _msg: None)
     base = PruneConfig(criterion=None)
@@ -385,11 +387,14 @@ def benchmark_configs(
     }
     say(f"timing {len(runners)} configurations: {warmup} warm-up + {reps} interleaved rounds")
     timings = time_interleaved(runners, x, warmup=warmup, reps=reps, dtype=dtype, progress=say)
-    say("measuring peak memory")
+    if memory:
+        say("measuring peak memory")
+    unknown = ForwardMemory(0, [])
     mems = {
         name: forward_memory(runners[name] if meta[name][1] and x.is_cuda else meta[name][2], x, dtype)
+        if memory else unknown
         for name in runners
-    }
+    }  # fmt: skip
     rows = []
     for name, t in timings.items():
         c, compiled, view = meta[name]
@@ -413,9 +418,9 @@ def benchmark_configs(
                 gmacs=gmacs[name],
                 gmacs_ratio=g_ratio,
                 efficiency=speedup / g_ratio,
-                peak_mb=peak / 2**20,
+                peak_mb=peak / 2**20 if memory else float("nan"),
                 memory_ratio=peak / ref_peak if ref_peak else float("nan"),
-                pruned_peak_mb=part / 2**20,
+                pruned_peak_mb=part / 2**20 if memory else float("nan"),
                 pruned_memory_ratio=part / ref_part if ref_part else float("nan"),
                 block_peaks_mb=[b / 2**20 for b in mems[name].block_peaks],
                 **info,
