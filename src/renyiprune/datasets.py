@@ -10,6 +10,12 @@ number of classes, and how many pixels to crop off the bottom of every image (FG
   Every image carries a 20-pixel copyright banner at the bottom, cropped off as the dataset's README says.
 * ``imagenet100``: an ImageNet ``train/`` / ``val/`` tree of WordNet-id folders, restricted to the 100
   classes of Tian et al. 2019 (CMC) shipped as ``imagenet100.txt``; class index = sorted WordNet id.
+* ``stanford-cars``: Stanford Cars (196 classes), read from either of two layouts (found automatically):
+  the official devkit (``cars_train/``, ``cars_test/``, ``devkit/cars_train_annos.mat``,
+  ``cars_test_annos_withlabels.mat`` at the root or in ``devkit/``, class names from
+  ``devkit/cars_meta.mat``; splits ``train`` and ``test``; also inside a ``stanford_cars/`` folder), or
+  split folders ``<split>/labels.tsv`` (``file, class_index, car_NNN, name``) with ``classes.txt``.
+  The whole image is used (the devkit's bounding boxes are not applied).
 * ``imagefolder`` / ``labels-tsv``: :func:`renyiprune.data.list_samples` on ``root/<split>`` when that
   folder exists, else on ``root`` itself (then the same images serve every split).
 """
@@ -39,9 +45,13 @@ __all__ = [
     "open_sample",
     "imagenet100_classes",
     "download_dataset",
+    "CARS_CLASSES",
+    "TRANSFORMS",
+    "ResizeTransform",
+    "eval_transform",
 ]
 
-DATASETS = ("imagefolder", "labels-tsv", "flowers102", "fgvc-aircraft", "imagenet100")
+DATASETS = ("imagefolder", "labels-tsv", "flowers102", "fgvc-aircraft", "imagenet100", "stanford-cars")
 #: (training split, evaluation split) used when the command line names none.
 DEFAULT_SPLITS = {
     "imagefolder": ("train", "val"),
@@ -49,8 +59,10 @@ DEFAULT_SPLITS = {
     "flowers102": ("trainval", "test"),
     "fgvc-aircraft": ("trainval", "test"),
     "imagenet100": ("train", "val"),
+    "stanford-cars": ("train", "test"),
 }
 AIRCRAFT_BANNER_PX = 20
+CARS_CLASSES = 196
 
 
 @dataclass
@@ -88,6 +100,7 @@ def load_split(name: str, root: str | Path, split: str) -> DatasetSplit:
         "flowers102": _flowers102,
         "fgvc-aircraft": _aircraft,
         "imagenet100": _imagenet100,
+        "stanford-cars": _cars,
     }
     if name not in readers:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
@@ -206,6 +219,141 @@ def _imagenet100(name: str, root: Path, split: str) -> DatasetSplit:
     return DatasetSplit(name, split, folder, samples, 100, classes)
 
 
+# ---------------------------------------------------------------------------------------- Stanford Cars
+
+_CARS_ANNOS = {"train": "cars_train_annos.mat", "test": "cars_test_annos_withlabels.mat"}
+CARS_PLACEMENT = (
+    "place the official devkit layout in DIR: DIR/cars_train/*.jpg, DIR/cars_test/*.jpg, "
+    "DIR/devkit/cars_train_annos.mat, DIR/devkit/cars_meta.mat and DIR/cars_test_annos_withlabels.mat "
+    "(or in DIR/devkit/) - or split folders DIR/<split>/labels.tsv (file, class_index 0-195, car_NNN, "
+    "class name) next to DIR/classes.txt - and pass --dataset stanford-cars --data-root DIR"
+)
+
+
+def _cars(name: str, root: Path, split: str) -> DatasetSplit:
+    if not (root / "devkit").is_dir() and (root / "stanford_cars" / "devkit").is_dir():
+        root = root / "stanford_cars"  # torchvision's folder name
+    if (root / "devkit").is_dir() or (root / "cars_train").is_dir():
+        return _cars_devkit(name, root, split)
+    folder = root / split
+    if (folder / LABELS_FILE).is_file():
+        samples = list_samples(folder)
+        classes = _cars_classes_txt(root)
+        bad = [s for s in samples if not 0 <= s.label < len(classes)]
+        if bad:
+            raise DataError(f"stanford-cars: {folder / LABELS_FILE} has class {bad[0].label}, not in 0-195")
+        return DatasetSplit(name, split, folder, samples, len(classes), classes)
+    have = sorted(p.name for p in root.iterdir() if (p / LABELS_FILE).is_file()) if root.is_dir() else []
+    if have:
+        raise DataError(f"stanford-cars: no split {split!r} in {root} (it has: {', '.join(have)})")
+    raise DataError(f"stanford-cars: {root} holds neither layout; {CARS_PLACEMENT}")
+
+
+def _cars_classes_txt(root: Path) -> list[str]:
+    f = root / "classes.txt"
+    if not f.is_file():
+        return [f"car_{i:03d}" for i in range(1, CARS_CLASSES + 1)]
+    classes = [c.strip() for c in f.read_text(encoding="utf-8").splitlines() if c.strip()]
+    if len(classes) != CARS_CLASSES:
+        raise DataError(f"stanford-cars: {f} lists {len(classes)} classes, expected {CARS_CLASSES}")
+    return classes
+
+
+def _mat_records(path: Path, key: str):
+    """The 1-d array of struct records stored under ``key`` in a MATLAB file."""
+    import numpy as np
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(path, squeeze_me=True)
+    except Exception as e:  # scipy raises ValueError/TypeError/OSError for files it cannot read
+        raise DataError(f"stanford-cars: cannot read {path}: {e}") from None
+    if key not in mat:
+        have = ", ".join(k for k in mat if not k.startswith("_"))
+        raise DataError(f"stanford-cars: {path} has no {key!r} (it has: {have})")
+    return np.atleast_1d(mat[key])
+
+
+def _cars_devkit(name: str, root: Path, split: str) -> DatasetSplit:
+    if split not in _CARS_ANNOS:
+        raise DataError(f"stanford-cars (devkit layout) splits are train, test; got {split!r}")
+    annos_name = _CARS_ANNOS[split]
+    found = [p for p in (root / "devkit" / annos_name, root / annos_name) if p.is_file()]
+    if not found:
+        raise DataError(
+            f"stanford-cars: {annos_name} not found in {root / 'devkit'} or {root}; {CARS_PLACEMENT}"
+        )
+    meta = root / "devkit" / "cars_meta.mat"
+    if not meta.is_file():
+        raise DataError(f"stanford-cars: {meta} not found (the class names); {CARS_PLACEMENT}")
+    classes = [str(c).strip() for c in _mat_records(meta, "class_names")]
+    annos = _mat_records(found[0], "annotations")
+    fields = annos.dtype.names or ()
+    if "fname" not in fields or "class" not in fields:
+        raise DataError(
+            f"stanford-cars: {found[0]} annotations lack fname/class (fields: {', '.join(fields)}); "
+            "the test split needs cars_test_annos_withlabels.mat, not cars_test_annos.mat"
+        )
+    images = root / f"cars_{split}"
+    samples = []
+    for rec in annos:
+        fname, cls = str(rec["fname"]).strip(), int(rec["class"])
+        if not 1 <= cls <= len(classes):
+            raise DataError(f"stanford-cars: {found[0]}: {fname} has class {cls}, not in 1-{len(classes)}")
+        path = images / fname
+        if not path.is_file():
+            raise DataError(f"stanford-cars: image file not found: {path}")
+        samples.append(Sample(path, cls - 1))
+    return DatasetSplit(name, split, images, samples, len(classes), classes)
+
+
+# ------------------------------------------------------------------------------------ fine-grained eval
+
+#: Evaluation transforms: ``center-crop`` is the model's own (shorter side to input/crop_pct, center
+#: crop); ``resize`` scales the whole image to input x input, so nothing of the object is cut off.
+TRANSFORMS = ("center-crop", "resize")
+
+
+@dataclass(frozen=True)
+class ResizeTransform:
+    """The whole image resized to ``input_size`` x ``input_size`` (aspect ratio not kept), normalized.
+
+    For fine-grained objects that fill a wide frame (a car seen from the side): a center crop of the
+    shorter side cuts off the front and the back, where the distinguishing parts often are.
+    """
+
+    input_size: int = 224
+    interpolation: str = "bicubic"
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+
+    def __call__(self, img: Image.Image):
+        import numpy as np
+        import torch
+
+        from .data import _INTERPOLATIONS, to_rgb
+
+        img = to_rgb(img)
+        size = (self.input_size, self.input_size)
+        if img.size != size:
+            img = img.resize(size, _INTERPOLATIONS[self.interpolation])
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+        return x.sub_(mean).div_(std).contiguous()
+
+
+def eval_transform(kind: str, cfg):
+    """The evaluation transform ``kind`` (one of :data:`TRANSFORMS`) for a model's ``pretrained_cfg``."""
+    from .data import EvalTransform
+
+    if kind == "center-crop":
+        return EvalTransform(cfg.img_size, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std)
+    if kind == "resize":
+        return ResizeTransform(cfg.img_size, cfg.interpolation, tuple(cfg.mean), tuple(cfg.std))
+    raise ValueError(f"unknown transform {kind!r}; choose from {', '.join(TRANSFORMS)}")
+
+
 # ------------------------------------------------------------------------------------------- downloads
 
 
@@ -243,6 +391,12 @@ def download_dataset(name: str, root: str | Path, progress: bool = True) -> Path
     needs a registered account, so ``imagenet100`` raises a DataError explaining how to lay it out.
     """
     root = Path(root).expanduser()
+    if name == "stanford-cars":
+        raise DataError(
+            "Stanford Cars cannot be downloaded: its official links (ai.stanford.edu/~jkrause/cars) are gone "
+            "and no verified mirror is known. Obtain the files elsewhere and "
+            + CARS_PLACEMENT.replace("DIR", str(root))
+        )
     if name == "imagenet100":
         raise DataError(
             "ImageNet cannot be downloaded without an image-net.org account: download ILSVRC2012 train/val "
@@ -250,7 +404,10 @@ def download_dataset(name: str, root: str | Path, progress: bool = True) -> Path
             "--dataset imagenet100 --data-root DIR (only the 100 CMC classes are read)"
         )
     if name not in DOWNLOADS:
-        raise DataError(f"no download for {name!r}; downloadable: {', '.join(DOWNLOADS)}, imagenet100")
+        raise DataError(
+            f"no download for {name!r}; downloadable: {', '.join(DOWNLOADS)} (imagenet100 and stanford-cars: "
+            "the command says how to lay them out)"
+        )
     root.mkdir(parents=True, exist_ok=True)
     for remote in DOWNLOADS[name]:
         target = root / Path(remote.url).name

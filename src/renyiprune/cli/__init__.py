@@ -11,6 +11,7 @@ from . import convert as convert_cmd
 from . import download as download_cmd
 from . import eval as eval_cmd
 from . import export as export_cmd
+from . import probe as probe_cmd
 from . import sweep as sweep_cmd
 from . import train as train_cmd
 from . import tune as tune_cmd
@@ -18,7 +19,7 @@ from . import tune_budget as tune_budget_cmd
 from . import visualize as visualize_cmd
 
 COMMANDS = [bench_cmd, eval_cmd, sweep_cmd, tune_cmd, tune_budget_cmd, visualize_cmd, train_cmd, download_cmd]
-COMMANDS += [export_cmd, convert_cmd]
+COMMANDS += [export_cmd, convert_cmd, probe_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

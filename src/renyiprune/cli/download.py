@@ -13,10 +13,11 @@ def add_parser(sub) -> None:
         "download",
         help="download a data set (flowers102, fgvc-aircraft) into DIR, MD5-verified",
         description="Download and unpack a data set in its official layout for train --data-root DIR. "
-        "Files are verified against their published MD5 before they are kept. ImageNet-100 cannot be "
-        "downloaded (ImageNet needs an account); the command says how to lay it out.",
+        "Files are verified against their published MD5 before they are kept. ImageNet-100 (ImageNet needs "
+        "an account) and Stanford Cars (its official links are gone) cannot be downloaded; the command says "
+        "where to place their files.",
     )
-    p.add_argument("dataset", choices=[*DOWNLOADS, "imagenet100"])
+    p.add_argument("dataset", choices=[*DOWNLOADS, "imagenet100", "stanford-cars"])
     p.add_argument("--root", type=Path, required=True, help="folder to download into (--data-root later)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
