@@ -67,14 +67,19 @@ def test_unpatched_and_keep_one_equal_timm_forward(name, images):
 
 CONFIGS = [
     dict(criterion="renyi", alpha=2.0, fuse=False),
-    dict(criterion="renyi", alpha=2.0, fuse=True),
+    dict(criterion="renyi", alpha=2.0, fuse=True),  # the default fusion rule (EViT's)
     dict(criterion="evit", fuse=False),
     dict(criterion="evit", fuse=True),
+    dict(criterion="renyi", alpha=2.0, fuse=True, fusion="renorm"),
 ]
 
 
+def _config_id(c: dict) -> str:
+    return f"{c['criterion']}-{c.get('fusion', 'fuse') if c['fuse'] else 'drop'}"
+
+
 @pytest.mark.parametrize("keep", [0.7, 0.5])
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['criterion']}-{'fuse' if c['fuse'] else 'drop'}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_config_id)
 @pytest.mark.parametrize("name", MODELS)
 def test_pruned_timm_equals_pruned_renyiprune_model(name, cfg, keep, images):
     host, ours = _pair(name)
