@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from renyiprune.data import list_samples
-from renyiprune.datasets import eval_transform
-from renyiprune.evaluate import PruneConfig
-from renyiprune.model import create_model
-from renyiprune.policy import is_calibration
-from renyiprune.probe import FeatureCache, ImageSet, extract_features, fit_probe, is_holdout
-from renyiprune.weights import sha256_file
+from renyiprune.data.datasets import eval_transform
+from renyiprune.data.images import list_samples
+from renyiprune.experiments.probe import FeatureCache, ImageSet, extract_features, fit_probe, is_holdout
+from renyiprune.experiments.tune import is_calibration
+from renyiprune.models.model import create_model
+from renyiprune.models.weights import sha256_file
+from renyiprune.planning.specs import PruneConfig
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "demo" / "weights" / "deit_tiny_patch16_224.safetensors"
 

@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from perf_tables import load_average, update_doc  # noqa: E402
 
-from renyiprune.benchmark import benchmark_configs, machine_info  # noqa: E402
-from renyiprune.evaluate import PruneConfig  # noqa: E402
-from renyiprune.model import create_model  # noqa: E402
+from renyiprune.experiments.benchmark import benchmark_configs, machine_info  # noqa: E402
+from renyiprune.models.model import create_model  # noqa: E402
+from renyiprune.planning.specs import PruneConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

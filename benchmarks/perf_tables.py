@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reference_vit import ReferenceViT  # noqa: E402
 
-from renyiprune.benchmark import DTYPES, BenchRow, benchmark_configs, machine_info  # noqa: E402
 from renyiprune.cli.bench import format_rows  # noqa: E402
-from renyiprune.evaluate import PruneConfig  # noqa: E402
-from renyiprune.model import create_model  # noqa: E402
+from renyiprune.experiments.benchmark import DTYPES, BenchRow, benchmark_configs, machine_info  # noqa: E402
+from renyiprune.models.model import create_model  # noqa: E402
+from renyiprune.planning.specs import PruneConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

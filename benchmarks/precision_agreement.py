@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 import renyiprune as rp
-from renyiprune.data import EvalTransform, list_samples, load_image
+from renyiprune.data.images import EvalTransform, list_samples, load_image
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "assets"
@@ -41,7 +41,7 @@ def main() -> None:
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     samples = list_samples(args.data)[: args.limit]
-    t = EvalTransform(224, 0.875, "bicubic", rp.model.IMAGENET_MEAN, rp.model.IMAGENET_STD)
+    t = EvalTransform(224, 0.875, "bicubic", rp.models.model.IMAGENET_MEAN, rp.models.model.IMAGENET_STD)
 
     def build(setting, half):
         m = rp.create_model("deit_tiny_patch16_224", weights=args.weights)

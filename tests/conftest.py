@@ -19,7 +19,7 @@ def shared_assets() -> Path:
 @pytest.fixture
 def images_read(monkeypatch) -> list[str]:
     """Paths of every image the code under test opens (``renyiprune.data.load_image`` spied on)."""
-    from renyiprune import data
+    from renyiprune.data import images as data
 
     read: list[str] = []
     real = data.load_image

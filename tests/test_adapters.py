@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import renyiprune as rp
-from renyiprune.adapters import UnsupportedModelError
+from renyiprune.core.hosts import UnsupportedModelError
 
 
 class TimmAttention(nn.Module):

@@ -9,9 +9,10 @@ benchmark's rows follow the same rule.
 import pytest
 import torch
 
-from renyiprune.criteria import list_criteria, takes_alpha
-from renyiprune.evaluate import PruneConfig, pruned_view
-from renyiprune.model import VisionTransformer
+from renyiprune.core.criteria import list_criteria, takes_alpha
+from renyiprune.experiments.evaluate import pruned_view
+from renyiprune.models.model import VisionTransformer
+from renyiprune.planning.specs import PruneConfig
 
 ALL = list_criteria()
 
@@ -65,8 +66,8 @@ def test_eval_alpha_reaches_exactly_the_criteria_that_take_it(tmp_path, model_an
 
 def test_evit_renyi_runs_the_order_asked_for(tmp_path, model_and_images):
     """The report that started this: ``eval --criterion evit_renyi --alpha 2`` ran α = 1."""
-    from renyiprune.criteria import make_criterion
-    from renyiprune.patch import _scored_attention
+    from renyiprune.core.blocks import _scored_attention
+    from renyiprune.core.criteria import make_criterion
 
     (cfg,) = _configs(tmp_path, "evit_renyi", "2")
     model, images = model_and_images
@@ -102,7 +103,7 @@ def test_hybrid_over_another_base_takes_no_alpha():
 
 
 def test_benchmark_rows_report_alpha_for_every_criterion_that_takes_it(model_and_images):
-    from renyiprune.benchmark import benchmark_configs
+    from renyiprune.experiments.benchmark import benchmark_configs
 
     model, images = model_and_images
     configs = [PruneConfig(c, 0.5, 2.0, (1, 2)) for c in ("renyi", "evit_renyi", "hybrid", "evit")]

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from renyiprune.benchmark import PeakTensorMemory, Timing, paired_ratio, time_interleaved
 from renyiprune.cli import main
+from renyiprune.experiments.benchmark import PeakTensorMemory, Timing, paired_ratio, time_interleaved
 
 TINY = ["--model", "deit_tiny_patch16_224", "--image-size", "48", "--batch-size", "2", "--locations", "1,2"]
 
@@ -95,9 +95,10 @@ def test_forward_memory_per_block():
     block's input); pruning at block 2 leaves blocks 0-1 as they were (plus the pruning state's index
     tensors, < 1 KB here) and lowers the later blocks' peaks; the whole forward's peak is at least every
     block's."""
-    from renyiprune.benchmark import forward_memory
-    from renyiprune.evaluate import PruneConfig, pruned_view
-    from renyiprune.model import create_model
+    from renyiprune.experiments.benchmark import forward_memory
+    from renyiprune.experiments.evaluate import pruned_view
+    from renyiprune.models.model import create_model
+    from renyiprune.planning.specs import PruneConfig
 
     torch.manual_seed(0)
     model = create_model("deit_tiny_patch16_224", img_size=64).eval()

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 import renyiprune as rp
-from renyiprune.budget import VitShape, prune_counts, solve_keep_rate, solve_tome_r, tome_counts, tome_macs
+from renyiprune.planning.budget import (
+    VitShape,
+    prune_counts,
+    solve_keep_rate,
+    solve_tome_r,
+    tome_counts,
+    tome_macs,
+)
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,20 @@ import pytest
 import torch
 
 import renyiprune as rp
-from renyiprune import data as data_mod
-from renyiprune import policy as policy_mod
-from renyiprune.budget import VitShape, solve_tome_r, tome_counts, tome_schedule
 from renyiprune.cli import build_parser, main
 from renyiprune.cli.sweep import build_configs
-from renyiprune.evaluate import PruneConfig, patch_kwargs, pruned_view
-from renyiprune.model import VisionTransformer
-from renyiprune.policy import is_calibration, load_policy, resolve_budget, split_samples
-from renyiprune.sweep import build_cache, first_location, run_view
-from renyiprune.tables import markdown_tables
+from renyiprune.core.plans import tome_schedule
+from renyiprune.data import images as data_mod
+from renyiprune.experiments import tune as tune_mod
+from renyiprune.experiments.evaluate import pruned_view
+from renyiprune.experiments.sweep import build_cache, first_location, run_view
+from renyiprune.experiments.tables import markdown_tables
+from renyiprune.experiments.tune import is_calibration, split_samples
+from renyiprune.models.model import VisionTransformer
+from renyiprune.planning import policy as policy_mod
+from renyiprune.planning.budget import VitShape, solve_tome_r, tome_counts
+from renyiprune.planning.policy import load_policy, resolve_budget
+from renyiprune.planning.specs import PruneConfig, patch_kwargs
 
 
 def small_vit():
@@ -143,7 +147,7 @@ def test_tune_budget_chooses_on_calibration_images_only(shared_assets, tmp_path,
     d = shared_assets / "imagenet-sample-1000"
     calib, evals = split_samples(data_mod.list_samples(d)[:12])
     seen_at_choice = []
-    real_choose = policy_mod.choose
+    real_choose = tune_mod.choose
 
     def choose_spy(records):
         seen_at_choice.append(list(read))
@@ -189,7 +193,7 @@ def test_eval_tokens_flag_builds_count_schedules(tmp_path):
 
 
 def test_configs_with_infinite_alpha_options_round_trip_through_json():
-    from renyiprune.sweep import SweepConfig, config_from_dict, config_to_dict
+    from renyiprune.planning.specs import SweepConfig, config_from_dict, config_to_dict
 
     c = SweepConfig("tome", 1.0, 1.0, (), False, (("alpha", float("inf")), ("budget", 0.5)))
     d = json.loads(json.dumps(config_to_dict(c), allow_nan=False))

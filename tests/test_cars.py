@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from renyiprune import datasets as ds
 from renyiprune.cli import main
-from renyiprune.data import DataError, EvalTransform
+from renyiprune.data import datasets as ds
+from renyiprune.data.images import DataError, EvalTransform
 
 
 def _annotations(rows, with_class=True):
@@ -143,7 +143,7 @@ def test_resize_transform_keeps_the_whole_image():
 
 
 def test_eval_transform_kinds():
-    from renyiprune.model import get_spec
+    from renyiprune.models.model import get_spec
 
     spec = get_spec("deit_tiny_patch16_224")
     assert isinstance(ds.eval_transform("center-crop", spec), EvalTransform)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from renyiprune.cli import main
-from renyiprune.model import MODELS
+from renyiprune.models.model import MODELS
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import renyiprune as rp
-from renyiprune.criteria import CRITERIA, AttentionContext, attention_logits, make_criterion
-from renyiprune.model import VisionTransformer
+from renyiprune.core.criteria import CRITERIA, AttentionContext, attention_logits, make_criterion
+from renyiprune.models.model import VisionTransformer
 
 
 def qkv(seed=0, B=2, H=3, N=7, d=4):

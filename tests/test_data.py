@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from renyiprune.data import (
+from renyiprune.data.images import (
     BadImageError,
     Batch,
     DataError,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from renyiprune import datasets as ds
-from renyiprune.augment import TrainTransform, mixup_cutmix, random_resized_crop_box
-from renyiprune.data import DataError
+from renyiprune.data import datasets as ds
+from renyiprune.data.augment import TrainTransform, mixup_cutmix, random_resized_crop_box
+from renyiprune.data.images import DataError
 
 
 @pytest.fixture(scope="module")

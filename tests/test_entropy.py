@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from renyiprune import renyi_entropy
-from renyiprune.entropy import parse_alpha
+from renyiprune.core.entropy import parse_alpha
 
 
 def naive(logits: np.ndarray, alpha: float) -> np.ndarray:

@@ -8,7 +8,7 @@ import renyiprune as rp
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (renyiprune[export])")
 pytest.importorskip("onnxscript", reason="onnxscript is not installed (renyiprune[export])")
 
-from renyiprune.export import export_onnx, onnx_max_difference  # noqa: E402
+from renyiprune.models.export import export_onnx, onnx_max_difference  # noqa: E402
 
 
 def test_pruned_tiny_model_exports_with_dynamic_batch(tmp_path):
@@ -53,5 +53,5 @@ def test_cli_exports_the_tuned_policy(shared_assets, tmp_path, capsys):
             "--onnx", str(out), "--check"]  # fmt: skip
     assert main(argv) == 0
     text = capsys.readouterr().out
-    best = rp.policy.resolve_best(0.7)[0]
+    best = rp.planning.policy.resolve_best(0.7)[0]
     assert out.is_file() and f"{best}@3:0.7" in text and "max |diff|" in text

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import renyiprune as rp
-from renyiprune.benchmark import PeakTensorMemory
-from renyiprune.criteria import AttentionContext, attention_logits
-from renyiprune.entropy import renyi_entropy
-from renyiprune.model import VisionTransformer
-from renyiprune.patch import _scored_attention
+from renyiprune.core.blocks import _scored_attention
+from renyiprune.core.criteria import AttentionContext, attention_logits
+from renyiprune.core.entropy import renyi_entropy
+from renyiprune.experiments.benchmark import PeakTensorMemory
+from renyiprune.models.model import VisionTransformer
 
 ALPHAS = [1.0, 2.0, math.inf, 0.5, 3.0, 1.2]
 

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import renyiprune as rp
-from renyiprune import inspect_attention as ia
-from renyiprune.budget import VitShape, prune_counts, solve_keep_rate
-from renyiprune.model import VisionTransformer
+from renyiprune.models.model import VisionTransformer
+from renyiprune.planning.budget import VitShape, prune_counts, solve_keep_rate
+from renyiprune.viz import inspect_attention as ia
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "demo" / "weights" / "deit_tiny_patch16_224.safetensors"
 DEMO_IMAGES = Path(__file__).resolve().parents[1] / "demo" / "imagenet-100"
@@ -43,11 +43,11 @@ def deit_tiny():
 @pytest.fixture(scope="module")
 def demo_images():
     """Two real images (preprocessed as DeiT expects): real attention, with its near-ties and peaks."""
-    from renyiprune.data import EvalTransform, list_samples, load_image
+    from renyiprune.data.images import EvalTransform, list_samples, load_image
 
     if not DEMO_IMAGES.is_dir():
         pytest.skip(f"demo images not found at {DEMO_IMAGES}")
-    t = EvalTransform(224, 0.875, "bicubic", rp.model.IMAGENET_MEAN, rp.model.IMAGENET_STD)
+    t = EvalTransform(224, 0.875, "bicubic", rp.models.model.IMAGENET_MEAN, rp.models.model.IMAGENET_STD)
     return torch.stack([t(load_image(s.path)) for s in list_samples(DEMO_IMAGES)[:2]]).double()
 
 
@@ -348,7 +348,7 @@ def test_eval_cli_fusion_flag(tmp_path):
     assert removed.options == (("fusion", "renorm"), ("removed", "fuse"))
     with pytest.raises(ValueError, match="--fusion applies to fused pruning"):
         configs("--fusion", "renorm")
-    from renyiprune.evaluate import patch_kwargs
+    from renyiprune.planning.specs import patch_kwargs
 
     assert patch_kwargs(renorm[0])["fusion"] == "renorm" and "fusion" not in patch_kwargs(default[0])
 
@@ -357,7 +357,7 @@ def test_sweep_spec_option_and_records_name_their_rule():
     import argparse
 
     from renyiprune.cli.sweep import build_configs
-    from renyiprune.sweep import SweepConfig, config_from_dict, config_to_dict
+    from renyiprune.planning.specs import SweepConfig, config_from_dict, config_to_dict
 
     ns = argparse.Namespace(fuse=[True], locations=(3, 6, 9), keep=[0.5], alphas=[1.0], lambdas=[0.5])
     evit, renorm = build_configs(ns, ["evit", "evit[fusion=renorm]"])

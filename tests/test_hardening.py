@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import renyiprune as rp
 from renyiprune import AttentionContext, make_criterion
-from renyiprune.selection import keep_count, select_tokens
+from renyiprune.core.selection import keep_count, select_tokens
 
 SPECIAL = st.sampled_from([math.nan, math.inf, -math.inf, 0.0, 1.0, 1e4, -1e4])
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 import renyiprune as rp
-from renyiprune.adapters import UnsupportedModelError
 from renyiprune.adapters import hf as hf_adapter
 from renyiprune.cli import main
-from renyiprune.data import EvalTransform, list_samples, load_image
-from renyiprune.weights import read_state_dict
+from renyiprune.core.hosts import UnsupportedModelError
+from renyiprune.data.images import EvalTransform, list_samples, load_image
+from renyiprune.models.weights import read_state_dict
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (renyiprune[hf])")
 
@@ -28,7 +28,7 @@ def hf_dir(weights, tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(shared_assets):
     samples = list_samples(shared_assets / "imagenet-sample-1000")[:2]
-    t = EvalTransform(224, 0.875, "bicubic", rp.model.IMAGENET_MEAN, rp.model.IMAGENET_STD)
+    t = EvalTransform(224, 0.875, "bicubic", rp.models.model.IMAGENET_MEAN, rp.models.model.IMAGENET_STD)
     return torch.stack([t(load_image(s.path)) for s in samples])
 
 

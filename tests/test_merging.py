@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from renyiprune.merging import bipartite_matching, merge_into_kept
+from renyiprune.core.merging import bipartite_matching, merge_into_kept
 
 
 def cos(u, v):

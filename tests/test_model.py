@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 import renyiprune as rp
-from renyiprune.weights import WeightsError
+from renyiprune.models.weights import WeightsError
 
 
 @pytest.fixture(scope="module")

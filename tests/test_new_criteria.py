@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import renyiprune as rp
-from renyiprune.criteria import CRITERIA, AttentionContext
-from renyiprune.entropy import renyi_entropy
-from renyiprune.model import VisionTransformer
+from renyiprune.core.criteria import CRITERIA, AttentionContext
+from renyiprune.core.entropy import renyi_entropy
+from renyiprune.models.model import VisionTransformer
 
 
 def zscore(s):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import renyiprune as rp
-from renyiprune.model import VisionTransformer
+from renyiprune.models.model import VisionTransformer
 
 CRITERIA = ["renyi", "shannon", "evit", "random"]
 

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import renyiprune as rp
-from renyiprune import data as data_mod
 from renyiprune.cli import build_parser, main
 from renyiprune.cli import eval as eval_cmd
-from renyiprune.data import Sample
-from renyiprune.policy import POLICY_DIR, choose, is_calibration, load_policy, policy_entry, split_samples
+from renyiprune.data import images as data_mod
+from renyiprune.data.images import Sample
+from renyiprune.experiments.tune import choose, is_calibration, split_samples
+from renyiprune.planning.policy import POLICY_DIR, load_policy, policy_entry
 
 POLICY = {
     "model": "deit_tiny_patch16_224",

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import renyiprune as rp
-from renyiprune.data import EvalTransform, list_samples, load_image
+from renyiprune.data.images import EvalTransform, list_samples, load_image
 
 CONFIGS = [
     dict(criterion="renyi", alpha=2.0),
@@ -66,7 +66,7 @@ def test_bfloat16_keeps_what_float32_keeps_on_real_images(shared_assets, how):
     """24 shared images, renyi α=2, keep 0.7: kept sets agree per stage (and on >= 98 % of all kept
     tokens under autocast), top-1 on all but one image."""
     samples = list_samples(shared_assets / "imagenet-sample-1000")[:24]
-    t = EvalTransform(224, 0.875, "bicubic", rp.model.IMAGENET_MEAN, rp.model.IMAGENET_STD)
+    t = EvalTransform(224, 0.875, "bicubic", rp.models.model.IMAGENET_MEAN, rp.models.model.IMAGENET_STD)
     x = torch.stack([t(load_image(s.path)) for s in samples])
     w = shared_assets / "weights" / "deit_tiny_patch16_224.safetensors"
     m32 = rp.patch(rp.create_model("deit_tiny_patch16_224", weights=w), keep_rate=0.7, alpha=2.0)
@@ -95,7 +95,7 @@ def test_bfloat16_keeps_what_float32_keeps_on_real_images(shared_assets, how):
 def test_pruning_block_projects_q_k_v_in_float32_under_autocast():
     """Under autocast the ranking's q, k (and v) equal the float32 projection bit for bit; with bfloat16
     weights they are the bfloat16 projection, upcast."""
-    from renyiprune.patch import _explicit_qkv
+    from renyiprune.core.blocks import _explicit_qkv
 
     attn = tiny().blocks[1].attn
     x = torch.randn(2, 17, 32)

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import renyiprune as rp
-from renyiprune.adapters import UnsupportedModelError, check_token_layout
-from renyiprune.budget import VitShape, prune_counts, tome_counts
-from renyiprune.criteria import CRITERIA, AttentionContext, attention_logits
-from renyiprune.entropy import renyi_entropy
-from renyiprune.merging import bipartite_matching, merge_into_kept
-from renyiprune.selection import select_tokens
+from renyiprune.core.criteria import CRITERIA, AttentionContext, attention_logits
+from renyiprune.core.entropy import renyi_entropy
+from renyiprune.core.hosts import UnsupportedModelError, check_token_layout
+from renyiprune.core.merging import bipartite_matching, merge_into_kept
+from renyiprune.core.selection import select_tokens
+from renyiprune.planning.budget import VitShape, prune_counts, tome_counts
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (renyiprune[hf])")
 

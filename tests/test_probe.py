@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from renyiprune import probe as pr
-from renyiprune import sweep as sw
 from renyiprune.cli import main
-from renyiprune.data import list_samples, load_image
-from renyiprune.datasets import ResizeTransform
-from renyiprune.evaluate import PruneConfig
-from renyiprune.model import create_model
+from renyiprune.data.datasets import ResizeTransform
+from renyiprune.data.images import list_samples, load_image
+from renyiprune.experiments import probe as pr
+from renyiprune.experiments import sweep as sw
+from renyiprune.models.model import create_model
+from renyiprune.planning.specs import PruneConfig
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "demo" / "weights" / "deit_tiny_patch16_224.safetensors"
 CLASSES = (3, 60, 120, 190)  # four Stanford Cars classes, relabelled 0..3 in the tiny folders

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import renyiprune as rp
-from renyiprune.data import EvalTransform, make_loader
-from renyiprune.evaluate import PruneConfig, evaluate, pruned_view
+from renyiprune.data.images import EvalTransform, make_loader
+from renyiprune.experiments.evaluate import evaluate, pruned_view
+from renyiprune.planning.specs import PruneConfig
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from renyiprune.selection import keep_count, select_tokens
+from renyiprune.core.selection import keep_count, select_tokens
 
 
 @pytest.mark.parametrize(

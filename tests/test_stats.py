@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy.stats import binomtest, norm
 
-from renyiprune.stats import paired_counts, paired_difference
+from renyiprune.experiments.stats import paired_counts, paired_difference
 
 
 @given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=300))
@@ -62,8 +62,9 @@ def test_evaluate_pairs_every_config_with_the_reference_image_by_image():
     import torch
 
     import renyiprune as rp
-    from renyiprune.data import Batch
-    from renyiprune.evaluate import PruneConfig, evaluate, pruned_view
+    from renyiprune.data.images import Batch
+    from renyiprune.experiments.evaluate import evaluate, pruned_view
+    from renyiprune.planning.specs import PruneConfig
 
     torch.manual_seed(0)
     cfg = dict(img_size=32, patch_size=8, embed_dim=24, depth=4, num_heads=3, num_classes=3)

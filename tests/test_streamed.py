@@ -7,11 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from renyiprune.benchmark import PeakTensorMemory
-from renyiprune.context import FULL, Needs
-from renyiprune.criteria import CRITERIA, make_criterion, needs_of
-from renyiprune.entropy import renyi_entropy
-from renyiprune.streamed import StreamedContext, attend, chunk_plan
+from renyiprune.core.attention import FULL, Needs
+from renyiprune.core.criteria import CRITERIA, make_criterion, needs_of
+from renyiprune.core.entropy import renyi_entropy
+from renyiprune.core.streamed import StreamedContext, attend, chunk_plan
+from renyiprune.experiments.benchmark import PeakTensorMemory
 
 ALPHAS = (0.0, 0.5, 0.7, 1.0, 2.0, 3.0, math.inf)
 EVERYTHING = Needs(row_entropy=ALPHAS, cls_row=True, received=True, column_norm=(1.0, 4.0, math.inf),

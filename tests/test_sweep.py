@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from renyiprune import sweep as sw
-from renyiprune.data import Batch
-from renyiprune.evaluate import PruneConfig, pruned_view
-from renyiprune.model import VisionTransformer
-from renyiprune.sweep import SweepConfig
-from renyiprune.tables import markdown_tables, to_csv
+from renyiprune.data.images import Batch
+from renyiprune.experiments import sweep as sw
+from renyiprune.experiments.evaluate import pruned_view
+from renyiprune.experiments.tables import markdown_tables, to_csv
+from renyiprune.models.model import VisionTransformer
+from renyiprune.planning.specs import PruneConfig, SweepConfig
 
 
 def small_vit():
@@ -122,7 +122,7 @@ def test_tables_and_plot(tmp_path):
     md = markdown_tables(records)
     assert "| criterion | keep 0.5 | keep 0.7 |" in md and "unpruned (reference)" in md
     assert "renyi α=2" in md and md.count("**") >= 4  # best per column in bold
-    from renyiprune.pareto import pareto_plot
+    from renyiprune.experiments.pareto import pareto_plot
 
     paths = pareto_plot(records, tmp_path / "pareto")
     assert [p.suffix for p in paths] == [".png", ".svg"] and all(p.stat().st_size > 1000 for p in paths)

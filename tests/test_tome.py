@@ -7,9 +7,9 @@ import torch
 from test_merging import cos, reference_tome
 
 import renyiprune as rp
-from renyiprune.budget import VitShape, tome_counts
-from renyiprune.merging import bipartite_matching
-from renyiprune.model import VisionTransformer
+from renyiprune.core.merging import bipartite_matching
+from renyiprune.models.model import VisionTransformer
+from renyiprune.planning.budget import VitShape, tome_counts
 
 
 def small_vit():

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from renyiprune import distributed as D
-from renyiprune.weights import read_state_dict
+from renyiprune.models.weights import read_state_dict
+from renyiprune.utils import distributed as D
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = REPO / "demo" / "weights" / "deit_tiny_patch16_224.safetensors"
@@ -189,7 +189,7 @@ def test_sweep_two_processes_write_what_one_writes(data, tmp_path):
 
 STUCK = """
 import sys, time, torch
-from renyiprune import distributed as D
+from renyiprune.utils import distributed as D
 info = D.init_distributed("cpu")
 t0 = time.perf_counter()
 try:

@@ -13,10 +13,10 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from renyiprune.checkpoint import load_checkpoint
-from renyiprune.model import create_model
-from renyiprune.train import CHECKPOINT, METRICS, WEIGHTS, TrainConfig, train
-from renyiprune.weights import read_state_dict
+from renyiprune.models.model import create_model
+from renyiprune.models.weights import read_state_dict
+from renyiprune.training.checkpoint import load_checkpoint
+from renyiprune.training.train import CHECKPOINT, METRICS, WEIGHTS, TrainConfig, train
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
 
@@ -80,7 +80,7 @@ def test_saved_weights_load_for_eval(data, tmp_path):
 
 KILL_BETWEEN_WRITES = """
 import os, signal, sys, torch
-from renyiprune import checkpoint
+from renyiprune.training import checkpointNone
 path = sys.argv[1]
 checkpoint.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "position": {"global_step": 1}})
 real = os.replace
@@ -153,7 +153,7 @@ def demo_tsv(root: Path, n: int, columns: int = 4) -> Path:
 
 def reference_top1(root: Path) -> float:
     """Top-1 (%) of the checkpoint as it is, image by image: the number a kept head starts from."""
-    from renyiprune.data import EvalTransform, list_samples, load_image
+    from renyiprune.data.images import EvalTransform, list_samples, load_image
 
     model = create_model("deit_tiny_patch16_224", weights=DEMO_WEIGHTS)
     tf = EvalTransform()
@@ -182,8 +182,8 @@ def test_imagenet_labels_keep_the_pretrained_head(tmp_path):
 
 
 def test_resolve_head_rules(tmp_path, data):
-    from renyiprune.datasets import load_split
-    from renyiprune.train import imagenet1k_wnids, resolve_head
+    from renyiprune.data.datasets import load_split
+    from renyiprune.training.train import imagenet1k_wnids, resolve_head
 
     wnids = imagenet1k_wnids()
     assert len(wnids) == 1000 and wnids == sorted(wnids) and wnids[0] == "n01440764"

@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 
 import renyiprune as rp
-from renyiprune import inspect_attention as ia
-from renyiprune import plots
 from renyiprune.cli import main
-from renyiprune.data import EvalTransform, load_image
-from renyiprune.patch import share_parameters
+from renyiprune.core.api import share_parameters
+from renyiprune.data.images import EvalTransform, load_image
+from renyiprune.viz import inspect_attention as ia
+from renyiprune.viz import plots
 
 pytest.importorskip("matplotlib")
 

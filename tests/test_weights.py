@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from renyiprune.weights import (
+from renyiprune.models.weights import (
     WeightsError,
     cache_dir,
     download,

@@ -15,7 +15,7 @@ from timm.layers.attention import Attention
 from timm_models import build_timm, structure
 
 import renyiprune as rp
-from renyiprune.adapters import UnsupportedModelError
+from renyiprune.core.hosts import UnsupportedModelError
 
 F64_REL = 1e-12
 

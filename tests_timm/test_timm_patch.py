@@ -20,9 +20,9 @@ from timm.models.vision_transformer import VisionTransformer
 from timm_models import DEMO, DEMO_WEIGHTS, MODELS, build_timm, ours_like, structure
 
 import renyiprune as rp
-from renyiprune.adapters import UnsupportedModelError
-from renyiprune.data import EvalTransform, list_samples, load_image
-from renyiprune.weights import read_state_dict
+from renyiprune.core.hosts import UnsupportedModelError
+from renyiprune.data.images import EvalTransform, list_samples, load_image
+from renyiprune.models.weights import read_state_dict
 
 F32_REL = 2e-5  # explicit attention vs SDPA in float32 (module docstring)
 F64_REL = 1e-12  # the same in float64: rounding ~1e-16 per operation

@@ -15,13 +15,11 @@ A user's own timm-shaped classes are accepted by structure.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import Tensor, nn
 
-from . import HostView, UnsupportedModelError, check_token_layout, patch_with_adapter
+from ..core.hosts import Adaptation, Host, HostView, UnsupportedModelError, check_token_layout
 
-__all__ = ["handles", "patch"]
+__all__ = ["handles", "adapt", "HOST"]
 
 # Qualified names of the timm classes whose forward the pruning block reproduces (timm 0.9 defined
 # Attention in vision_transformer, timm 1.0 in timm.layers.attention).
@@ -182,22 +180,22 @@ def _check(model: nn.Module) -> list:
     return blocks
 
 
-def patch(model: nn.Module, core_patch: Callable[..., object], **kwargs) -> nn.Module:
-    """``renyiprune.patch`` for a timm VisionTransformer: adapt the blocks, keep timm's own forward."""
-    from ..patch import _PrunedModel, unpatch
-
-    blocks = _check(unpatch(model))
-
-    def adapt() -> tuple[HostView, dict[int, type]]:
-        originals = {}
-        for b in blocks:
-            originals[id(b)] = b.__class__
-            b.__class__ = type(b.__class__.__name__, (_Block, b.__class__), {})
-        cfg = getattr(model, "pretrained_cfg", None)
-        name = cfg.get("architecture", "") if isinstance(cfg, dict) else getattr(cfg, "name", "")
-        return HostView(blocks, model.patch_embed.num_patches, model.cls_token, name), originals
-
+def adapt(model: nn.Module) -> Adaptation:
+    """Check an (unpatched) timm ViT and give its blocks our attention interface; timm's forward stays."""
+    blocks = _check(model)
+    originals = {}
+    for b in blocks:
+        originals[id(b)] = b.__class__
+        b.__class__ = type(b.__class__.__name__, (_Block, b.__class__), {})
+    view = HostView(blocks, model.patch_embed.num_patches, model.cls_token, _model_name(model))
     # A model with timm's forward_features starts the state there; any other (a user's timm-shaped
-    # model) at its forward, as a native renyiprune model does.
-    mixin = _TimmPrunedModel if _from_timm(type(model)) else _PrunedModel
-    return patch_with_adapter(model, adapt, mixin, core_patch, **kwargs)
+    # model) at its forward, as a native renyiprune model does (model_mixin None).
+    return Adaptation(view, originals, _TimmPrunedModel if _from_timm(type(model)) else None)
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None)
+    return cfg.get("architecture", "") if isinstance(cfg, dict) else getattr(cfg, "name", "")
+
+
+HOST = Host("timm", handles, adapt, _model_name)

@@ -8,11 +8,11 @@ import sys
 
 import torch
 
-from ..benchmark import DTYPES, benchmark_configs, machine_info
-from ..criteria import list_criteria, takes_alpha
-from ..evaluate import PruneConfig
-from ..merge_order import list_merge_orders
-from ..model import create_model
+from ..core.criteria import list_criteria, takes_alpha
+from ..core.merge_order import list_merge_orders
+from ..experiments.benchmark import DTYPES, benchmark_configs, machine_info
+from ..models.model import create_model
+from ..planning.specs import PruneConfig
 from . import common
 from . import eval as eval_cli
 

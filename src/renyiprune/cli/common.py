@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..data import DataError
-from ..entropy import parse_alpha
-from ..model import create_model, get_spec, list_models
-from ..selection import check_keep_rate
-from ..weights import WeightsError
+from ..core.entropy import parse_alpha
+from ..core.selection import check_keep_rate
+from ..data.images import DataError
+from ..models.model import create_model, get_spec, list_models
+from ..models.weights import WeightsError
 
 # Errors a user can cause with what they typed or pointed at: one line, exit 2, no traceback.
 USER_ERRORS = (
@@ -115,20 +113,6 @@ def load_model(args: argparse.Namespace, **kwargs) -> torch.nn.Module:
 def print_json(obj) -> None:
     json.dump(obj, sys.stdout, indent=2, allow_nan=False, default=str)
     sys.stdout.write("\n")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file so that it is either complete or absent (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..weights import WeightsError, read_state_dict
+from ..models.weights import WeightsError, read_state_dict
 from . import common
 
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -40,7 +40,7 @@ def _hf_weights(path: Path) -> Path:
 
 def _check_ours(model: str, sd: dict) -> int:
     """Load into our model strictly (WeightsError lists every mismatch); returns the class count."""
-    from ..model import create_model
+    from ..models.model import create_model
 
     head = sd.get("head.weight")
     classes = int(head.shape[0]) if head is not None else 0
@@ -49,8 +49,9 @@ def _check_ours(model: str, sd: dict) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..adapters.hf import config_dict, from_hf, to_hf
-    from ..export import atomic_path, save_safetensors
+    from ..models.export import save_safetensors
+    from ..models.hf import config_dict, from_hf, to_hf
+    from ..utils.io import atomic_path
 
     if args.to == "hf":
         sd = read_state_dict(args.input)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..datasets import DOWNLOADS, download_dataset
+from ..data.datasets import DOWNLOADS, download_dataset
 
 
 def add_parser(sub) -> None:

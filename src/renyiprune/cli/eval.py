@@ -8,14 +8,15 @@ import sys
 
 import torch
 
-from ..criteria import list_criteria, takes_alpha
-from ..data import EvalTransform, make_loader
-from ..distributed import cleanup, init_distributed
-from ..entropy import parse_alpha
-from ..evaluate import PruneConfig, evaluate, parse_stages, pruned_view
-from ..merge_order import list_merge_orders
-from ..policy import budget_config, entry_config, load_policy, policy_entry
-from ..selection import FUSIONS
+from ..core.criteria import list_criteria, takes_alpha
+from ..core.entropy import parse_alpha
+from ..core.merge_order import list_merge_orders
+from ..core.selection import FUSIONS
+from ..data.images import EvalTransform, make_loader
+from ..experiments.evaluate import evaluate, pruned_view
+from ..planning.policy import budget_config, entry_config, load_policy, policy_entry
+from ..planning.specs import PruneConfig, parse_stages
+from ..utils.distributed import cleanup, init_distributed
 from . import common
 
 UNPRUNED = {"none", "unpruned", "baseline"}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..criteria import list_criteria
-from ..patch import patch
+from ..api import patch
+from ..core.criteria import list_criteria
 from . import common
 
 
@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import export_onnx, onnx_max_difference
+    from ..models.export import export_onnx, onnx_max_difference
 
     if args.criterion not in ("none", "best") and args.criterion not in list_criteria():
         raise ValueError(

@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..data import list_samples
-from ..datasets import DATASETS, TRANSFORMS, eval_transform, load_split
-from ..model import get_spec
-from ..probe import DEFAULT_L2_GRID, FeatureCache, ImageSet, run_probe
+from ..data.datasets import DATASETS, TRANSFORMS, eval_transform, load_split
+from ..data.images import list_samples
+from ..experiments.probe import DEFAULT_L2_GRID, FeatureCache, ImageSet, run_probe
+from ..models.model import get_spec
 from . import common
 from . import eval as eval_cmd
 
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     transform = eval_transform(args.transform, model.pretrained_cfg)
     cache = None
     if args.cache is not None:
-        from ..weights import sha256_file
+        from ..models.weights import sha256_file
 
         spec = get_spec(args.model)
         weights = sha256_file(args.weights) if args.weights else f"{spec.url}#{spec.sha256}"

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed as D
-from ..criteria import list_criteria, takes_alpha
-from ..data import EvalTransform, list_samples
-from ..entropy import parse_alpha
-from ..evaluate import parse_stages
-from ..policy import is_calibration
-from ..sweep import ResultLog, SweepConfig, run_sweep
-from ..tables import markdown_tables, to_csv
+from ..core.criteria import list_criteria, takes_alpha
+from ..core.entropy import parse_alpha
+from ..data.images import EvalTransform, list_samples
+from ..experiments.sweep import ResultLog, run_sweep
+from ..experiments.tables import markdown_tables, to_csv
+from ..experiments.tune import is_calibration
+from ..planning.specs import SweepConfig, parse_stages
+from ..utils import distributed as D
+from ..utils.io import atomic_write_text
 from . import common
 
 
@@ -179,7 +180,7 @@ def transform_of(model) -> EvalTransform:
 def loader_of(samples, transform, args):
     from torch.utils.data import DataLoader
 
-    from ..data import ImageDataset, collate
+    from ..data.images import ImageDataset, collate
 
     return DataLoader(
         ImageDataset(samples, transform), batch_size=args.batch_size, shuffle=False,
@@ -222,9 +223,9 @@ def sweep_samples(args, samples, configs, log_path: Path, part: str, model) -> t
 
 def write_outputs(out: Path, records: list[dict], title: str) -> None:
     """results.csv, results.md and pareto.png/.svg in ``out``, each written atomically."""
-    common.atomic_write_text(out / "results.csv", to_csv(records))
-    common.atomic_write_text(out / "results.md", markdown_tables(records))
-    from ..pareto import pareto_plot
+    atomic_write_text(out / "results.csv", to_csv(records))
+    atomic_write_text(out / "results.md", markdown_tables(records))
+    from ..experiments.pareto import pareto_plot
 
     pareto_plot(records, out / "pareto", title=title)
 
@@ -267,7 +268,7 @@ def _run(args: argparse.Namespace, configs: list[SweepConfig], samples: list, is
     if not is_main:  # rank 0 writes the outputs and reports
         return 0
     write_outputs(args.out, records, f"{args.model}, {records[0]['images']} images")
-    common.atomic_write_text(args.out / "timing.json", json.dumps(timing, indent=2) + "\n")
+    atomic_write_text(args.out / "timing.json", json.dumps(timing, indent=2) + "\n")
     print(markdown_tables(records))
     print(
         f"{len(configs)} configurations ({timing['ran']} run now, {len(configs) - timing['ran']} resumed); "

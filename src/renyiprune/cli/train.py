@@ -6,10 +6,10 @@ import argparse
 import os
 from pathlib import Path
 
-from ..criteria import list_criteria
-from ..datasets import DATASETS
-from ..distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
-from ..train import TrainConfig, train
+from ..core.criteria import list_criteria
+from ..data.datasets import DATASETS
+from ..training.train import TrainConfig, train
+from ..utils.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
 from . import common
 
 
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train(cfg)
     finally:
-        from ..distributed import cleanup
+        from ..utils.distributed import cleanup
 
         cleanup()
     if result["eval"] and os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports

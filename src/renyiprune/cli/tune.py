@@ -13,10 +13,12 @@ import json
 import math
 from pathlib import Path
 
-from ..data import list_samples
-from ..policy import choose, entry_config, split_samples
-from ..stats import compare_records, format_difference
-from ..sweep import SweepConfig
+from ..data.images import list_samples
+from ..experiments.stats import compare_records, format_difference
+from ..experiments.tune import choose, split_samples
+from ..planning.policy import entry_config
+from ..planning.specs import SweepConfig
+from ..utils.io import atomic_write_text
 from . import common
 from .sweep import add_data_args, build_configs, check_args, sweep_samples
 
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         "keep": {f"{r:g}": entry for r, entry in chosen.items()},
     }
     out = args.policy_out or args.out / "policy.json"
-    common.atomic_write_text(out, json.dumps(policy, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out, json.dumps(policy, indent=2, allow_nan=False) + "\n")
     headers = ["keep", "chosen (calibration)", "cal top-1", "cal EViT", "eval top-1", "eval EViT",
                "eval Shannon", "Δ vs EViT [95 % CI]", "McNemar p", "GMACs/EViT"]  # fmt: skip
     print(f"{len(calib)} calibration / {len(evals)} evaluation images; fusion {'on' if fuse else 'off'}")

@@ -14,10 +14,12 @@ import argparse
 import json
 from pathlib import Path
 
-from ..data import list_samples
-from ..policy import DEFAULT_BUDGET_CANDIDATES, POLICY_DIR, choose, split_samples
-from ..stats import compare_records, format_difference
-from ..sweep import SweepConfig, config_from_dict
+from ..data.images import list_samples
+from ..experiments.stats import compare_records, format_difference
+from ..experiments.tune import DEFAULT_BUDGET_CANDIDATES, choose, split_samples
+from ..planning.policy import POLICY_DIR
+from ..planning.specs import SweepConfig, config_from_dict
+from ..utils.io import atomic_write_text
 from . import common
 from .sweep import add_image_args, build_configs, check_image_args, sweep_samples, write_outputs
 
@@ -109,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     policy["budget_split"] = {"calibration_images": len(calib), "evaluation_images": len(evals)}
     policy["budget"] = {f"{f:g}": e for f, e in chosen.items()}
     out = args.policy_out or args.out / "policy.json"
-    common.atomic_write_text(out, json.dumps(policy, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out, json.dumps(policy, indent=2, allow_nan=False) + "\n")
     headers = ["budget", "chosen (calibration)", "cal top-1", "cal ToMe", "eval top-1", "eval ToMe",
                "Δ vs ToMe [95 % CI]", "McNemar p", "GMACs/ToMe"]  # fmt: skip
     print(f"{len(calib)} calibration / {len(evals)} evaluation images; {len(candidates)} candidate configs")

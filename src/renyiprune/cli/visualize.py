@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import inspect_attention as ia
-from ..criteria import list_criteria, takes_alpha
-from ..data import BadImageError, DataError, EvalTransform, list_samples, load_image
-from ..entropy import parse_alpha
-from ..report_html import FigureEntry, render_index
-from ..selection import check_keep_rate
+from ..core.criteria import list_criteria, takes_alpha
+from ..core.entropy import parse_alpha
+from ..core.selection import check_keep_rate
+from ..data.images import BadImageError, DataError, EvalTransform, list_samples, load_image
+from ..viz import inspect_attention as ia
+from ..viz.report_html import FigureEntry, render_index
 from . import common
 
 FORMATS = ("png", "svg", "pdf")
@@ -78,7 +78,7 @@ def _split(text: str) -> list[str]:
 
 
 def _mask_specs(names: list[str], alphas: list[float], renyi_opts: dict, seed: int) -> list[ia.MaskSpec]:
-    from ..plots import alpha_label
+    from ..viz.plots import alpha_label
 
     known = list_criteria()
     specs = []
@@ -163,7 +163,7 @@ class _Writer:
         self.sizes: dict[str, list[int]] = {}
 
     def add(self, fig, stem: str, section: str, title: str, caption: str) -> None:
-        from ..plots import DPI, save_figure
+        from ..viz.plots import DPI, save_figure
 
         files = []
         for fmt in self.formats:
@@ -176,7 +176,7 @@ class _Writer:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import plots
+    from ..viz import plots
 
     opt = parse_options(args)
     model = common.load_model(args)
@@ -282,7 +282,7 @@ class _Totals:
 
 @torch.inference_mode()
 def _render(args, opt: Options, model, tf, grid, ps, blocks, locs, writer: _Writer) -> None:
-    from .. import plots
+    from ..viz import plots
 
     cfg_txt = f"{args.model}, keep {opt.keep:g} at blocks {', '.join(str(i + 1) for i in locs)}"
     cfg_txt += ", fused" if args.fuse else ""

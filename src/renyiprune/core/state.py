@@ -1,0 +1,133 @@
+"""The pruning state a patched model carries at ``model.renyiprune``, and how to take it off again.
+
+``prune``/``merge`` (``core.api``) swap the classes of the model and of some of its blocks for subclasses
+(the mixins in ``core.blocks``); everything those classes need, the configuration and the records of the
+last forward, lives in one ``PruneState`` shared by them. ``unpatch`` restores the original classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .criteria import Criterion
+from .selection import keep_count
+
+__all__ = ["StageConfig", "StageRecord", "PruneState", "is_patched", "unpatch"]
+
+
+@dataclass
+class StageConfig:
+    """How one pruning location prunes: a keep rate, or a fixed number of patches (``tokens``)."""
+
+    location: int
+    keep_rate: float | None
+    criterion: Criterion
+    name: str
+    tokens: int | None = None  # patches kept, instead of a rate
+
+    def keep(self, n: int) -> int:
+        """Patches kept out of ``n``."""
+        return min(n, self.tokens) if self.tokens is not None else keep_count(n, self.keep_rate)
+
+
+@dataclass
+class StageRecord:
+    """What one pruning location did in the last forward.
+
+    ``kept`` (B, k) indices into that stage's n candidate tokens, ``patch_index`` (B, k) the original patch
+    numbers (0..num_patches-1, row-major on the grid) of the survivors (-1: an EViT fused token), and
+    ``scores`` (B, n); ``num_fused``: fused tokens appended after the kept ones.
+    """
+
+    location: int
+    kept: Tensor
+    patch_index: Tensor
+    scores: Tensor
+    num_fused: int
+
+
+@dataclass
+class PruneState:
+    """Configuration and per-forward bookkeeping, shared by the patched model and its blocks.
+
+    ``removed`` says what happens to pruned tokens: ``drop``, ``fuse`` (EViT's one extra token, built
+    by the rule ``fusion``: ``evit`` or ``renorm``, see ``selection``) or ``merge`` (each into its most
+    similar kept token). ``method="tome"`` merges ``merge_r[i]`` tokens
+    after block i by bipartite soft matching instead of scoring. Merging tracks token sizes and uses
+    proportional attention (log size added to the key logits) in every later block.
+    """
+
+    stages: list[StageConfig]
+    original_classes: dict[int, type] = field(default_factory=dict)
+    removed: str = "drop"
+    method: str = "prune"
+    merge_r: list[int] = field(default_factory=list)
+    entropy_weight: float = 0.0  # ToMe: weight of the merge-order term (``merge_order.MERGE_ORDERS``)
+    entropy_alpha: float = 1.0
+    merge_order: str = "entropy"
+    num_prefix: int = 1  # tokens before the patches (CLS, distillation, ...): always kept, never merged
+    fusion: str = "evit"  # with removed="fuse": EViT's raw-weight, ranked fused token, or "renorm"
+    # Filled during a forward:
+    step: int = 0
+    records: list[StageRecord] = field(default_factory=list)
+    patch_index: Tensor | None = None  # (B, n) original patch of each candidate token, -1: fused token
+    size: Tensor | None = None  # (B, N, 1) patches per token, once tokens have been merged
+
+    @property
+    def locations(self) -> tuple[int, ...]:
+        """Blocks that change the token set."""
+        if self.method == "tome":
+            return tuple(i for i, r in enumerate(self.merge_r) if r > 0)
+        return tuple(s.location for s in self.stages)
+
+    def begin(self, batch: int, num_patches: int, device: torch.device) -> None:
+        """Reset the per-forward records for a batch of ``batch`` images of ``num_patches`` patches."""
+        self.records = []
+        self.size = None
+        self.patch_index = torch.arange(num_patches, device=device).expand(batch, -1)
+
+    def key_bias(self) -> Tensor | None:
+        """Proportional attention: log(size) of every key, (B, 1, 1, N), or None before any merge."""
+        return None if self.size is None else self.size.log().transpose(1, 2).unsqueeze(1)
+
+    def sizes(self, x: Tensor) -> Tensor:
+        """Patches per token (B, N, 1) of the tokens ``x``: ones before any merge."""
+        return self.size if self.size is not None else x.new_ones(x.shape[0], x.shape[1], 1)
+
+    def describe(self) -> str:
+        """One line: the method, each location's criterion and keep rate (or count), removed tokens' fate."""
+        if self.method == "tome":
+            ent = f" entropy_weight={self.entropy_weight:g}" if self.entropy_weight else ""
+            if self.entropy_weight and self.merge_order != "entropy":
+                ent += f" merge_order={self.merge_order}"
+            return f"tome r={self.merge_r}{ent}"
+        parts = [f"{s.name}@{s.location}:{s.tokens if s.tokens is not None else f'{s.keep_rate:g}'}"
+                 for s in self.stages]
+        fate = "" if self.removed == "drop" else f" +{self.removed}"
+        if self.removed == "fuse" and self.fusion != "evit":
+            fate += f" ({self.fusion})"
+        return " ".join(parts) + fate
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` carries a pruning state (``prune``, ``merge`` or ``patch`` was applied)."""
+    return isinstance(getattr(model, "renyiprune", None), PruneState)
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore a patched model's original classes and drop its pruning state; other models are returned
+    as they are."""
+    if not is_patched(model):
+        return model
+    state: PruneState = model.renyiprune
+    for m in [model, *model.modules()]:
+        cls = state.original_classes.get(id(m))
+        if cls is not None:
+            m.__class__ = cls
+        for attr in ("_renyiprune", "_renyiprune_stage", "_renyiprune_block"):
+            m.__dict__.pop(attr, None)
+    del model.renyiprune
+    return model

@@ -1,0 +1,601 @@
+"""Fine-tuning with token pruning in the loop (EViT's recipe), resumable and distributed.
+
+``train(TrainConfig(...))`` builds the model with a head for the data set's classes (the checkpoint's
+own when the labels are its classes: ``resolve_head``), patches a
+parameter-sharing copy of it to prune while it trains (scores are computed under ``no_grad`` by
+``renyiprune.patch``), and runs AdamW with warm-up + cosine, label smoothing, mixup/cutmix, RandAugment,
+random erasing, drop-path, optional clipping, AMP and EMA. After every epoch it evaluates the model
+unpruned and pruned at several keep rates; under ``torchrun`` every process evaluates its share of the
+images and the counts are added up, so that every rank runs the same collectives. Every checkpoint
+(each epoch, every ``save_every`` steps) is atomic and holds everything needed to continue bit-exactly:
+all randomness is a function of (seed, epoch, sample index) per image and (seed, step, rank) per step,
+and the data position is stored.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from ..api import patch
+from ..core.api import share_parameters
+from ..data.augment import TrainTransform, mixup_cutmix, soft_target_cross_entropy
+from ..data.datasets import DEFAULT_SPLITS, DatasetSplit, load_split, open_sample
+from ..data.images import EvalTransform, ImageDataset, collate
+from ..experiments.evaluate import evaluate, pruned_view
+from ..models.model import create_model, get_spec
+from ..models.weights import download, read_state_dict
+from ..planning.specs import PruneConfig
+from ..utils import distributed as D
+from ..utils.io import atomic_write
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, save_weights, set_rng_state
+
+__all__ = [
+    "TrainConfig",
+    "WarmupCosine",
+    "train",
+    "resolve_head",
+    "imagenet1k_wnids",
+    "CHECKPOINT",
+    "WEIGHTS",
+    "METRICS",
+]
+
+CHECKPOINT = "last.pt"  # full training state, overwritten atomically
+WEIGHTS = "model.safetensors"  # model weights only: renyiprune eval --weights OUT/model.safetensors
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; defaults are EViT's DeiT fine-tuning recipe (lr is per 512 images)."""
+
+    data_root: str
+    out: str
+    dataset: str = "imagefolder"
+    model: str = "deit_tiny_patch16_224"
+    weights: str | None = None
+    pretrained: bool = False  # download the official weights when weights is None
+    model_kwargs: dict = field(default_factory=dict)  # extra VisionTransformer arguments (tests)
+    train_split: str | None = None
+    eval_split: str | None = None
+    num_classes: int | None = None
+    # the checkpoint's classifier: None keeps it when the data's label space is the checkpoint's
+    # (resolve_head), True keeps it or fails, False always starts a fresh head
+    keep_head: bool | None = None
+    limit: int | None = None  # first N training images (and evaluation images)
+    # pruning while training
+    keep: float = 0.7
+    criterion: str = "renyi"  # "none": train unpruned
+    alpha: float = 2.0
+    locations: tuple[int, ...] = (3, 6, 9)
+    fuse: bool = False
+    # schedule and optimiser
+    epochs: int = 30
+    batch_size: int = 64  # per process
+    lr: float = 2e-5
+    lr_scale: bool = True  # lr * global batch / 512
+    min_lr: float = 2e-6
+    warmup_lr: float = 1e-6
+    warmup_epochs: float = 5.0
+    weight_decay: float = 1e-6
+    clip_grad: float | None = None
+    # regularisation
+    smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_switch_prob: float = 0.5
+    randaug_n: int = 2
+    randaug_m: float = 9.0
+    reprob: float = 0.25
+    drop_path: float = 0.1
+    train_crop: bool = True
+    # precision, EMA
+    amp: str = "none"  # none | bf16 | fp16 (CUDA only)
+    ema_decay: float = 0.0  # 0 = no EMA
+    # evaluation, operations
+    eval_keep: tuple[float, ...] = (0.5, 0.7, 0.9)
+    eval_before: bool = True
+    eval_every: int = 1  # epochs; 0 = never
+    save_every: int = 0  # steps; 0 = only at epoch ends
+    max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total
+    seed: int = 0
+    workers: int = 2
+    device: str = "cpu"
+    threads: int | None = None
+    resume: bool = False
+    progress: bool = True
+    dist_timeout: float | None = None  # seconds a collective waits (None: $RENYIPRUNE_DIST_TIMEOUT or 600)
+
+
+class WarmupCosine:
+    """LR factor per step: linear warm-up from ``warmup_lr`` to ``lr``, then cosine down to ``min_lr``."""
+
+    def __init__(self, lr: float, warmup_lr: float, min_lr: float, warmup_steps: int, total_steps: int):
+        self.lr, self.warmup_lr, self.min_lr = lr, min(warmup_lr, lr), min(min_lr, lr)
+        self.warmup_steps, self.total_steps = warmup_steps, max(total_steps, 1)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            value = self.warmup_lr + (self.lr - self.warmup_lr) * step / self.warmup_steps
+        else:
+            t = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
+            value = self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+        return value / self.lr if self.lr > 0 else 0.0
+
+
+def _seed_of(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+class AugmentedImages(Dataset):
+    """Training images: decoded (banner cropped), augmented with a seed from (seed, epoch, index)."""
+
+    def __init__(self, split: DatasetSplit, transform: TrainTransform, seed: int) -> None:
+        self.split, self.transform, self.seed, self.epoch = split, transform, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.split.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        sample = self.split.samples[index]
+        img = open_sample(sample, self.split.crop_bottom)
+        return self.transform(img, _seed_of(self.seed, self.epoch, index)), int(sample.label)
+
+
+@dataclass(frozen=True)
+class _BannerCropped:
+    """Evaluation transform that first crops the data set's bottom banner (FGVC-Aircraft)."""
+
+    transform: EvalTransform
+    crop_bottom: int
+
+    @property
+    def input_size(self) -> int:
+        return self.transform.input_size
+
+    def __call__(self, img) -> Tensor:
+        if self.crop_bottom:
+            img = img.crop((0, 0, img.width, img.height - self.crop_bottom))
+        return self.transform(img)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """timm's rule: no weight decay on biases, norms (1-d tensors), position embedding and CLS token."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class _Log:
+    """Rank-0 metrics: JSON lines (appended; on resume, lines past the checkpoint are dropped) and a CSV."""
+
+    def __init__(self, out: Path, enabled: bool, resume_step: int | None) -> None:
+        self.path, self.enabled, self.out = out / METRICS, enabled, out
+        if not enabled:
+            return
+        lines = []
+        if resume_step is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("global_step", 0) <= resume_step:
+                    lines.append(line)
+        self.path.write_text("".join(x + "\n" for x in lines))
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        if self.tb is not None:
+            step = record.get("global_step", 0)
+            for k, v in record.items():
+                if isinstance(v, float):
+                    self.tb.add_scalar(f"{record['kind']}/{k}", v, step)
+        if record["kind"] == "eval":
+            self._write_csv()
+
+    def _write_csv(self) -> None:
+        """metrics.csv: one row per (evaluation, configuration)."""
+        rows = [json.loads(x) for x in self.path.read_text().splitlines()]
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["epoch", "global_step", "config", "top1", "top5", "gmacs", "images", "train_loss"])
+        for r in rows:
+            if r["kind"] == "eval":
+                for c in r["results"]:
+                    w.writerow(
+                        [
+                            r["epoch"],
+                            r["global_step"],
+                            c["config"],
+                            f"{c['top1']:.3f}",
+                            f"{c['top5']:.3f}",
+                            f"{c['gmacs']:.4f}",
+                            c["images"],
+                            r.get("train_loss"),
+                        ]
+                    )
+        text = buf.getvalue()
+        atomic_write(self.out / "metrics.csv", lambda tmp: Path(tmp).write_text(text))
+
+
+def _eval_configs(cfg: TrainConfig) -> list[PruneConfig]:
+    configs = [PruneConfig(criterion=None)]
+    if cfg.criterion != "none":
+        for r in dict.fromkeys(cfg.eval_keep):
+            configs.append(PruneConfig(cfg.criterion, r, cfg.alpha, tuple(cfg.locations), cfg.fuse))
+    return configs
+
+
+def _evaluate(
+    model: nn.Module, cfg: TrainConfig, split: DatasetSplit, dist: D.DistInfo, progress: bool
+) -> list[dict]:
+    """Top-1/top-5 of the evaluation configurations; every process must call it (counts all-reduced)."""
+    pc = model.pretrained_cfg
+    tf = EvalTransform(pc.img_size, pc.crop_pct, pc.interpolation, pc.mean, pc.std)
+    samples = split.samples[: cfg.limit] if cfg.limit else split.samples
+    batch = max(cfg.batch_size, 1)
+    mine = [samples[i] for i in D.batch_shard(len(samples), batch, dist.rank, dist.world_size)]
+    loader = DataLoader(
+        ImageDataset(mine, _BannerCropped(tf, split.crop_bottom)),
+        batch_size=batch,
+        num_workers=cfg.workers,
+        collate_fn=collate,
+    )
+    views = {c.label: pruned_view(model, c) for c in _eval_configs(cfg)}
+    results = evaluate(views, loader, device=dist.device, total=len(mine), progress=progress)
+    return [r.to_dict() for r in results]
+
+
+def imagenet1k_wnids() -> list[str]:
+    """The 1000 ImageNet-1k WordNet ids; position = the class index of ImageNet checkpoints' heads."""
+    from importlib import resources
+
+    text = resources.files("renyiprune.data").joinpath("imagenet1k_wnids.txt").read_text(encoding="utf-8")
+    return [w.strip() for w in text.splitlines() if w.strip() and not w.startswith("#")]
+
+
+def _tsv_names_imagenet(split: DatasetSplit) -> bool:
+    """True when every row of the split's labels.tsv names a WordNet id that is ImageNet-1k's at its
+    class index (``file, class_index, wnid[, name]``): its label space is then an ImageNet head's."""
+    from ..data.images import LABELS_FILE
+
+    tsv = split.root / LABELS_FILE
+    if split.name != "labels-tsv" or not tsv.is_file():
+        return False
+    wnids = imagenet1k_wnids()
+    rows = 0
+    for line in tsv.read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        cols = line.split("\t")
+        if len(cols) < 3 or not cols[1].strip().isdigit():
+            return False
+        index = int(cols[1])
+        if index >= len(wnids) or cols[2].strip() != wnids[index]:
+            return False
+        rows += 1
+    return rows > 0
+
+
+def resolve_head(
+    keep_head: bool | None, num_classes: int | None, split: DatasetSplit, checkpoint_classes: int | None
+) -> tuple[int, bool, str]:
+    """How many classes the trained head has, whether it is the checkpoint's, and why (one line).
+
+    ``keep_head`` None keeps the checkpoint's head when the data's label space is the checkpoint's: the
+    same class count (``num_classes`` or the data set's), or a labels.tsv whose WordNet ids are
+    ImageNet-1k's at their indices with a 1000-class checkpoint. True keeps it or raises ValueError
+    saying why it cannot; False always starts a fresh head.
+    """
+    data_classes = num_classes or split.num_classes
+    max_label = max((s.label for s in split.samples), default=-1)
+    if keep_head is False or checkpoint_classes is None:
+        if keep_head:
+            raise ValueError("--keep-head: there is no pretrained head to keep (no weights, or none in them)")
+        return data_classes, False, f"a new {data_classes}-class head"
+    c = checkpoint_classes
+    if keep_head:
+        if num_classes is not None and num_classes != c:
+            raise ValueError(
+                f"--keep-head keeps the checkpoint's {c}-class head; --num-classes "
+                f"{num_classes} differs (drop one of the two)"
+            )
+        if split.classes and len(split.classes) != c:
+            raise ValueError(
+                f"--keep-head: the checkpoint's head has {c} classes but {split.name} has "
+                f"{len(split.classes)}; its labels are not the checkpoint's classes "
+                "(train a new head: leave out --keep-head)"
+            )
+        if max_label >= c:
+            raise ValueError(
+                f"--keep-head: the checkpoint's head has {c} classes but the training data "
+                f"has class index {max_label} (labels must be the checkpoint's class indices)"
+            )
+        return c, True, f"the checkpoint's {c}-class head (--keep-head)"
+    if data_classes == c:
+        return c, True, f"the checkpoint's {c}-class head (the data has as many classes)"
+    if num_classes is None and c == 1000 and max_label < c and _tsv_names_imagenet(split):
+        return c, True, "the checkpoint's 1000-class head (labels.tsv names ImageNet-1k's classes)"
+    return data_classes, False, f"a new {data_classes}-class head (the checkpoint has {c} classes)"
+
+
+def _checkpoint_state(cfg: TrainConfig) -> dict | None:
+    """The state dict the model starts from (read once), or None for random initialisation."""
+    if cfg.weights is not None:
+        return read_state_dict(cfg.weights)
+    if cfg.pretrained:
+        spec = get_spec(cfg.model)
+        if spec.url is None:
+            raise ValueError(f"model {cfg.model!r} has no official download; pass --weights PATH")
+        return read_state_dict(download(spec.url, spec.sha256))
+    return None
+
+
+def _state(model, ema, opt, sched, scaler, cfg, epoch, step_in_epoch, global_step) -> dict:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+        "position": {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step},
+        "config": json.loads(json.dumps(asdict(cfg), default=str)),
+    }
+    if ema is not None:
+        state["model_ema"] = ema.state_dict()
+    return state
+
+
+def _save(out: Path, state: dict) -> None:
+    meta = {"model": state["config"]["model"], "global_step": str(state["position"]["global_step"])}
+    save_weights(out / WEIGHTS, state["model"], meta)
+    if "model_ema" in state:
+        save_weights(out / "model_ema.safetensors", state["model_ema"], meta)
+    save_checkpoint(out / CHECKPOINT, state)  # last: its presence means the weights above are as new
+
+
+def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] | None = None) -> dict:
+    """Run (or resume) a fine-tuning run; returns the last evaluation and the run's position.
+
+    ``callback(global_step, module, loss)`` is called after each backward pass (gradients in place,
+    already averaged across processes), before clipping and the optimiser step.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dist = D.init_distributed(cfg.device, cfg.dist_timeout)
+    device = torch.device(dist.device)
+    use_cuda = device.type == "cuda"
+    out = Path(cfg.out)
+    ckpt_path = out / CHECKPOINT
+    if ckpt_path.exists() and not cfg.resume:  # every rank checks, so every rank stops
+        raise ValueError(f"{ckpt_path} exists; pass --resume to continue it, or choose another --out")
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if cfg.amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"--amp must be none, bf16 or fp16, got {cfg.amp!r}")
+
+    train_split, eval_split = (
+        cfg.train_split or DEFAULT_SPLITS[cfg.dataset][0],
+        cfg.eval_split or DEFAULT_SPLITS[cfg.dataset][1],
+    )
+    train_ds = load_split(cfg.dataset, cfg.data_root, train_split)
+    eval_ds = load_split(cfg.dataset, cfg.data_root, eval_split)
+    if cfg.limit:
+        train_ds.samples = train_ds.samples[: cfg.limit]
+    start = _checkpoint_state(cfg)
+    head_w = start.get("head.weight") if start is not None else None
+    num_classes, kept, head_note = resolve_head(
+        cfg.keep_head, cfg.num_classes, train_ds, int(head_w.shape[0]) if head_w is not None else None
+    )
+    if dist.is_main and cfg.progress:
+        print(f"renyiprune train: training {head_note}", file=sys.stderr)
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(
+        cfg.model, weights=start, num_classes=num_classes, drop_path_rate=cfg.drop_path, **cfg.model_kwargs
+    )
+    if start is not None and head_w is not None and not kept and head_w.shape[0] == num_classes:
+        model.reset_classifier(num_classes)  # --no-keep-head with the checkpoint's class count
+    model = model.to(device)
+    ema = copy.deepcopy(model) if cfg.ema_decay > 0 else None
+    trainee = share_parameters(model)  # the pruning copy trains; `model` stays unpatched for evaluation
+    if cfg.criterion != "none":
+        patch(trainee, cfg.keep, cfg.criterion, cfg.alpha, cfg.locations, cfg.fuse)
+    trainee.train()
+    net = trainee
+    if dist.enabled:
+        net = nn.parallel.DistributedDataParallel(trainee, device_ids=[device.index] if use_cuda else None)
+
+    global_batch = cfg.batch_size * dist.world_size
+    lr = cfg.lr * global_batch / 512 if cfg.lr_scale else cfg.lr
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=lr)
+    # drop_last: K processes x batch B take exactly the images one process takes with batch K x B
+    # (no padding with repeated images; the tail that fills no global batch is dropped either way).
+    sampler = DistributedSampler(
+        range(len(train_ds.samples)), dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
+    steps_per_epoch = len(sampler) // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"{len(sampler)} training images per process is less than one batch of {cfg.batch_size}"
+        )
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    scale = WarmupCosine(lr, cfg.warmup_lr, cfg.min_lr, warmup_steps, total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, scale)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.amp == "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+
+    epoch = step_in_epoch = global_step = 0
+    if cfg.resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None and "model_ema" in state:
+            ema.load_state_dict(state["model_ema"])
+        set_rng_state(state["rng"])
+        pos = state["position"]
+        epoch, step_in_epoch, global_step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
+        if dist.is_main:
+            print(
+                f"renyiprune train: resuming {ckpt_path} at epoch {epoch} step {step_in_epoch}",
+                file=sys.stderr,
+            )
+    log = _Log(out, dist.is_main, global_step if cfg.resume else None)
+    pc = model.pretrained_cfg
+    transform = TrainTransform(
+        pc.img_size,
+        pc.mean,
+        pc.std,
+        pc.interpolation,
+        hflip=0.5,
+        randaug_n=cfg.randaug_n,
+        randaug_m=cfg.randaug_m,
+        reprob=cfg.reprob,
+        train_crop=cfg.train_crop,
+    )
+    images = AugmentedImages(train_ds, transform, cfg.seed)
+    show = cfg.progress and dist.is_main
+    last_eval: list[dict] = []
+
+    def run_eval(ep: int, train_loss: float | None) -> None:
+        # Every rank evaluates its share (evaluate all-reduces the counts); only rank 0 writes.
+        nonlocal last_eval
+        t0 = time.perf_counter()
+        last_eval = _evaluate(model, cfg, eval_ds, dist, show)
+        if dist.is_main:
+            log.write(
+                {
+                    "kind": "eval",
+                    "epoch": ep,
+                    "global_step": global_step,
+                    "train_loss": train_loss,
+                    "eval_seconds": time.perf_counter() - t0,
+                    "results": last_eval,
+                }
+            )
+            if show:
+                summary = ", ".join(f"{r['config']}: {r['top1']:.2f}%" for r in last_eval)
+                print(f"renyiprune train: epoch {ep} top-1 {summary}", file=sys.stderr)
+
+    if cfg.eval_before and global_step == 0 and cfg.eval_every:
+        run_eval(0, None)
+    stop = False
+    while epoch < cfg.epochs and not stop:
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        batches = [order[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(steps_per_epoch)]
+        images.epoch = epoch
+        loader = DataLoader(images, batch_sampler=batches[step_in_epoch:], num_workers=cfg.workers)
+        bar = tqdm(
+            total=steps_per_epoch,
+            initial=step_in_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not show,
+            file=sys.stderr,
+            unit="step",
+        )
+        t_epoch, losses = time.perf_counter(), []
+        for x, y in loader:
+            torch.manual_seed(_seed_of(cfg.seed, global_step, dist.rank))  # drop-path etc.
+            rng = np.random.default_rng(_seed_of(cfg.seed, global_step, dist.rank, 1))  # mixup/cutmix
+            x, y = x.to(device, non_blocking=True), y.to(device)
+            if cfg.mixup > 0 or cfg.cutmix > 0:
+                x, target = mixup_cutmix(
+                    x, y, model.num_classes, rng, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob, cfg.smoothing
+                )
+            else:
+                target = None
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_cuda and amp_dtype is not None):
+                logits = net(x)
+            if target is not None:
+                loss = soft_target_cross_entropy(logits, target)
+            else:
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.smoothing)
+            loss_all = float(D.all_reduce_mean(loss.detach()))  # every rank sees a NaN anywhere and stops
+            if not math.isfinite(loss_all):
+                raise FloatingPointError(f"loss is {loss_all} at step {global_step}; stopping")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if callback is not None:
+                callback(global_step, trainee, loss.detach())
+            scaler.unscale_(opt)
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+                        pe.lerp_(pm, 1.0 - cfg.ema_decay)
+            global_step += 1
+            step_in_epoch += 1
+            losses.append(loss_all)
+            log.write(
+                {
+                    "kind": "step",
+                    "epoch": epoch,
+                    "step": step_in_epoch,
+                    "global_step": global_step,
+                    "loss": loss_all,
+                    "lr": opt.param_groups[0]["lr"],
+                    "grad_norm": float(grad_norm),
+                }
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_all:.4f}")
+            at_end = step_in_epoch == steps_per_epoch
+            stop = cfg.max_steps is not None and global_step >= cfg.max_steps
+            if at_end:
+                epoch, step_in_epoch = epoch + 1, 0
+            if dist.is_main and (at_end or stop or (cfg.save_every and global_step % cfg.save_every == 0)):
+                _save(out, _state(model, ema, opt, sched, scaler, cfg, epoch, step_in_epoch, global_step))
+            if stop:
+                break
+        bar.close()
+        if losses and step_in_epoch == 0:  # an epoch finished
+            seconds = time.perf_counter() - t_epoch
+            log.write(
+                {
+                    "kind": "epoch",
+                    "epoch": epoch,
+                    "global_step": global_step,
+                    "seconds": seconds,
+                    "train_loss": float(np.mean(losses)),
+                    "steps": len(losses),
+                }
+            )
+            if cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+                run_eval(epoch, float(np.mean(losses)))
+    if dist.enabled:
+        torch.distributed.barrier()
+    return {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "eval": last_eval}

@@ -1,0 +1,157 @@
+"""Crash-safe files: one atomic writer and one verified downloader for the whole package.
+
+Every file renyiprune writes (checkpoints, weights, exports, reports, caches, downloads) goes to a
+temporary name in the target's folder, is flushed to disk, then renamed over the target with
+``os.replace`` (atomic on POSIX and Windows): a crash or kill never leaves a truncated file. A download is
+renamed into place only once its digest (SHA-256 or MD5, ``kind``) verifies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+__all__ = [
+    "atomic_path", "atomic_write", "atomic_write_text", "file_digest", "download_verified", "DownloadError",
+    "DigestMismatch", "LocalWriteError", "HASH_KINDS",
+]  # fmt: skip
+
+HASH_KINDS = ("sha256", "md5")
+_CHUNK = 1 << 20
+_TIMEOUT_S = 30.0
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` to write to; when the block succeeds the file is fsynced
+    and renamed to ``path``, otherwise removed (parent folders are created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` and put the result at ``path`` atomically (``atomic_path``)."""
+    with atomic_path(path) as tmp:
+        write(str(tmp))
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` so that the file is either complete or absent."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def file_digest(path: str | os.PathLike[str], kind: str = "sha256") -> str:
+    """Hex digest (``kind``: sha256 or md5) of a file, read in chunks."""
+    h = _hasher(kind)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class DownloadError(OSError):
+    """The download itself failed (network, server, short read); ``why`` says how (for messages)."""
+
+    def __init__(self, url: str, why: str):
+        super().__init__(f"could not download {url}: {why}")
+        self.url, self.why = url, why
+
+
+class DigestMismatch(ValueError):
+    """The downloaded bytes do not have the expected digest; nothing was kept."""
+
+    def __init__(self, url: str, kind: str, expected: str, actual: str):
+        super().__init__(f"{kind} mismatch for {url}: expected {expected}, got {actual}")
+        self.url, self.kind, self.expected, self.actual = url, kind, expected, actual
+
+
+class LocalWriteError(OSError):
+    """The download could not be written to the target's folder (a local disk problem, not the network)."""
+
+    def __init__(self, folder: Path, cause: OSError):
+        super().__init__(f"cannot write to {folder} ({cause})")
+        self.folder, self.cause = folder, cause
+
+
+def download_verified(
+    url: str, target: str | os.PathLike[str], digest: str, *, kind: str = "sha256", progress: bool = True
+) -> Path:
+    """Stream ``url`` into a temporary file next to ``target`` with a progress bar, hashing it with ``kind``;
+    rename it to ``target`` only if its digest starts with ``digest`` (a full digest, or for SHA-256 a prefix
+    as in torch.hub file names). Raises DownloadError, DigestMismatch, LocalWriteError, or ValueError for
+    a malformed URL."""
+    target = Path(target)
+    expected = digest.strip().lower()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    except OSError as e:
+        raise LocalWriteError(target.parent, e) from e
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            actual = _stream(url, out, target, _hasher(kind), progress)
+        if not actual.startswith(expected) or not expected:
+            raise DigestMismatch(url, {"sha256": "SHA-256", "md5": "MD5"}[kind], expected, actual)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _hasher(kind: str):
+    if kind not in HASH_KINDS:
+        raise ValueError(f"hash kind must be one of {', '.join(HASH_KINDS)}, got {kind!r}")
+    return hashlib.sha256() if kind == "sha256" else hashlib.md5(usedforsecurity=False)
+
+
+def _stream(url: str, out, target: Path, h, progress: bool) -> str:
+    """Copy ``url`` into the open binary file ``out``; return the hex digest of what was read."""
+    from tqdm import tqdm
+
+    received = 0
+    try:
+        with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as resp:
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            bar = tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name,
+                file=sys.stderr, disable=not progress, leave=False,
+            )  # fmt: skip
+            with bar:
+                while chunk := resp.read(_CHUNK):
+                    try:
+                        out.write(chunk)
+                    except OSError as e:  # a local disk problem: keep it out of the network message
+                        raise LocalWriteError(target.parent, e) from e
+                    h.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+    except LocalWriteError:
+        raise
+    except urllib.error.HTTPError as e:
+        raise DownloadError(url, f"the server answered HTTP {e.code} {e.reason}") from e
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        raise DownloadError(url, f"there appears to be no network access ({getattr(e, 'reason', e)})") from e
+    if total is not None and received != total:
+        raise DownloadError(url, f"the download stopped after {received} of {total} bytes")
+    return h.hexdigest()
