@@ -10,10 +10,10 @@ import torch
 def _inductor_cache_per_capability() -> None:
     """Give torch.compile one cache folder per ATEN_CPU_CAPABILITY.
 
-    Inductor's graph cache key leaves out the capability: a graph generated as AVX-512 code is reused
-    under ATEN_CPU_CAPABILITY=default, whose headers have no vector types, and fails to build ("'at::vec'
-    has not been declared"). A folder named after the capability keeps the runs apart; a folder the user
-    chose (TORCHINDUCTOR_CACHE_DIR) is left alone."""
+    Inductor's graph cache key leaves out the capability (torch 2.13): a graph generated as AVX-512 code
+    and reused under ATEN_CPU_CAPABILITY=default fails to build ("'at::vec' has not been declared"), and
+    under =avx2 it built and returned NaN. A folder named after the capability keeps the runs apart; a
+    folder the user chose (TORCHINDUCTOR_CACHE_DIR) is left alone."""
     if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
         return
     try:
