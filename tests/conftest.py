@@ -1,8 +1,30 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and one folder of inductor caches per CPU capability."""
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+
+def _inductor_cache_per_capability() -> None:
+    """Give torch.compile one cache folder per ATEN_CPU_CAPABILITY.
+
+    Inductor's graph cache key leaves out the capability (torch 2.13): a graph generated as AVX-512 code
+    and reused under ATEN_CPU_CAPABILITY=default fails to build ("'at::vec' has not been declared"), and
+    under =avx2 it built and returned NaN. A folder named after the capability keeps the runs apart; a
+    folder the user chose (TORCHINDUCTOR_CACHE_DIR) is left alone."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # another torch layout: keep torch's own default
+        return
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default_cache_dir()}_{capability}"
+
+
+_inductor_cache_per_capability()
 
 #: ``../shared/assets`` relative to the repository root: real images and weights used by the tests.
 SHARED_ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"

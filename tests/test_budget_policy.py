@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tolerances import assert_close_normwise, vit_rtol
 
 import renyiprune as rp
 from renyiprune.cli import build_parser, main
@@ -96,6 +97,7 @@ def test_sweep_budgets_build_tome_and_pruning_configs():
     assert "| tome | 1.00 / 1.000 | 0.00 / 1.000 |" in table
 
 
+@pytest.mark.numerics
 def test_tome_through_the_sweep_cache_equals_the_model():
     m = small_vit()
     x = torch.randn(5, 3, 64, 64)
@@ -105,7 +107,9 @@ def test_tome_through_the_sweep_cache_equals_the_model():
                 PruneConfig("evit", 0.5, locations=(2, 4), options=(("removed", "merge"),))):  # fmt: skip
         view = pruned_view(m, cfg)
         with torch.no_grad():
-            torch.testing.assert_close(run_view(view, cache), view(x), rtol=0, atol=1e-5)
+            # cached batches of another size: the float32 policy for small_vit()'s shape
+            rtol = vit_rtol(torch.float32, depth=6, dim=48, heads=3, tokens=65)
+            assert_close_normwise(run_view(view, cache), view(x), rtol)
 
 
 POLICY = {

@@ -9,6 +9,8 @@ import renyiprune as rp
 from renyiprune.core.criteria import CRITERIA, AttentionContext, attention_logits, make_criterion
 from renyiprune.models.model import VisionTransformer
 
+pytestmark = pytest.mark.numerics
+
 
 def qkv(seed=0, B=2, H=3, N=7, d=4):
     g = torch.Generator().manual_seed(seed)

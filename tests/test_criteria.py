@@ -8,6 +8,8 @@ import torch
 
 from renyiprune import AttentionContext, list_criteria, make_criterion
 
+pytestmark = pytest.mark.numerics
+
 
 def probs64(logits):
     z = logits.double()

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from renyiprune import renyi_entropy
 from renyiprune.core.entropy import parse_alpha
 
+pytestmark = pytest.mark.numerics
+
 
 def naive(logits: np.ndarray, alpha: float) -> np.ndarray:
     """Textbook definition on float64 probabilities, row by row."""

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tolerances import vit_rtol
 
 import renyiprune as rp
 
@@ -9,6 +10,17 @@ pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (renyipr
 pytest.importorskip("onnxscript", reason="onnxscript is not installed (renyiprune[export])")
 
 from renyiprune.models.export import export_onnx, onnx_max_difference  # noqa: E402
+
+pytestmark = pytest.mark.numerics
+#: onnxruntime's kernels against torch's on the 4-block, width-32, 2-head model (tests/tolerances.py).
+RTOL = vit_rtol(torch.float32, depth=4, dim=32, heads=2, tokens=17)
+
+
+def agrees_with_torch(path, model, x) -> bool:
+    """onnxruntime's output within RTOL x max|torch output| of torch's, in every element."""
+    with torch.no_grad():
+        scale = model(x).abs().max().item()
+    return onnx_max_difference(path, model, x) <= RTOL * scale
 
 
 def test_pruned_tiny_model_exports_with_dynamic_batch(tmp_path):
@@ -19,7 +31,7 @@ def test_pruned_tiny_model_exports_with_dynamic_batch(tmp_path):
     path = export_onnx(m, tmp_path / "tiny.onnx", image_size=32)
     assert path.is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     for batch in (1, 3):
-        assert onnx_max_difference(path, m, torch.randn(batch, 3, 32, 32)) <= 1e-4
+        assert agrees_with_torch(path, m, torch.randn(batch, 3, 32, 32))
 
 
 def test_failed_export_leaves_no_file(tmp_path):
@@ -41,7 +53,7 @@ def test_criteria_that_read_keys_and_values_export(tmp_path, criterion):
     m = rp.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
     rp.patch(m.eval(), keep_rate=0.5, criterion=criterion, locations=(1, 2), fuse=True)
     path = export_onnx(m, tmp_path / "tiny.onnx", image_size=32)
-    assert onnx_max_difference(path, m, torch.randn(2, 3, 32, 32)) <= 1e-4
+    assert agrees_with_torch(path, m, torch.randn(2, 3, 32, 32))
 
 
 def test_cli_exports_the_tuned_policy(shared_assets, tmp_path, capsys):

@@ -10,6 +10,8 @@ from renyiprune.core.criteria import CRITERIA, AttentionContext
 from renyiprune.core.entropy import renyi_entropy
 from renyiprune.models.model import VisionTransformer
 
+pytestmark = pytest.mark.numerics
+
 
 def zscore(s):
     """Naive per-image z-score in float64 (population deviation)."""

@@ -7,6 +7,8 @@ import torch
 import renyiprune as rp
 from renyiprune.data.images import EvalTransform, list_samples, load_image
 
+pytestmark = pytest.mark.numerics
+
 CONFIGS = [
     dict(criterion="renyi", alpha=2.0),
     dict(criterion="renyi", alpha=float("inf"), fuse=True),

@@ -315,3 +315,25 @@ def test_cli_bad_input_is_one_line_and_decodes_nothing(cars, capsys, images_read
 def test_cli_missing_folder(cars, capsys, tmp_path):
     code, _, err = _probe(["--train", str(cars["train"]), "--eval", str(tmp_path / "nope")], capsys)
     assert code == 2 and "nope" in err
+
+
+def test_unpruned_head_runs_train_unpruned_only_and_classifies_pruned_features(model, cars, tmp_path):
+    train, val = _set(cars["train"]), _set(cars["val"])
+    configs = [PruneConfig("renyi", 0.5, float("inf"), (3, 6, 9), True)]
+    cache = pr.FeatureCache(tmp_path / "c", {"model": "deit_tiny", "weights": "w", "transform": "resize"})
+    tf = ResizeTransform(224)
+    shared, t = pr.run_probe(model, configs, train, [val], tf, cache=cache, progress=False, head="unpruned")
+    assert t["computed"] == 1 + 3  # train: the unpruned model only; val: renyi, unpruned, EViT
+    assert {r["head"] for r in shared} == {"unpruned"} and len({r["l2"] for r in shared}) == 1
+    # independent: fit the head on the cached unpruned train features, apply it to the cached renyi ones
+    y = train.labels
+    hold = torch.tensor([pr.is_holdout(s.path) for s in train.samples])
+    head = pr.fit_probe(cache.load(PruneConfig(None), train), y, 4, hold)
+    pred = head.logits(cache.load(configs[0], val)).argmax(1)
+    want = "".join("1" if p == t else "0" for p, t in zip(pred.tolist(), val.labels.tolist(), strict=True))
+    assert shared[0]["correct"] == want
+    # the unpruned record is the same under both protocols (its own features train the head either way)
+    own, _ = pr.run_probe(model, configs, train, [val], tf, cache=cache, progress=False)
+    assert own[1]["config"] == shared[1]["config"] == "unpruned" and own[1]["correct"] == shared[1]["correct"]
+    with pytest.raises(ValueError, match="head must be"):
+        pr.run_probe(model, configs, train, [val], tf, cache=cache, progress=False, head="both")

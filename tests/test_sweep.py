@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from tolerances import assert_close_normwise, vit_rtol
 
 from renyiprune.data.images import Batch
 from renyiprune.experiments import sweep as sw
@@ -37,6 +38,7 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label)
 def test_cached_prefix_equals_full_forward(config):
     model = small_vit()
@@ -46,7 +48,8 @@ def test_cached_prefix_equals_full_forward(config):
     with torch.no_grad():
         ref = torch.cat([ref_view(b.images) for b in batches()])
     out = sw.run_view(view, cache, batch_size=4)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # Other batch sizes go through other GEMM blockings: the float32 policy for small_vit()'s shape.
+    assert_close_normwise(out, ref, vit_rtol(torch.float32, depth=6, dim=24, heads=3, tokens=17))
     assert torch.equal(cache.labels, torch.cat([b.labels for b in batches()]))
 
 

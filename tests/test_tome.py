@@ -5,11 +5,17 @@ import math
 import pytest
 import torch
 from test_merging import cos, reference_tome
+from tolerances import assert_close_normwise, vit_rtol
 
 import renyiprune as rp
 from renyiprune.core.merging import bipartite_matching
 from renyiprune.models.model import VisionTransformer
 from renyiprune.planning.budget import VitShape, tome_counts
+
+#: small_vit()'s shape for the tolerance policy: 6 blocks, width 48, 3 heads, 8 x 8 patches + CLS.
+SMALL_VIT = dict(depth=6, dim=48, heads=3, tokens=65)
+#: float64 model against per-image loops (tests/tolerances.py).
+RTOL = vit_rtol(torch.float64, **SMALL_VIT)
 
 
 def small_vit():
@@ -40,6 +46,7 @@ def naive_forward(m, img, reduce):
     return m.head(m.norm(t)[0])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("r", [4, 12, [0, 8, 0, 20, 3, 1]])
 def test_tome_matches_naive(r):
     m = small_vit()
@@ -54,9 +61,10 @@ def test_tome_matches_naive(r):
         want = torch.stack([naive_forward(m, img, reduce) for img in x])
         rp.patch(m, method="tome", r=r)
         got = m(x)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert_close_normwise(got, want, RTOL)
 
 
+@pytest.mark.numerics
 def test_prune_then_merge_matches_naive():
     m = small_vit()
     torch.manual_seed(2)
@@ -86,7 +94,7 @@ def test_prune_then_merge_matches_naive():
         want = torch.stack([naive_forward(m, img, reduce) for img in x])
         rp.patch(m, keep_rate=keep, criterion="shannon", locations=locs, removed="merge")
         got = m(x)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert_close_normwise(got, want, RTOL)
     assert [rec.kept.shape[1] for rec in m.renyiprune.records] == [39, 24]
 
 
@@ -128,6 +136,7 @@ def test_entropy_bonus_orders_merges():
         assert sorted(m.merged[b].tolist()) == want
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("order", ["entropy", "cls_attention"])
 def test_entropy_aware_tome_matches_naive(order):
     """Each registered merge order against its naive formula: Shannon row entropy (diffuse merges first)
@@ -168,7 +177,7 @@ def test_entropy_aware_tome_matches_naive(order):
         rp.patch(m, method="tome", r=r, entropy_weight=weight, alpha=1.0, merge_order=order)
         assert m.renyiprune.merge_order == order
         got = m(x)
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        assert_close_normwise(got, want, RTOL)
         plain = rp.patch(m, method="tome", r=r)(x)
         assert torch.equal(rp.patch(m, method="tome", r=r, entropy_weight=0.0)(x), plain)
     with pytest.raises(ValueError, match="unknown merge order"):

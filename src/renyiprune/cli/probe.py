@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..data.datasets import DATASETS, TRANSFORMS, eval_transform, load_split
 from ..data.images import list_samples
-from ..experiments.probe import DEFAULT_L2_GRID, FeatureCache, ImageSet, run_probe
+from ..experiments.probe import DEFAULT_L2_GRID, HEADS, FeatureCache, ImageSet, run_probe
 from ..models.model import get_spec
 from . import common
 from . import eval as eval_cmd
@@ -68,6 +68,10 @@ def add_parser(sub) -> None:
     p.add_argument("--data-root", type=common.existing_path, default=None, help="root of --dataset")
     p.add_argument("--transform", choices=TRANSFORMS, default=DEFAULT_TRANSFORM,
                    help="resize: the whole image to the input size; center-crop: the model's ImageNet one")
+    p.add_argument("--head", choices=HEADS, default="per-config",
+                   help="per-config: a head fitted on each configuration's own pruned --train features; "
+                   "unpruned: one head fitted on the unpruned features, pruning at inference only (cheaper: "
+                   "--train runs unpruned only)")
     p.add_argument("--cache", type=Path, default=None, help="folder keeping features between runs")
     l2_values = common._typed(common._list(float), "l2 values")
     p.add_argument("--l2", type=l2_values, default=list(DEFAULT_L2_GRID),
@@ -136,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
     records, timing = run_probe(
         model, configs, train, list(evals), transform, num_classes=num_classes, cache=cache, l2_grid=args.l2,
         batch_size=args.batch_size, workers=args.workers, device=args.device, progress=not args.no_progress,
+        head=args.head,
     )  # fmt: skip
     timing["wall_s"] = time.perf_counter() - t0
     if args.json:
@@ -160,7 +165,9 @@ def print_tables(records: list[dict], model: str, train_images: int, timing: dic
                  f"{r['gmacs']:.3f}", f"{r['l2']:g}", _diff(r["vs_unpruned"]), _diff(r["vs_evit"])]
                 for r in records if r["eval"] == name]  # fmt: skip
         n = next(r["images"] for r in records if r["eval"] == name)
-        print(f"{model} linear probe: fitted on {train_images} images, evaluated on {name} ({n} images)")
+        head = next(r["head"] for r in records if r["eval"] == name)
+        print(f"{model} linear probe ({head} head): fitted on {train_images} images, evaluated on {name} "
+              f"({n} images)")
         print(common.format_table(headers, rows))
     print(
         f"decode + prefix {timing['decode_prefix_s']:.1f} s, features {timing['features_s']:.1f} s, heads "

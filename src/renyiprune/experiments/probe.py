@@ -38,6 +38,7 @@ from .sweep import build_cache, first_location, run_view
 
 __all__ = [
     "DEFAULT_L2_GRID",
+    "HEADS",
     "ImageSet",
     "LinearHead",
     "FeatureCache",
@@ -53,6 +54,8 @@ __all__ = [
 
 #: Candidate L2 strengths (on standardized features, mean cross-entropy), strongest first.
 DEFAULT_L2_GRID = (3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
+#: How the head is fitted: on each configuration's own pruned features, or once on the unpruned ones.
+HEADS = ("per-config", "unpruned")
 #: Files whose code decides the features: a change to any of them invalidates cached features.
 _FEATURE_CODE = ("model.py", "patch.py", "selection.py", "criteria.py", "context.py", "entropy.py",
                  "merging.py", "merge_order.py", "budget.py")
@@ -200,19 +203,22 @@ def extract_features(
     workers: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    needed: dict[int, Sequence[int]] | None = None,
 ) -> tuple[dict[tuple[int, int], Tensor], dict]:
     """Final CLS features of every configuration on every image set: ``{(config_i, set_i): (n, C)}``.
 
     Pairs found in ``cache`` are read; for the rest, the images of the sets concerned are decoded once,
     ``blocks[:start]`` (start = the earliest first pruning block among those configurations) run
     once per image, and each configuration runs the remaining blocks on the cached tokens.
+    ``needed``: the set indices wanted per configuration index (default: every set for every one).
     Returns the features and timing {"decode_prefix_s", "features_s", "cached", "computed", "images"}.
     """
     out: dict[tuple[int, int], Tensor] = {}
     timing = {"decode_prefix_s": 0.0, "features_s": 0.0, "cached": 0, "computed": 0, "images": 0}
     missing: dict[int, list[int]] = {}
     for ci, c in enumerate(configs):
-        for si, s in enumerate(sets):
+        for si in (needed[ci] if needed is not None else range(len(sets))):
+            s = sets[si]
             got = cache.load(c, s) if cache is not None else None
             if got is None:
                 missing.setdefault(ci, []).append(si)
@@ -330,7 +336,7 @@ def fit_probe(
     holdout: Tensor | None = None,
     l2_grid: Sequence[float] = DEFAULT_L2_GRID,
     *,
-    max_iter: int = 500,
+    max_iter: int = 200,
 ) -> LinearHead:
     """Fit the probe head on features ``x`` (n, C) and labels ``y``.
 
@@ -403,8 +409,13 @@ def run_probe(
     workers: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    head: str = "per-config",
 ) -> tuple[list[dict], dict]:
     """Probe every configuration (plus the unpruned model and EViT twins as references).
+
+    ``head="per-config"``: each configuration's head is fitted on its own pruned features of ``train``.
+    ``head="unpruned"``: one head, fitted on the unpruned model's features, classifies every
+    configuration's pruned features (pruning at inference only; ``train`` then runs unpruned only).
 
     Returns one record per (configuration, evaluation set) — config label, criterion, alpha,
     keep_rate, top1, top5, images, gmacs, the chosen l2, per-image top-1 outcomes and the paired
@@ -417,18 +428,27 @@ def run_probe(
     k = num_classes or (max(labels_seen) + 1)
     if max(labels_seen) >= k:
         raise ValueError(f"labels go up to {max(labels_seen)} but num_classes is {k}")
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     sets = [train, *evals]
+    base = all_configs.index(PruneConfig(criterion=None))
+    needed = None
+    if head == "unpruned":
+        needed = {ci: list(range(len(sets))) if ci == base else list(range(1, len(sets)))
+                  for ci in range(len(all_configs))}  # fmt: skip
     feats, timing = extract_features(model, all_configs, sets, transform, cache=cache,
                                      batch_size=batch_size, workers=workers, device=device,
-                                     progress=progress)  # fmt: skip
+                                     progress=progress, needed=needed)  # fmt: skip
     y = train.labels
     holdout = torch.tensor([is_holdout(s.path) for s in train.samples], dtype=torch.bool)
     t0 = time.perf_counter()
-    heads = {}
-    for ci in tqdm(range(len(all_configs)), desc="heads", unit="cfg", disable=not progress):
-        heads[ci] = fit_probe(feats[(ci, 0)], y, k, holdout, l2_grid)
+    if head == "unpruned":
+        shared = fit_probe(feats[(base, 0)], y, k, holdout, l2_grid)
+        heads = dict.fromkeys(range(len(all_configs)), shared)
+    else:
+        heads = {ci: fit_probe(feats[(ci, 0)], y, k, holdout, l2_grid)
+                 for ci in tqdm(range(len(all_configs)), desc="heads", unit="cfg", disable=not progress)}
     timing["heads_s"] = time.perf_counter() - t0
-    base = all_configs.index(PruneConfig(criterion=None))
     gmacs = {ci: probe_gmacs(model, c, k) for ci, c in enumerate(all_configs)}
     records: list[dict] = []
     for ei, ev in enumerate(evals, start=1):
@@ -457,6 +477,7 @@ def run_probe(
                 "images": int(ye.numel()),
                 "train_images": len(train.samples),
                 "gmacs": gmacs[ci],
+                "head": head,
                 "l2": heads[ci].l2,
                 "holdout_top1": {f"{lam:g}": v for lam, v in heads[ci].holdout.items()},
                 "reference": c in added,

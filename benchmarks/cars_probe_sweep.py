@@ -1,0 +1,294 @@
+"""The Stanford Cars probe sweep: every registered criterion (those with an order at each α) x keep rate,
+with fusion, and Rényi / EViT without; α and criterion chosen per keep rate on a calibration half of val.
+
+Two steps, both resumable through the feature cache:
+
+* features (default): decode train + val once, run the blocks before the first pruning location once per
+  image, then every configuration in priority order (fused keep 0.5/0.7 first), each stored in --cache as
+  soon as it is done; an interrupted run loses at most the configuration in flight.
+* --report: from the cached features only (nothing is decoded), fit the heads, score val, split val into
+  a calibration and an evaluation half by a hash of the file name (``policy.is_calibration``), choose per
+  keep rate on the calibration half, report on the evaluation half with paired intervals vs EViT, and
+  write OUT/records.json, OUT/tables.md, OUT/timing.json and the policy file (--policy-out).
+
+    python benchmarks/cars_probe_sweep.py --train CARS/train --val CARS/val --cache C --out O
+    python benchmarks/cars_probe_sweep.py --train CARS/train --val CARS/val --cache C --out O --report \
+        --policy-out src/renyiprune/planning/policies/deit_tiny_patch16_224-stanford-cars.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+from renyiprune.core.criteria import list_criteria, takes_alpha
+from renyiprune.data.datasets import eval_transform
+from renyiprune.data.images import list_samples
+from renyiprune.experiments.probe import (
+    HEADS,
+    FeatureCache,
+    ImageSet,
+    extract_features,
+    run_probe,
+    with_references,
+)
+from renyiprune.experiments.stats import paired_difference
+from renyiprune.experiments.tune import choose, is_calibration
+from renyiprune.models.model import create_model
+from renyiprune.models.weights import sha256_file
+from renyiprune.planning.specs import PruneConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "demo" / "weights" / "deit_tiny_patch16_224.safetensors"
+ALPHAS = (0.5, 1.0, 2.0, 3.0, float("inf"))
+LOCS = (3, 6, 9)
+ENTROPY = ("renyi", "shannon", "evit_renyi", "hybrid")  # the entropy-based criteria
+
+
+def configs() -> list[PruneConfig]:
+    """Every configuration of the sweep, most wanted first (the targets are fused keep 0.5 and 0.7)."""
+
+    def grid(criteria, keeps, fuse):
+        out = []
+        for r in keeps:
+            for c in criteria:
+                for a in ALPHAS if takes_alpha(c) else (1.0,):
+                    out.append(PruneConfig(c, r, a, LOCS, fuse))
+        return out
+
+    first = ["evit", "renyi"]
+    rest = [c for c in list_criteria() if c not in first]
+    order = [PruneConfig(None)]
+    order += grid(first, (0.7, 0.5), True) + grid(rest, (0.7, 0.5), True)
+    order += grid(first + rest, (0.9,), True) + grid(first, (0.7, 0.5, 0.9), False)
+    return list(dict.fromkeys(order))
+
+
+class LoadSampler:
+    """Samples the 1-minute load average every ``every`` seconds in a background thread."""
+
+    def __init__(self, every: float = 20.0) -> None:
+        self.samples: list[float] = [os.getloadavg()[0]]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _run(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.samples.append(os.getloadavg()[0])
+
+    def stop(self) -> dict:
+        self._stop.set()
+        s = self.samples
+        return {"mean": sum(s) / len(s), "min": min(s), "max": max(s), "samples": len(s)}
+
+
+def _sub(bits: str, mask: list[bool]) -> str:
+    return "".join(b for b, m in zip(bits, mask, strict=True) if m)
+
+
+def _top1(bits: str) -> float:
+    return 100.0 * bits.count("1") / max(len(bits), 1)
+
+
+def _pair(a: str, b: str) -> dict:
+    d = paired_difference(a, b)
+    return {"delta": d["delta"], "ci95": list(d["ci95"]), "p_mcnemar": d["p_mcnemar"]}
+
+
+def _alpha(a) -> str:
+    return "∞" if a == "inf" or (isinstance(a, float) and math.isinf(a)) else f"{float(a):g}"
+
+
+def report(args, records: list[dict], val: ImageSet, timing: dict) -> None:
+    calib = [is_calibration(s.path) for s in val.samples]
+    evalh = [not c for c in calib]
+    for r in records:
+        r["calibration_top1"] = _top1(_sub(r["correct"], calib))
+        r["evaluation_top1"] = _top1(_sub(r["correct"], evalh))
+    by_label = {r["config"]: r for r in records}
+    base = by_label["unpruned"]
+    keeps = sorted({r["keep_rate"] for r in records if r["keep_rate"] is not None})
+    policy_keep, lines = {}, []
+    lines.append(
+        f"Validation: {len(val.samples)} images ({sum(calib)} calibration, {sum(evalh)} evaluation); "
+        f"head: {records[0]['head']}; unpruned top-1 {base['top1']:.2f} (val), "
+        f"{base['calibration_top1']:.2f} / {base['evaluation_top1']:.2f} (calibration / evaluation)\n"
+    )
+    lines.append(
+        "| keep | fusion | criterion | α | top-1 val | top-5 val | GMACs | Δ vs EViT [95 % CI] | "
+        "Δ vs unpruned | cal. top-1 | eval. top-1 |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(
+        records,
+        key=lambda r: (r["keep_rate"] or 2, not r["fuse"], r["criterion"], float(r["settings"]["alpha"])),
+    ):
+        d, u = r["vs_evit"], r["vs_unpruned"]
+        ci = f"{d['delta']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" if d else "-"
+        keep = "1" if r["keep_rate"] is None else f"{r['keep_rate']:g}"
+        fuse = "-" if r["keep_rate"] is None else ("on" if r["fuse"] else "off")
+        alpha = _alpha(r["alpha"]) if takes_alpha(r["criterion"]) else ""
+        du = f"{u['delta']:+.2f}" if u else "-"
+        lines.append(
+            f"| {keep} | {fuse} | {r['criterion']} | {alpha} | {r['top1']:.2f} | {r['top5']:.2f} | "
+            f"{r['gmacs']:.3f} | {ci} | {du} | {r['calibration_top1']:.2f} | {r['evaluation_top1']:.2f} |"
+        )
+    choice_lines = [
+        "\n| keep | choice | chosen | cal. top-1 | cal. EViT | eval. top-1 | eval. EViT | "
+        "Δ vs EViT on eval. half [95 % CI] | McNemar p | GMACs / EViT |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in keeps:
+        fused = [x for x in records if x["keep_rate"] == r and x["fuse"] and x["criterion"] != "tome"]
+        if not fused:
+            continue
+        evit = next(x for x in fused if x["criterion"] == "evit")
+        cand = [
+            {
+                "config": x["settings"],
+                "label": x["config"],
+                "top1": x["calibration_top1"],
+                "gmacs": x["gmacs"],
+            }
+            for x in fused
+        ]
+        entry = choose(cand)
+        ent = [c for c in cand if c["config"]["criterion"] in ENTROPY]
+        if ent:
+            entry["entropy"] = choose(ent)["best"]
+        entry["reference"] = {
+            "evit": {
+                "calibration_top1": evit["calibration_top1"],
+                "evaluation_top1": evit["evaluation_top1"],
+                "gmacs": evit["gmacs"],
+            },
+            "unpruned": {
+                "calibration_top1": base["calibration_top1"],
+                "evaluation_top1": base["evaluation_top1"],
+                "gmacs": base["gmacs"],
+            },
+        }
+        rows = [
+            ("best", entry["best"]),
+            ("entropy", entry.get("entropy")),
+            ("renyi", entry["by_criterion"].get("renyi")),
+        ]
+        for name, setting in rows:
+            if setting is None:
+                continue
+            rec = by_label[setting["label"]]
+            pair = _pair(_sub(rec["correct"], evalh), _sub(evit["correct"], evalh))
+            setting["evaluation_top1"] = rec["evaluation_top1"]
+            setting["evaluation_vs_evit"] = pair
+            lo, hi = pair["ci95"]
+            choice_lines.append(
+                f"| {r:g} | {name} | {setting['label']} | {rec['calibration_top1']:.2f} | "
+                f"{evit['calibration_top1']:.2f} | {rec['evaluation_top1']:.2f} | "
+                f"{evit['evaluation_top1']:.2f} | {pair['delta']:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
+                f"{pair['p_mcnemar']:.2f} | {rec['gmacs'] / evit['gmacs']:.3f} |"
+            )
+        policy_keep[f"{r:g}"] = entry
+    text = "\n".join(lines + choice_lines) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tables.md").write_text(text)
+    (args.out / "records.json").write_text(
+        json.dumps({"results": records, "timing": timing}, indent=1) + "\n"
+    )
+    print(text)
+    if args.policy_out:
+        policy = {
+            "model": "deit_tiny_patch16_224",
+            "dataset": "stanford-cars",
+            "protocol": f"linear probe ({records[0]['head']} head), transform {args.transform}, "
+            "benchmarks/cars_probe_sweep.py",
+            "locations": list(LOCS),
+            "fuse": True,
+            "split": "val images; calibration = SHA-256 of the file name ends in an even byte "
+            "(renyiprune.planning.policy)",
+            "calibration_images": sum(calib),
+            "evaluation_images": sum(evalh),
+            "candidates": sorted({x["criterion"] for x in records if x["criterion"] != "none"}),
+            "alphas": ["inf" if math.isinf(a) else a for a in ALPHAS],
+            "keep": policy_keep,
+        }
+        args.policy_out.write_text(json.dumps(policy, indent=2, allow_nan=False) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--train", type=Path, required=True)
+    ap.add_argument("--val", type=Path, required=True)
+    ap.add_argument("--cache", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--weights", type=Path, default=WEIGHTS)
+    ap.add_argument("--transform", default="resize")
+    ap.add_argument("--head", choices=HEADS, default="unpruned")
+    ap.add_argument("--report", action="store_true", help="tables and policy from the cached features only")
+    ap.add_argument("--policy-out", type=Path, default=None)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--val-only", action="store_true", help="features step: val images only this time")
+    args = ap.parse_args()
+    model = create_model("deit_tiny_patch16_224", weights=args.weights)
+    tf = eval_transform(args.transform, model.pretrained_cfg)
+    cache = FeatureCache(
+        args.cache,
+        {"model": "deit_tiny_patch16_224", "weights": sha256_file(args.weights), "transform": repr(tf)},
+    )
+    train = ImageSet("train", tuple(list_samples(args.train)))
+    val = ImageSet("val", tuple(list_samples(args.val)))
+    wanted = configs()
+    sets = [train, val]
+    unpruned = PruneConfig(None)
+
+    def needed(c):
+        return [0, 1] if args.head == "per-config" or c == unpruned else [1]
+
+    if not args.report:
+        load = LoadSampler()
+        t0 = time.perf_counter()
+        _, timing = extract_features(
+            model,
+            wanted,
+            sets,
+            tf,
+            cache=cache,
+            batch_size=args.batch_size,
+            workers=1,
+            needed={i: [1] if args.val_only else needed(c) for i, c in enumerate(wanted)},
+        )
+        timing["wall_s"] = time.perf_counter() - t0
+        timing["load"] = load.stop()
+        timing["configs"] = len(wanted)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"features-timing-{int(time.time())}.json").write_text(
+            json.dumps(timing, indent=1) + "\n"
+        )
+        print(json.dumps(timing))
+        return
+
+    def cached(c):
+        return all(cache.load(c, sets[i]) is not None for i in needed(c))
+
+    # a configuration is reported when its features and its references' (unpruned, EViT twin) are cached
+    done = [c for c in wanted if all(cached(t) for t in with_references([c])[0])]
+    missing = [c.label for c in wanted if c not in done]
+    t0 = time.perf_counter()
+    records, timing = run_probe(
+        model, done, train, [val], tf, cache=cache, batch_size=args.batch_size, head=args.head
+    )
+    timing["report_s"] = time.perf_counter() - t0
+    timing["missing"] = missing
+    if timing["computed"]:
+        raise RuntimeError("the report step computed features; it should read them all from the cache")
+    report(args, records, val, timing)
+    print(f"{len(done)} of {len(wanted)} configurations reported; missing: {len(missing)}")
+
+
+if __name__ == "__main__":
+    main()
