@@ -16,7 +16,7 @@ from renyiprune.experiments import sweep as sw
 from renyiprune.models.model import create_model
 from renyiprune.planning.specs import PruneConfig
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "demo" / "weights" / "deit_tiny_patch16_224.safetensors"
+WEIGHTS = Path(__file__).resolve().parents[2] / "demo" / "weights" / "deit_tiny_patch16_224.safetensors"
 CLASSES = (3, 60, 120, 190)  # four Stanford Cars classes, relabelled 0..3 in the tiny folders
 
 

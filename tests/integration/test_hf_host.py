@@ -112,7 +112,7 @@ def test_distillation_token_is_kept_and_windowed_models_are_refused_clearly():
     cfg = transformers.DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=64, image_size=32, patch_size=8)  # fmt: skip
     deit = rp.patch(transformers.DeiTForImageClassification(cfg).eval(), keep_rate=0.5, locations=(1,))
-    assert deit.renyiprune.num_prefix == 2  # CLS + distillation token (tests/test_prefix_tokens.py)
+    assert deit.renyiprune.num_prefix == 2  # CLS + distillation token (integration/test_prefix_tokens.py)
     with torch.no_grad():
         assert deit(torch.randn(1, 3, 32, 32)).logits.shape == (1, 2)
     swin = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1], num_heads=[2],

@@ -126,7 +126,7 @@ def test_matches_naive_reference(images, alpha, fuse):
     x = images.double()
     with torch.no_grad():
         want, want_kept = naive_pruned_forward(m, x, 0.6, (1, 3, 4), alpha, fuse)
-        # The reference fuses by the renormalized rule (tests/test_fusion.py checks EViT's, the default).
+        # The reference fuses by the renormalized rule (integration/test_fusion.py: EViT's, the default).
         fusion = "renorm" if fuse else None
         rp.patch(m, keep_rate=0.6, criterion="renyi", alpha=alpha, locations=(1, 3, 4), fuse=fuse,
                  fusion=fusion)

@@ -137,7 +137,7 @@ def test_ddp_two_processes_match_one(data, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ the checkpoint's head
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_WEIGHTS = REPO / "demo" / "weights" / "deit_tiny_patch16_224.safetensors"
 
 

@@ -75,7 +75,7 @@ def test_fast_path_equals_straightforward(alpha, fuse):
     x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         want, want_kept = straightforward_forward(m, x, 0.6, (1, 3, 4), "renyi", alpha, fuse)
-        # the straightforward forward fuses by the renormalized rule (EViT's: tests/test_fusion.py)
+        # the straightforward forward fuses by the renormalized rule (EViT's: integration/test_fusion.py)
         rp.patch(m, keep_rate=0.6, criterion="renyi", alpha=alpha, locations=(1, 3, 4), fuse=fuse,
                  **({"fusion": "renorm"} if fuse else {}))
         got = m(x)

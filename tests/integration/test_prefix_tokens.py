@@ -162,7 +162,7 @@ def test_pruned_deit_matches_per_image_reference(cls, removed):
     x = pixels()
     with torch.no_grad():
         want, kept = reference(model, x, 0.5, LOCS, removed)
-        # the reference fuses by the renormalized rule (EViT's with two prefix tokens: tests/test_fusion.py)
+        # the reference fuses by the renormalized rule (EViT's, 2 prefix tokens: test_fusion.py)
         rp.patch(model, keep_rate=0.5, criterion="evit", locations=LOCS, removed=removed,
                  **({"fusion": "renorm"} if removed == "fuse" else {}))
         got = _out(model, model(x))

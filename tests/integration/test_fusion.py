@@ -23,8 +23,8 @@ from renyiprune.models.model import VisionTransformer
 from renyiprune.planning.budget import VitShape, prune_counts, solve_keep_rate
 from renyiprune.viz import inspect_attention as ia
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "demo" / "weights" / "deit_tiny_patch16_224.safetensors"
-DEMO_IMAGES = Path(__file__).resolve().parents[1] / "demo" / "imagenet-100"
+WEIGHTS = Path(__file__).resolve().parents[2] / "demo" / "weights" / "deit_tiny_patch16_224.safetensors"
+DEMO_IMAGES = Path(__file__).resolve().parents[2] / "demo" / "imagenet-100"
 
 
 def small_vit():

@@ -19,7 +19,7 @@ import torch
 from renyiprune.models.weights import read_state_dict
 from renyiprune.utils import distributed as D
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = REPO / "demo" / "weights" / "deit_tiny_patch16_224.safetensors"
 IMAGES = 13  # odd: uneven shards; with per-process batches of 2 the last batch holds one image
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
