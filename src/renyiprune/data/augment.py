@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ..utils.optional import require
 from .images import INTERPOLATIONS, EvalTransform, to_rgb
 
 __all__ = [
@@ -78,7 +79,8 @@ class TrainTransform:
     def __post_init__(self) -> None:
         self._randaug = None
         if self.randaug_n > 0:
-            from kornia.augmentation.auto import RandAugment
+            auto = require("kornia.augmentation.auto", "RandAugment (--randaug)", "train")
+            RandAugment = auto.RandAugment  # noqa: N806
 
             m = min(max(self.randaug_m * 3.0, 1e-3), 29.999)  # timm's 0-10 scale onto kornia's (0, 30)
             self._randaug = RandAugment(n=self.randaug_n, m=m)

@@ -34,6 +34,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..utils.io import DigestMismatch, DownloadError, LocalWriteError, download_verified, file_digest
+from ..utils.optional import require
 from .images import LABELS_FILE, DataError, Sample, list_samples, load_image
 
 __all__ = [
@@ -133,7 +134,7 @@ _FLOWERS_SPLITS = {"train": ("trnid",), "val": ("valid",), "test": ("tstid",), "
 
 
 def _flowers102(name: str, root: Path, split: str) -> DatasetSplit:
-    from scipy.io import loadmat
+    loadmat = require("scipy.io", "reading Flowers-102's .mat files", "datasets").loadmat
 
     if split not in _FLOWERS_SPLITS:
         raise DataError(f"flowers102 splits are {', '.join(_FLOWERS_SPLITS)}; got {split!r}")
@@ -262,7 +263,8 @@ def _cars_classes_txt(root: Path) -> list[str]:
 def _mat_records(path: Path, key: str):
     """The 1-d array of struct records stored under ``key`` in a MATLAB file."""
     import numpy as np
-    from scipy.io import loadmat
+
+    loadmat = require("scipy.io", "reading MATLAB .mat files", "datasets").loadmat
 
     try:
         mat = loadmat(path, squeeze_me=True)

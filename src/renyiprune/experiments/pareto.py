@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..utils.io import atomic_path
+from ..utils.optional import require
 from .tables import group_name, row_name
 
 __all__ = ["pareto_plot"]
@@ -16,10 +17,9 @@ def pareto_plot(records: Sequence[dict], path_stem: str | Path, title: str = "")
 
     matplotlib (Agg) is imported here, so the rest of the library does not need it.
     """
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plotting a Pareto front", "plots")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", "plotting a Pareto front", "plots")
 
     unpruned = [r for r in records if r["config"]["criterion"] is None]
     groups: dict[str, list[dict]] = {}

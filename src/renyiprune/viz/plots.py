@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.optional import require
+
 __all__ = [
     "DPI",
     "alpha_label",
@@ -30,13 +32,10 @@ GREY = (0.55, 0.55, 0.55, 0.85)  # RGBA of a pruned patch
 
 def _mpl():
     """Import matplotlib on first use with the Agg backend (no display needed)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "drawing figures", "plots")
     if matplotlib.get_backend().lower() != "agg":
         matplotlib.use("Agg", force=True)
-    from matplotlib.figure import Figure
-
-    return matplotlib, Figure
+    return matplotlib, require("matplotlib.figure", "drawing figures", "plots").Figure
 
 
 def alpha_label(alpha: float) -> str:
