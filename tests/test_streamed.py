@@ -308,7 +308,8 @@ def test_kept_sets_equal_explicit_float64_every_criterion(removed):
 def test_entropy_aware_tome_streams_like_explicit(order, alpha):
     m = small_vit()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
-    (ls, _), (le, _) = _both_paths(m, x, method="tome", r=6, entropy_weight=0.5, alpha=alpha, merge_order=order)
+    kw = dict(method="tome", r=6, entropy_weight=0.5, alpha=alpha, merge_order=order)
+    (ls, _), (le, _) = _both_paths(m, x, **kw)
     torch.testing.assert_close(ls, le, atol=1e-10, rtol=0)
 
 
