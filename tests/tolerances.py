@@ -42,8 +42,8 @@ tolerances of 258 u (3-block model) to 3526 u (DeiT-Tiny): a margin of 14 or mor
 What a float32 tolerance can and cannot see, on DeiT-Tiny's logits (8 ImageNet images; F32_DEIT_TINY =
 2.1e-4): dropping one of 196 tokens at block 3 moves them by 4.1e-3 of their scale (20 x the tolerance),
 at block 9 by 8.3e-4 (4 x); GELU's tanh approximation in one block by 2.3e-4 (1.1 x); LayerNorm eps 1e-5
-instead of 1e-6 by 4.4e-5 (0.2 x: invisible). Formula details of that size are tested in float64, whose
-tolerances (1e-13 to 4e-13 here) leave no room for them.
+instead of 1e-6 by 4.4e-5 (0.2 x: invisible). Formula details of that size belong in float64 comparisons
+(the naive per-image references here are float64), whose tolerances (1e-13 to 4e-13) leave no room.
 """
 
 from __future__ import annotations
