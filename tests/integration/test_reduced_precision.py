@@ -97,16 +97,16 @@ def test_bfloat16_keeps_what_float32_keeps_on_real_images(shared_assets, how):
 def test_pruning_block_projects_q_k_v_in_float32_under_autocast():
     """Under autocast the ranking's q, k (and v) equal the float32 projection bit for bit; with bfloat16
     weights they are the bfloat16 projection, upcast."""
-    from renyiprune.core.blocks import _explicit_qkv
+    from renyiprune.core.attention import explicit_qkv
 
     attn = tiny().blocks[1].attn
     x = torch.randn(2, 17, 32)
     exact = attn.qkv_heads(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         rounded = attn.qkv_heads(x)
-        _, ranked, _ = _explicit_qkv(attn, x)
+        _, ranked, _ = explicit_qkv(attn, x)
     assert rounded[0].dtype == torch.bfloat16 and not torch.equal(rounded[0].float(), exact[0])
     assert all(r.dtype == torch.float32 and torch.equal(r, e) for r, e in zip(ranked, exact, strict=True))
     half = tiny().bfloat16().blocks[1].attn
-    _, ranked, _ = _explicit_qkv(half, x.bfloat16())
+    _, ranked, _ = explicit_qkv(half, x.bfloat16())
     assert all(torch.equal(r, h.float()) for r, h in zip(ranked, half.qkv_heads(x.bfloat16()), strict=True))

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .entropy import check_alpha, renyi_entropy
 
-__all__ = ["AttentionContext", "Needs", "FULL", "attention_logits", "explicit_qkv"]
+__all__ = ["AttentionContext", "Needs", "FULL", "attention_logits", "explicit_qkv", "ranking_qkv"]
 
 
 @dataclass(frozen=True)
@@ -237,10 +237,10 @@ def attention_logits(query: Tensor, key: Tensor, scale: float) -> Tensor:
     return torch.matmul(query, key.transpose(-2, -1)).mul_(scale)
 
 
-def explicit_qkv(attn: nn.Module, x: Tensor) -> tuple[tuple, tuple, contextlib.AbstractContextManager]:
-    """The block's (q, k, v), the (q, k, v) its explicit attention runs on, and the context to run it in.
+def ranking_qkv(attn: nn.Module, x: Tensor) -> tuple[tuple[Tensor, ...], contextlib.AbstractContextManager]:
+    """The block's (q, k, v) and the context its ranking attention runs in.
 
-    Rankings are sensitive to rounding: in float16/bfloat16 (weights or autocast) the explicit attention
+    Rankings are sensitive to rounding: in float16/bfloat16 (weights or autocast) the ranking attention
     runs in float32 with autocast off (bfloat16 logits of magnitude ~10 are rounded to 1/16); under
     autocast the q, k, v projection runs in float32 as well.
     """
@@ -249,12 +249,19 @@ def explicit_qkv(attn: nn.Module, x: Tensor) -> tuple[tuple, tuple, contextlib.A
         # Autocast over float32 weights: project in float32 too, so that q and k carry no bfloat16
         # rounding (~0.4 % of each logit) into the ranking.
         with full:
-            q, k, v = attn.qkv_heads(x)
-        return (q, k, v), (q, k, v), full
+            return attn.qkv_heads(x), full
     q, k, v = attn.qkv_heads(x)
     if q.dtype not in (torch.float16, torch.bfloat16):
-        return (q, k, v), (q, k, v), contextlib.nullcontext()
-    return (q, k, v), (q.float(), k.float(), v.float()), full
+        return (q, k, v), contextlib.nullcontext()
+    return (q, k, v), full
+
+
+def explicit_qkv(attn: nn.Module, x: Tensor) -> tuple[tuple, tuple, contextlib.AbstractContextManager]:
+    """(q, k, v), the float32 (q, k, v) the explicit attention runs on, and the context to run it in."""
+    (q, k, v), precision = ranking_qkv(attn, x)
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return (q, k, v), (q, k, v), precision
+    return (q, k, v), (q.float(), k.float(), v.float()), precision
 
 
 def _acc_dtype(t: Tensor) -> torch.dtype:

@@ -10,6 +10,11 @@ After a forward, ``model.renyiprune.records[i]`` holds, for the i-th pruning loc
 patch numbers (0..num_patches-1, row-major on the grid) of the survivors, and ``scores`` (B, n).
 With EViT's fusion (``fusion="evit"``, the default) a fused token of an earlier stage is a candidate
 too (the last of the n); when it survives, its ``patch_index`` is -1 (it is no original patch).
+
+A pruning block computes only what its criterion declares it needs (``streamed.attend``: fused SDPA plus
+the CLS row for EViT-like criteria, queries in chunks for entropies and column statistics), never the
+(B, H, N, N) attention matrix; ``model.renyiprune.attention = "explicit"`` restores the explicit matrix
+(also used under autograd and while exporting).
 """
 
 from __future__ import annotations
@@ -18,14 +23,58 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import AttentionContext, attention_logits, explicit_qkv
-from .criteria import Criterion
+from .attention import FULL, AttentionContext, Needs, attention_logits, explicit_qkv, ranking_qkv
+from .criteria import Criterion, standardize
 from .merge_order import get_merge_order
 from .merging import bipartite_matching, merge_into_kept
 from .selection import select_tokens, top_k_sorted
 from .state import PruneState, StageRecord
+from .streamed import attend
 
 __all__ = ["PruningBlock", "SizedBlock", "MergingBlock", "PrunedModel", "subclass"]
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast would cast the attention output to before the projection (None: no autocast):
+    producing it directly rounds the same way and never holds a float32 copy of the output."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def _streams(state: PruneState, x: Tensor) -> bool:
+    """Whether a block may take the streamed path: not when asked for the explicit one, not with autograd
+    through the attention (the chunks write into buffers), not while tracing or exporting."""
+    if state.attention == "explicit" or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    return not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting())
+
+
+def _pruning_attention(
+    attn: nn.Module, x: Tensor, criterion: Criterion, ctx_kw: dict, bias: Tensor | None, state: PruneState
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Attention of a pruning block: (output, scores (B, n), cls_attn (B, N) or None, metric).
+
+    Computes what the criterion declared (``criterion.needs``; the CLS row too when pruned tokens are
+    fused) through ``streamed.attend``; the explicit matrix when the criterion needs it or the block may
+    not stream (``_streams``). ``metric``: the head-mean keys (B, N, d) when pruned tokens are merged,
+    else None; q, k, v (views of the whole qkv projection) are released before the output projection.
+    """
+    needs = getattr(criterion, "needs", FULL) | Needs(cls_row=state.removed == "fuse")
+    merge = state.removed == "merge"
+    if needs.full or not _streams(state, x):
+        y, scores, cls_attn, keys = _scored_attention(attn, x, criterion, ctx_kw, bias)
+        return y, scores, cls_attn, keys.mean(dim=1) if merge else None
+    out_dtype = _autocast_dtype(x)
+    (q, k, v), precision = ranking_qkv(attn, x)
+    with precision:
+        out, ctx = attend(q, k, v, attn.scale, needs, bias=bias, chunk_bytes=state.chunk_bytes,
+                          out_dtype=out_dtype, **ctx_kw)  # fmt: skip
+        with torch.no_grad():  # scores only rank tokens; no gradient flows through the ranking
+            scores = criterion(ctx)
+        cls_attn = ctx.cls_attn if needs.cls_row else None
+    metric = k.mean(dim=1) if merge else None
+    del q, k, v, ctx
+    return attn.merge_heads(out), scores, cls_attn, metric
 
 
 def _scored_attention(
@@ -67,18 +116,19 @@ class PruningBlock:
         state = self._renyiprune
         cfg = state.stages[self._renyiprune_stage]
         n = state.patch_index.shape[1]
-        y, scores, cls_attn, keys = _scored_attention(
+        y, scores, cls_attn, metric = _pruning_attention(
             self.attn,
             self.norm1(x),
             cfg.criterion,
             dict(num_patches=n, stage=self._renyiprune_stage, step=state.step, num_prefix=state.num_prefix),
-            bias=state.key_bias(),
+            state.key_bias(),
+            state,
         )
         x = x + self.drop_path1(y)
         k = cfg.keep(n)
         if state.removed == "merge":
             kept = top_k_sorted(scores, k)
-            x, state.size = merge_into_kept(x, state.sizes(x), keys.mean(dim=1), kept, n, state.num_prefix)
+            x, state.size = merge_into_kept(x, state.size, metric, kept, n, state.num_prefix)
         else:
             x, kept = select_tokens(x, scores, k, cls_attn=cls_attn, fuse=state.removed == "fuse",
                                     num_prefix=state.num_prefix, fusion=state.fusion)  # fmt: skip
@@ -126,17 +176,41 @@ class MergingBlock:
             y, keys, bonus = _entropy_attention(self.attn, self.norm1(x), state.key_bias(), state)
         else:
             y, keys = _biased_attention(self.attn, self.norm1(x), state.key_bias())
+        metric = keys.mean(dim=1) if r > 0 else None
+        del keys  # a view of the whole qkv projection
         x = x + self.drop_path1(y)
         if r > 0:
-            matching = bipartite_matching(keys.mean(dim=1), r, bonus=bonus, num_prefix=state.num_prefix)
-            x, state.size = matching.merge(x, state.sizes(x))
+            matching = bipartite_matching(metric, r, bonus=bonus, num_prefix=state.num_prefix)
+            x, state.size = matching.merge(x, state.size)
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
+# The built-in merge orders (merge_order.py) from a streamed context: (needs, score) for an order alpha;
+# the same formulas as their explicit versions, which take the full logits.
+_STREAMED_ORDERS = {
+    "entropy": (lambda a: Needs(row_entropy=(a,)), lambda ctx, a: ctx.row_entropy(a).mean(dim=1)),
+    "cls_attention": (lambda a: Needs(cls_row=True), lambda ctx, a: ctx.cls_attn.neg()),
+}
+
+
 def _entropy_attention(attn: nn.Module, x: Tensor, bias: Tensor | None, state: PruneState):
-    """Explicit attention that also returns a merge-order bonus for the A tokens (even positions):
-    entropy_weight x the state's merge order (default: the z-scored Rényi row entropy, mean over heads).
-    As in a pruning block, float16/bfloat16 attention runs in float32 here."""
+    """Attention that also returns a merge-order bonus for the A tokens (even positions): entropy_weight x
+    the state's merge order (default: the z-scored Rényi row entropy, mean over heads). The built-in
+    orders stream (``streamed.attend`` over every token); others get the explicit logits. As in a
+    pruning block, float16/bfloat16 ranking attention runs in float32 here."""
+    order = _STREAMED_ORDERS.get(state.merge_order)
+    if order is not None and _streams(state, x):
+        needs, score = order
+        out_dtype = _autocast_dtype(x)
+        (q, k, v), precision = ranking_qkv(attn, x)
+        with precision:
+            out, ctx = attend(q, k, v, attn.scale, needs(state.entropy_alpha), bias=bias, num_prefix=0,
+                              chunk_bytes=state.chunk_bytes, out_dtype=out_dtype)  # fmt: skip
+            with torch.no_grad():
+                z = standardize(score(ctx, state.entropy_alpha), eps=1e-6)  # as merge_order.py
+        bonus = (state.entropy_weight * z[:, ::2]).to(q.dtype)
+        del ctx, q, v
+        return attn.merge_heads(out), k, bonus
     (q, k, v), (qf, kf, vf), precision = explicit_qkv(attn, x)
     with precision:
         logits = attention_logits(qf, kf, attn.scale)

@@ -70,6 +70,10 @@ class PruneState:
     merge_order: str = "entropy"
     num_prefix: int = 1  # tokens before the patches (CLS, distillation, ...): always kept, never merged
     fusion: str = "evit"  # with removed="fuse": EViT's raw-weight, ranked fused token, or "renorm"
+    # "streamed": pruning blocks compute only what the criterion needs (streamed.attend), never the
+    # (B, H, N, N) matrix; "explicit": the full attention matrix, as before (kept for comparison).
+    attention: str = "streamed"
+    chunk_bytes: int | None = None  # memory budget of the streamed chunks (None: streamed's default)
     # Filled during a forward:
     step: int = 0
     records: list[StageRecord] = field(default_factory=list)

@@ -25,8 +25,9 @@ from .entropy import renyi_entropy
 
 __all__ = ["attend", "StreamedContext", "chunk_plan", "DEFAULT_CHUNK_BYTES"]
 
-# Bytes of chunk buffers (two of them: logits and exponentials) per step; ~2 MiB keeps a chunk in a
-# core's L2/L3 on current CPUs and is well below the activations of a ViT block at batch 64.
+# Bytes of the two chunk buffers (logits and probabilities) per step, at most: 4 MiB keeps a chunk in the
+# caches of current CPUs (fastest on this project's machine among 1-16 MiB); smaller batches get at most
+# half of one float32 (B, N, C) activation, so the chunks never raise a block's peak memory noticeably.
 DEFAULT_CHUNK_BYTES = 4 * 2**20
 _BUFFERS = 2
 
@@ -175,25 +176,31 @@ def attend(
     stage: int = 0,
     step: int = 0,
     chunk_bytes: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, AttentionContext]:
     """Attention output (B, H, N, d) of softmax(scale q k^T + bias) v, and the criterion's context.
 
     q, k, v: (B, H, N, d); ``bias`` (B, 1, 1, N) is added to every row's logits (proportional attention,
-    log token sizes; -inf masks a key). The output has v's dtype. ``num_patches`` defaults to the tokens
-    after the ``num_prefix`` prefix tokens. ``chunk_bytes``: memory budget of the chunk buffers.
+    log token sizes; -inf masks a key). The output has ``out_dtype`` (default: v's). ``num_patches``
+    defaults to the tokens after the ``num_prefix`` prefix tokens. ``chunk_bytes``: memory budget of the
+    chunk buffers (default: ``DEFAULT_CHUNK_BYTES``, at most half of one float32 (B, N, H * d) tensor).
     """
-    B, H, N, _ = q.shape
+    B, H, N, d = q.shape
+    out_dtype = out_dtype or v.dtype
+    if chunk_bytes is None:
+        chunk_bytes = max(1, min(DEFAULT_CHUNK_BYTES, B * N * H * d * 2))
     n = N - num_prefix if num_patches is None else num_patches
     kw = dict(num_patches=n, num_prefix=num_prefix, stage=stage, step=step)
     if needs.full:
-        return _explicit(q, k, v, scale, bias, kw)
+        out, ctx = _explicit(q, k, v, scale, bias, kw)
+        return out.to(out_dtype), ctx
     if not needs.per_query:
         mask = None if bias is None else bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).to(out_dtype)
         cls = _cls_rows(q, k, scale, bias, chunk_bytes) if needs.cls_row else None
         ctx = StreamedContext(needs, batch_size=B, device=q.device, key=k, value=v, cls_rows=cls, **kw)
         return out, ctx
-    return _streamed(q, k, v, scale, needs, bias, chunk_bytes, kw)
+    return _streamed(q, k, v, scale, needs, bias, chunk_bytes, out_dtype, kw)
 
 
 def _explicit(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None, kw: dict):
@@ -258,12 +265,12 @@ class _Accumulators:
             peak[bs] = new_peak
 
 
-def _streamed(q, k, v, scale, needs: Needs, bias, chunk_bytes, kw):
+def _streamed(q, k, v, scale, needs: Needs, bias, chunk_bytes, out_dtype, kw):
     """Queries in chunks: logits, softmax, entropies, output rows and column statistics per chunk."""
     B, H, N, d = q.shape
     acc = _acc_dtype(q)
     images, rows = chunk_plan(B, H, N, torch.finfo(acc).bits // 8, chunk_bytes)
-    out = v.new_empty(B, N, H, d)  # merge_heads reads (B, H, N, d) transposed: a free view of this
+    out = v.new_empty(B, N, H, d, dtype=out_dtype)  # merge_heads reads (B, H, N, d): a free view of this
     res = _Accumulators(needs, B, H, N, acc, q.device)
     fast = [a for a in needs.row_entropy if _fast_order(a, N)]
     slow = [a for a in needs.row_entropy if not _fast_order(a, N)]
