@@ -1,0 +1,1 @@
+"""Images and the evaluation transform (images), named data sets (datasets), training augmentation."""

@@ -1,0 +1,1 @@
+"""Experiments on pruned models: evaluation, sweeps, linear probes, tuning, statistics, tables, benchmarks."""

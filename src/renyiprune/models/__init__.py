@@ -1,0 +1,1 @@
+"""renyiprune's ViT and its registry (model), weight files (weights), HF conversion (hf), ONNX export."""

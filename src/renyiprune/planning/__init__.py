@@ -1,0 +1,1 @@
+"""Planners that return plans: GMACs (flops), budgets (budget), configuration specs, build_plan, policies."""

@@ -1,0 +1,1 @@
+"""Fine-tuning a pruned model (train) and atomic checkpoints (checkpoint)."""

@@ -1,0 +1,1 @@
+"""Bottom-layer helpers: atomic files and verified downloads (io), torch.distributed (distributed)."""

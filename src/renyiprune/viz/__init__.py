@@ -1,0 +1,1 @@
+"""Attention inspection, figures and the HTML report."""
