@@ -62,10 +62,12 @@ def configs() -> list[PruneConfig]:
         return out
 
     first = ["evit", "renyi"]
-    rest = [c for c in list_criteria() if c not in first]
+    single = [c for c in list_criteria() if c not in first and not takes_alpha(c)]
+    ordered = [c for c in list_criteria() if c not in first and takes_alpha(c)]
     order = [PruneConfig(None)]
-    order += grid(first, (0.7, 0.5), True) + grid(rest, (0.7, 0.5), True)
-    order += grid(first + rest, (0.9,), True) + grid(first, (0.7, 0.5, 0.9), False)
+    order += grid(first, (0.7, 0.5, 0.9), True)  # the method's setting and its baseline first
+    order += grid(single, (0.7, 0.5), True) + grid(ordered, (0.7, 0.5), True)
+    order += grid(single + ordered, (0.9,), True) + grid(first, (0.7, 0.5, 0.9), False)
     return list(dict.fromkeys(order))
 
 
@@ -232,14 +234,15 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="tables and policy from the cached features only")
     ap.add_argument("--policy-out", type=Path, default=None)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--code-hash", default=None, help="the code hash the features were written with")
     ap.add_argument("--val-only", action="store_true", help="features step: val images only this time")
     args = ap.parse_args()
     model = create_model("deit_tiny_patch16_224", weights=args.weights)
     tf = eval_transform(args.transform, model.pretrained_cfg)
-    cache = FeatureCache(
-        args.cache,
-        {"model": "deit_tiny_patch16_224", "weights": sha256_file(args.weights), "transform": repr(tf)},
-    )
+    context = {"model": "deit_tiny_patch16_224", "weights": sha256_file(args.weights), "transform": repr(tf)}
+    if args.code_hash:  # read features that an earlier version of the pruning code wrote
+        context["code"] = args.code_hash
+    cache = FeatureCache(args.cache, context)
     train = ImageSet("train", tuple(list_samples(args.train)))
     val = ImageSet("val", tuple(list_samples(args.val)))
     wanted = configs()
@@ -265,6 +268,7 @@ def main() -> None:
         timing["wall_s"] = time.perf_counter() - t0
         timing["load"] = load.stop()
         timing["configs"] = len(wanted)
+        timing["code_hash"] = cache.context["code"]
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"features-timing-{int(time.time())}.json").write_text(
             json.dumps(timing, indent=1) + "\n"
@@ -284,6 +288,7 @@ def main() -> None:
     )
     timing["report_s"] = time.perf_counter() - t0
     timing["missing"] = missing
+    timing["code_hash"] = cache.context["code"]
     if timing["computed"]:
         raise RuntimeError("the report step computed features; it should read them all from the cache")
     report(args, records, val, timing)

@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--weights", type=Path, default=WEIGHTS)
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the numbers")
+    ap.add_argument("--unpruned-only", action="store_true", help="leave out the EViT keep 0.5 probe")
     args = ap.parse_args()
     model = create_model("deit_tiny_patch16_224", weights=args.weights)
     train = ImageSet("train", tuple(list_samples(args.train)))
@@ -40,6 +41,7 @@ def main() -> None:
     y = train.labels
     hold = torch.tensor([is_holdout(s.path) for s in train.samples])
     configs = [PruneConfig(None), PruneConfig("evit", 0.5, 1.0, (3, 6, 9), True)]
+    configs = configs[:1] if args.unpruned_only else configs
     out = {}
     for kind in ("center-crop", "resize"):
         tf = eval_transform(kind, model.pretrained_cfg)

@@ -207,6 +207,13 @@ def test_feature_cache_is_reused_and_keyed(model, cars, images_read, tmp_path):
     assert other.key(configs[0], val) != cache.key(configs[0], val)
     assert cache.key(PruneConfig("renyi", 0.7, 3.0, (3, 6, 9), True), val) != cache.key(configs[0], val)
     assert cache.key(configs[0], train) != cache.key(configs[0], val)
+    # features written by other pruning code are not found, unless that code's hash is named
+    named = pr.FeatureCache(tmp_path / "c", {"model": "deit_tiny", "weights": "w1", "transform": "resize",
+                                             "code": cache.context["code"]})
+    assert named.key(configs[0], val) == cache.key(configs[0], val)
+    elsewhere = pr.FeatureCache(tmp_path / "c", {"model": "deit_tiny", "weights": "w1", "transform": "resize",
+                                                 "code": "another"})
+    assert elsewhere.load(configs[0], val) is None
     # a corrupt file is recomputed, not trusted
     cache.path(configs[0], val).write_bytes(b"torn")
     assert cache.load(configs[0], val) is None

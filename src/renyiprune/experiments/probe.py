@@ -130,12 +130,14 @@ class FeatureCache:
     """Features of (configuration, image set) pairs on disk, one file each, written atomically.
 
     The key holds the model name, the weights' identity, the transform, the code that computes the
-    features, the configuration and the image list, so a changed input never reuses stale features.
+    features (a hash of the pruning modules, unless ``context`` names one: reading features written
+    by an earlier version), the configuration and the image list, so a changed input never reuses
+    stale features.
     """
 
     def __init__(self, root: str | Path, context: dict) -> None:
         self.root = Path(root)
-        self.context = {**context, "code": _code_hash(), "format": 1}
+        self.context = {"code": _code_hash(), **context, "format": 1}  # a given "code" wins (reports)
 
     def key(self, config: PruneConfig, images: ImageSet) -> str:
         text = json.dumps({"context": self.context, "config": config_to_dict(config),
