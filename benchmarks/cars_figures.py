@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from renyiprune import inspect_attention as ia
-from renyiprune import plots
-from renyiprune.data import list_samples, load_image
-from renyiprune.datasets import eval_transform
-from renyiprune.entropy import parse_alpha
-from renyiprune.model import create_model
+from renyiprune.core.entropy import parse_alpha
+from renyiprune.data.datasets import eval_transform
+from renyiprune.data.images import list_samples, load_image
+from renyiprune.models.model import create_model
+from renyiprune.viz import inspect_attention as ia
+from renyiprune.viz import plots
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "demo" / "weights" / "deit_tiny_patch16_224.safetensors"
 LOCS = (3, 6, 9)
