@@ -5,10 +5,10 @@ import torch
 from tolerances import F32_DEIT_TINY, assert_close_normwise, vit_rtol
 
 import renyiprune as rp
-from renyiprune.adapters import hf as hf_adapter
 from renyiprune.cli import main
 from renyiprune.core.hosts import UnsupportedModelError
 from renyiprune.data.images import EvalTransform, list_samples, load_image
+from renyiprune.models.hf import load_into_hf
 from renyiprune.models.weights import read_state_dict
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (renyiprune[hf])")
@@ -79,7 +79,7 @@ def test_hf_model_equals_ours_unpruned_and_pruned(hf_dir, weights, images):
 def test_load_into_instance_and_base_model():
     ours = rp.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
     base = transformers.ViTModel(tiny_hf().config, add_pooling_layer=False).eval()
-    hf_adapter.load_into_hf(base, ours.state_dict())
+    load_into_hf(base, ours.state_dict())
     x = torch.randn(2, 3, 32, 32)
     got = []
     ours.norm.register_forward_hook(lambda m, i, out: got.append(out))
@@ -142,7 +142,7 @@ def test_merging_methods_match_ours(kw):
     """Prune-then-merge (proportional attention in later layers) and ToMe run on HF layers like on ours."""
     ours = rp.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
     model = tiny_hf()
-    hf_adapter.load_into_hf(model, ours.state_dict())
+    load_into_hf(model, ours.state_dict())
     rp.patch(ours.eval(), **kw)
     rp.patch(model, **kw)
     x = torch.randn(2, 3, 32, 32)
