@@ -107,6 +107,25 @@ def _alpha(a) -> str:
     return "∞" if a == "inf" or (isinstance(a, float) and math.isinf(a)) else f"{float(a):g}"
 
 
+def pivot(records: list[dict], keeps: list[float]) -> list[str]:
+    """Rows criterion (α), columns keep rate x fusion: 'top-1 (Δ vs EViT)' on all of val; '·' not run."""
+    cols = [(r, f) for f in (True, False) for r in keeps
+            if any(x["keep_rate"] == r and x["fuse"] == f for x in records)]  # fmt: skip
+    cell = {}
+    for x in records:
+        if x["keep_rate"] is not None:
+            name = x["criterion"] + (f" α={_alpha(x['alpha'])}" if takes_alpha(x["criterion"]) else "")
+            d = x["vs_evit"]
+            delta = f" ({d['delta']:+.2f})" if d else ""
+            cell[(name, x["keep_rate"], x["fuse"])] = f"{x['top1']:.2f}{delta}"
+    names = sorted({k[0] for k in cell}, key=lambda n: (n.split()[0] != "evit", n))
+    head = "| criterion | " + " | ".join(f"keep {r:g} {'fused' if f else 'dropped'}" for r, f in cols) + " |"
+    out = [head, "|---|" + "---:|" * len(cols)]
+    for n in names:
+        out.append(f"| {n} | " + " | ".join(cell.get((n, r, f), "·") for r, f in cols) + " |")
+    return out
+
+
 def report(args, records: list[dict], val: ImageSet, timing: dict) -> None:
     calib = [is_calibration(s.path) for s in val.samples]
     evalh = [not c for c in calib]
@@ -196,7 +215,7 @@ def report(args, records: list[dict], val: ImageSet, timing: dict) -> None:
                 f"{pair['p_mcnemar']:.2f} | {rec['gmacs'] / evit['gmacs']:.3f} |"
             )
         policy_keep[f"{r:g}"] = entry
-    text = "\n".join(lines + choice_lines) + "\n"
+    text = "\n".join(lines + choice_lines + [""] + pivot(records, keeps)) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tables.md").write_text(text)
     (args.out / "records.json").write_text(
