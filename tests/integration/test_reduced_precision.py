@@ -46,7 +46,8 @@ def test_half_precision_runs(device, dtype, how, cfg):
     x = torch.randn(2, 3, 32, 32, device=device)
     if how == "weights":
         m, x = m.to(dtype), x.to(dtype)
-    rp.patch(m, keep_rate=0.5, locations=(1, 2), **cfg)
+    prune_kw = {} if cfg.get("method") == "tome" else dict(keep_rate=0.5, locations=(1, 2))
+    rp.patch(m, **prune_kw, **cfg)
     with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=how == "autocast"):
         out = m(x)
     assert out.shape == (2, 5) and torch.isfinite(out.float()).all()

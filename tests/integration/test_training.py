@@ -80,7 +80,7 @@ def test_saved_weights_load_for_eval(data, tmp_path):
 
 KILL_BETWEEN_WRITES = """
 import os, signal, sys, torch
-from renyiprune.training import checkpointNone
+from renyiprune.training import checkpoint
 path = sys.argv[1]
 checkpoint.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "position": {"global_step": 1}})
 real = os.replace
