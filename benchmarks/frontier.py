@@ -1,6 +1,6 @@
 """Accuracy against measured speed: images/s of every method of docs/results.md §4 at each budget.
 
-    python benchmarks/frontier.py [--reps 5] [--warmup 1] [--device cuda] [--render-only]
+    python benchmarks/frontier.py [--reps 5] [--warmup 1] [--threads N] [--device cuda] [--render-only]
 
 One interleaved run (``benchmark.benchmark_configs``) times the unpruned DeiT-Tiny and every method at
 the compute budgets 0.9 / 0.75 / 0.65 / 0.5 on one batch (64 images, 224 px, float32, random weights:
@@ -235,12 +235,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--render-only", action="store_true", help="plot and tables from the saved JSON")
     ap.add_argument("--no-doc", action="store_true", help="do not touch docs/performance.md")
     args = ap.parse_args()
     gpu = args.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = (RESULTS / "gpu" if gpu else RESULTS) / "frontier.json"
     if args.render_only:
         res = json.loads(out.read_text())

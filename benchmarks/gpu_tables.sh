@@ -12,5 +12,7 @@ PY="${PYTHON:-python}"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to measure')"
 "$PY" benchmarks/perf_tables.py --device cuda --only deit_small_224_fp32 deit_small_224_bf16 \
     deit_small_384_fp32 deit_small_384_bf16 deit_tiny_224_fp32 deit_tiny_224_bf16 "$@"
+"$PY" benchmarks/perf_tables.py --device cuda --memory-only --only deit_small_224_fp32 deit_small_224_bf16 \
+    deit_small_384_fp32 deit_small_384_bf16
 "$PY" benchmarks/frontier.py --device cuda "$@"
 echo "GPU tables written to docs/performance.md; JSON in benchmarks/results/gpu/"

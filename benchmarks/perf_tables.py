@@ -1,12 +1,15 @@
 """Regenerate the speed and memory tables of docs/performance.md: run ``bench`` settings, keep their JSON.
 
-    python benchmarks/perf_tables.py [--only NAME ...] [--reps 5] [--render-only] [--device cuda]
+    python benchmarks/perf_tables.py [--only NAME ...] [--reps 5] [--keeps 0.7,0.5] [--criteria evit,renyi:2]
+                                     [--threads N] [--memory-only] [--render-only] [--device cuda]
 
 Each setting is one in-process run (unpruned, the SDPA reference ViT of ``reference_vit.py``, and every
 criterion x keep rate, interleaved); its JSON goes to ``benchmarks/results/NAME.json`` (CPU) or
-``benchmarks/results/gpu/NAME.json`` (``--device cuda``). The tables of all JSON files present are then
-written into docs/performance.md between ``<!-- perf:start -->`` and ``<!-- perf:end -->`` (GPU:
-``perf-gpu``), with the load average of the machine before and after each run.
+``benchmarks/results/gpu/NAME.json`` (``--device cuda``). ``--memory-only`` measures only the peak
+memory (one forward per configuration: deterministic, no timing) into ``NAME_memory.json``. The tables
+of all JSON files present are then written into docs/performance.md between ``<!-- perf:start -->`` and
+``<!-- perf:end -->`` (memory: ``memory``; GPU: ``perf-gpu``, ``memory-gpu``), with the load average
+of the machine before and after each run.
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_vit import ReferenceViT  # noqa: E402
 
 from renyiprune.cli.bench import format_rows  # noqa: E402
-from renyiprune.experiments.benchmark import DTYPES, BenchRow, benchmark_configs, machine_info  # noqa: E402
+from renyiprune.experiments.benchmark import (  # noqa: E402
+    DTYPES,
+    BenchRow,
+    benchmark_configs,
+    forward_memory,
+    machine_info,
+)
 from renyiprune.models.model import create_model  # noqa: E402
 from renyiprune.planning.specs import PruneConfig  # noqa: E402
 
@@ -55,12 +64,27 @@ def load_average() -> list[float] | None:
         return None
 
 
-def run_setting(name: str, reps: int, warmup: int, device: str = "cpu") -> dict:
-    model_name, size, dtype, batch, keeps = SETTINGS[name]
+def parse_criteria(text: str) -> list[tuple[str, float]]:
+    """'evit,renyi:1,renyi:inf' -> [("evit", 1.0), ("renyi", 1.0), ("renyi", inf)]."""
+    out = []
+    for item in text.split(","):
+        name, _, alpha = item.strip().partition(":")
+        out.append((name, float(alpha) if alpha else 1.0))
+    return out
+
+
+def _configs(keeps, criteria) -> list[PruneConfig]:
+    return [PruneConfig(c, r, a, (3, 6, 9)) for r in keeps for c, a in criteria or CRITERIA]
+
+
+def run_setting(
+    name: str, reps: int, warmup: int, device: str = "cpu", keeps=None, reference: bool = True, criteria=None
+) -> dict:
+    model_name, size, dtype, batch, default_keeps = SETTINGS[name]
     torch.manual_seed(0)
     model = create_model(model_name, img_size=size).to(device)
     x = torch.randn(batch, 3, size, size, device=device)
-    configs = [PruneConfig(c, r, a, (3, 6, 9)) for r in keeps for c, a in CRITERIA]
+    configs = _configs(keeps or default_keeps, criteria)
     load_before = load_average()
     rows = benchmark_configs(
         model,
@@ -69,7 +93,7 @@ def run_setting(name: str, reps: int, warmup: int, device: str = "cpu") -> dict:
         dtype=DTYPES[dtype],
         reps=reps,
         warmup=warmup,
-        extra={"reference (SDPA)": ReferenceViT(model)},
+        extra={"reference (SDPA)": ReferenceViT(model)} if reference else None,
         progress=lambda m: print(f"{name}: {m}", file=sys.stderr, flush=True),
     )
     return dict(
@@ -84,6 +108,46 @@ def run_setting(name: str, reps: int, warmup: int, device: str = "cpu") -> dict:
         machine=machine_info(device),
         results=[r.to_dict() for r in rows],
     )
+
+
+def memory_setting(name: str, device: str = "cpu", keeps=None, criteria=None) -> dict:
+    """Peak memory only (one forward per configuration, whole forward and per block): no timing."""
+    from renyiprune.experiments.evaluate import pruned_view
+
+    model_name, size, dtype, batch, default_keeps = SETTINGS[name]
+    torch.manual_seed(0)
+    model = create_model(model_name, img_size=size).to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    rows = []
+    load_before = load_average()
+    for c in [PruneConfig(None), *_configs(keeps or default_keeps, criteria)]:
+        print(f"{name}: memory of {c.label}", file=sys.stderr, flush=True)
+        mem = forward_memory(pruned_view(model, c), x, DTYPES[dtype])
+        rows.append(dict(config=c.label, peak=mem.peak, block_peaks=mem.block_peaks))
+    return dict(name=name, model=model_name, image_size=size, dtype=dtype, batch_size=batch,
+                load_average_before=load_before, load_average_after=load_average(),
+                machine=machine_info(device), results=rows)  # fmt: skip
+
+
+def render_memory(results: list[dict]) -> str:
+    """One table per setting: whole-forward peak and ratio, the pruned part's (blocks 3-11) peak and
+    ratio, and the peak inside every block, in MB (2^20 bytes)."""
+    out = []
+    for res in results:
+        rows = res["results"]
+        base = rows[0]
+        base_part = max(base["block_peaks"][3:])
+        out.append(f"**{res['model']}**, {res['image_size']} px, batch {res['batch_size']}, {res['dtype']}: "
+                   "peak memory (MB) of one forward, pruning at blocks 3, 6, 9\n")  # fmt: skip
+        blocks = " | ".join(f"b{i}" for i in range(12))
+        out += [f"| config | peak | ratio | blocks 3-11 | ratio | {blocks} |", "|---|" + "---:|" * 16]
+        for r in rows:
+            part = max(r["block_peaks"][3:])
+            each = " | ".join(f"{b / 2**20:.0f}" for b in r["block_peaks"])
+            out.append(f"| {r['config']} | {r['peak'] / 2**20:.0f} | {r['peak'] / base['peak']:.3f} | "
+                       f"{part / 2**20:.0f} | {part / base_part:.3f} | {each} |")  # fmt: skip
+        out.append("")
+    return "\n".join(out)
 
 
 def rows_of(res: dict) -> list[BenchRow]:
@@ -130,24 +194,40 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (results go to benchmarks/results/gpu/)")
+    ap.add_argument("--keeps", type=lambda t: [float(v) for v in t.split(",")], default=None,
+                    help="keep rates instead of the setting's 0.9,0.7,0.5")
+    ap.add_argument("--criteria", type=parse_criteria, default=None,
+                    help="instead of evit,renyi:1,renyi:2,renyi:inf (name[:alpha], comma list)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--no-reference", action="store_true", help="leave out the SDPA reference ViT")
+    ap.add_argument("--memory-only", action="store_true", help="peak memory only, no timing")
     ap.add_argument("--render-only", action="store_true", help="only rewrite the doc from saved JSON")
     ap.add_argument("--no-doc", action="store_true", help="do not touch docs/performance.md")
     args = ap.parse_args()
     gpu = args.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     folder = RESULTS / "gpu" if gpu else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
-    names = args.only or DEFAULT
+    suffix = "_memory" if args.memory_only else ""
     if not args.render_only:
-        for name in names:
-            res = run_setting(name, args.reps, args.warmup, args.device)
-            (folder / f"{name}.json").write_text(json.dumps(res, indent=1, default=str))
-            print(render([res]))
-    files = [folder / f"{n}.json" for n in SETTINGS]
+        for name in args.only or DEFAULT:
+            if args.memory_only:
+                res = memory_setting(name, args.device, args.keeps, args.criteria)
+                text = render_memory([res])
+            else:
+                ref = not args.no_reference
+                res = run_setting(name, args.reps, args.warmup, args.device, args.keeps, ref, args.criteria)
+                text = render([res])
+            (folder / f"{name}{suffix}.json").write_text(json.dumps(res, indent=1, default=str))
+            print(text)
+    files = [folder / f"{n}{suffix}.json" for n in SETTINGS]
     saved = [json.loads(f.read_text()) for f in files if f.exists()]
     if not args.no_doc:
-        update_doc(render(saved), "perf-gpu" if gpu else "perf")
+        marker = ("memory" if args.memory_only else "perf") + ("-gpu" if gpu else "")
+        update_doc(render_memory(saved) if args.memory_only else render(saved), marker)
 
 
 if __name__ == "__main__":

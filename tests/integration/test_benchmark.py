@@ -110,3 +110,22 @@ def test_forward_memory_per_block():
     assert all(0 <= p - f < 1024 for p, f in zip(pruned.block_peaks[:2], full.block_peaks[:2], strict=True))
     assert all(p < 0.95 * full.block_peaks[1] for p in pruned.block_peaks[2:])
     assert pruned.peak_from(3) == max(pruned.block_peaks[3:]) and pruned.peak_from(None) == pruned.peak
+
+
+@pytest.mark.slow
+def test_streamed_top1_identical_to_explicit_on_shared_images(shared_assets):
+    """Real DeiT-Tiny weights, float32, keep 0.7: the streamed pruning blocks predict exactly what the
+    explicit ones do on the first 300 shared images, for EViT and Rényi alpha = 1, 2, inf
+    (``benchmarks/streamed_agreement.py`` runs all 1000; docs/performance.md has its result)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from streamed_agreement import agreement
+
+    stats = agreement(shared_assets / "imagenet-sample-1000",
+                      shared_assets / "weights" / "deit_tiny_patch16_224.safetensors", limit=300,
+                      progress=False)  # fmt: skip
+    for name, got in stats.items():
+        assert got["images"] == 300 and got["differ"] == 0, (name, got)
+        assert got["top1_streamed"] == got["top1_explicit"] > 60.0, (name, got)
