@@ -7,6 +7,7 @@ different numbers of images and batches, and the last batch is short.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -213,13 +214,13 @@ def test_a_collective_that_cannot_complete_raises(tmp_path, other):
     p = run([*TORCHRUN, str(script), other], env={D.TIMEOUT_ENV: "3"}, timeout=120)
     elapsed = time.perf_counter() - t0
     assert p.returncode != 0
-    raised = [ln for ln in p.stdout.splitlines() if "raised after" in ln]
-    # rank 0 waits in a collective rank 1 never joins; with a barrier on rank 1 both time out, either first
-    rank0 = [ln for ln in raised if ln.startswith("rank 0")]
-    assert rank0, p.stdout + p.stderr[-2000:]
-    waited = float(rank0[0].split("raised after ")[1].split(" s")[0])
-    assert 2.5 <= waited < 30, raised  # the 3 s timeout, not a hang (rank 1 would sleep 300 s)
-    assert "Timed out" in rank0[0]
+    # rank 0 waits in a collective rank 1 never joins; with a barrier on rank 1 both time out, and the two
+    # ranks' lines may interleave on one line of the launcher's output
+    m = re.search(r"rank 0 raised after ([0-9.]+) s: (.*?)(?=rank \d raised after|$)", p.stdout, re.S | re.M)
+    assert m, p.stdout + p.stderr[-2000:]
+    waited = float(m.group(1))
+    assert 2.5 <= waited < 30, p.stdout  # the 3 s timeout, not a hang (rank 1 would sleep 300 s)
+    assert "Timed out" in m.group(2)
     assert elapsed < 100
 
 
