@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from perf_tables import load_average, update_doc  # noqa: E402
+from perf_tables import add_run_args, load_average, update_doc, use_device  # noqa: E402
 
 from renyiprune.experiments.benchmark import benchmark_configs, machine_info  # noqa: E402
 from renyiprune.models.model import create_model  # noqa: E402
@@ -231,19 +231,10 @@ def plot(res: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--render-only", action="store_true", help="plot and tables from the saved JSON")
-    ap.add_argument("--no-doc", action="store_true", help="do not touch docs/performance.md")
+    add_run_args(ap)
     args = ap.parse_args()
-    gpu = args.device.startswith("cuda")
-    if gpu and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    gpu = use_device(args)
     out = (RESULTS / "gpu" if gpu else RESULTS) / "frontier.json"
     if args.render_only:
         res = json.loads(out.read_text())

@@ -188,27 +188,38 @@ def update_doc(text: str, marker: str, doc: Path = DOC) -> None:
     doc.write_text(src[:i] + "\n" + text + "\n" + src[j:])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="*", choices=sorted(SETTINGS), default=None, help=f"default: {DEFAULT}")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
+def add_run_args(ap: argparse.ArgumentParser) -> None:
+    """The timing options every benchmark script shares."""
+    ap.add_argument("--reps", type=int, default=5, help="timed interleaved rounds")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (results go to benchmarks/results/gpu/)")
-    ap.add_argument("--keeps", type=lambda t: [float(v) for v in t.split(",")], default=None,
-                    help="keep rates instead of the setting's 0.9,0.7,0.5")
-    ap.add_argument("--criteria", type=parse_criteria, default=None,
-                    help="instead of evit,renyi:1,renyi:2,renyi:inf (name[:alpha], comma list)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--no-reference", action="store_true", help="leave out the SDPA reference ViT")
-    ap.add_argument("--memory-only", action="store_true", help="peak memory only, no timing")
     ap.add_argument("--render-only", action="store_true", help="only rewrite the doc from saved JSON")
     ap.add_argument("--no-doc", action="store_true", help="do not touch docs/performance.md")
-    args = ap.parse_args()
+
+
+def use_device(args: argparse.Namespace) -> bool:
+    """Check ``--device`` and apply ``--threads``; True when the run is on a GPU."""
     gpu = args.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     if args.threads:
         torch.set_num_threads(args.threads)
+    return gpu
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", choices=sorted(SETTINGS), default=None, help=f"default: {DEFAULT}")
+    add_run_args(ap)
+    ap.add_argument("--keeps", type=lambda t: [float(v) for v in t.split(",")], default=None,
+                    help="keep rates instead of the setting's 0.9,0.7,0.5")
+    ap.add_argument("--criteria", type=parse_criteria, default=None,
+                    help="instead of evit,renyi:1,renyi:2,renyi:inf (name[:alpha], comma list)")
+    ap.add_argument("--no-reference", action="store_true", help="leave out the SDPA reference ViT")
+    ap.add_argument("--memory-only", action="store_true", help="peak memory only, no timing")
+    args = ap.parse_args()
+    gpu = use_device(args)
     folder = RESULTS / "gpu" if gpu else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
     suffix = "_memory" if args.memory_only else ""

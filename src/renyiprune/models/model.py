@@ -225,30 +225,21 @@ def register_model(spec: ModelSpec) -> ModelSpec:
 
 
 _DEIT = "https://dl.fbaipublicfiles.com/deit/"
-register_model(
-    ModelSpec(
-        "deit_tiny_patch16_224",
-        dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
-        url=_DEIT + "deit_tiny_patch16_224-a1311bcf.pth",
-        sha256="a1311bcf",
+# DeiT (Touvron et al. 2021): name, width, heads, and the hash prefix the published file name carries.
+for _name, _dim, _heads, _sha in (
+    ("deit_tiny_patch16_224", 192, 3, "a1311bcf"),
+    ("deit_small_patch16_224", 384, 6, "cd65a155"),
+    ("deit_base_patch16_224", 768, 12, "b5f2ef4d"),
+):
+    register_model(
+        ModelSpec(
+            _name,
+            dict(patch_size=16, embed_dim=_dim, depth=12, num_heads=_heads),
+            url=f"{_DEIT}{_name}-{_sha}.pth",
+            sha256=_sha,
+        )
     )
-)
-register_model(
-    ModelSpec(
-        "deit_small_patch16_224",
-        dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
-        url=_DEIT + "deit_small_patch16_224-cd65a155.pth",
-        sha256="cd65a155",
-    )
-)
-register_model(
-    ModelSpec(
-        "deit_base_patch16_224",
-        dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
-        url=_DEIT + "deit_base_patch16_224-b5f2ef4d.pth",
-        sha256="b5f2ef4d",
-    )
-)
+
 register_model(
     ModelSpec(
         "vit_base_patch16_224",
