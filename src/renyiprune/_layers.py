@@ -2,7 +2,7 @@
 
 Each entry is a subpackage or module of ``renyiprune``; a module belongs to the longest entry its name
 starts with, and a package's ``__init__`` to the highest layer inside that package. The core is listed
-module by module, so that its own order (entropy -> attention -> criteria -> selection/merging -> state ->
+module by module (and so are the models, data, planning and experiments packages), so that its own order (entropy -> attention -> criteria -> selection/merging -> state ->
 blocks -> prune/merge) is checked too. ``tests/unit/test_layers.py`` walks every import of every module
 (function-level ones included) and fails on an upward import or a cycle; docs/architecture.md draws it.
 The package root (``renyiprune/__init__.py``, the public API) and ``__main__`` stand above all layers.
@@ -24,11 +24,27 @@ LAYERS: tuple[str, ...] = (
     "core.blocks",  # the pruning/merging block mixins
     "core.api",  # prune, merge, apply, share_parameters
     "adapters",  # Hugging Face and timm hosts (register into core.hosts)
-    "models",  # renyiprune's ViT, weights, HF weight conversion, ONNX export
-    "data",  # images and transforms, named data sets, training augmentation
-    "planning",  # GMACs, budget planner, configuration specs, build_plan, tuned policies
+    "models.weights",  # weight files: safetensors/.pth reading, verified downloads, pos-embed resampling
+    "models.model",  # renyiprune's VisionTransformer and its registry of named variants
+    "models.hf",  # Hugging Face weight names <-> ours
+    "models.export",  # ONNX export of a pruned model
+    "data.images",  # image folders, decoding, the evaluation transform
+    "data.augment",  # training augmentation
+    "data.datasets",  # named data sets (Flowers-102, FGVC-Aircraft, ImageNet-100, Stanford Cars, ...)
+    "planning.flops",  # GMACs of a (pruned) forward
+    "planning.specs",  # PruneConfig: a configuration as the CLI and policy files write it
+    "planning.budget",  # plan_for_budget: a keep rate or r for a GMACs fraction
+    "planning.build",  # build_plan: a plan from patch() keywords
+    "planning.policy",  # tuned policies: policy.best
     "api",  # patch(**kwargs): the keyword convenience over plans and planners
-    "experiments",  # evaluate, sweep, probe, tune, stats, tables, benchmark, pareto
+    "experiments.stats",  # paired intervals, McNemar
+    "experiments.tables",  # CSV / Markdown tables of results
+    "experiments.tune",  # calibration / evaluation split, choosing on calibration
+    "experiments.evaluate",  # top-1/top-5, GMACs, images/s of pruning configurations
+    "experiments.sweep",  # resumable sweeps over configurations on decoded images
+    "experiments.benchmark",  # interleaved timing and peak memory
+    "experiments.probe",  # linear probes under pruning
+    "experiments.pareto",  # Pareto plots
     "training",  # fine-tuning with pruning, checkpoints
     "viz",  # attention inspection, plots, HTML report
     "cli",  # the renyiprune command
