@@ -62,12 +62,15 @@ def configs() -> list[PruneConfig]:
         return out
 
     first = ["evit", "renyi"]
-    single = [c for c in list_criteria() if c not in first and not takes_alpha(c)]
+    # the criteria that spread the kept set led the earlier shared-head sweep: candidates for "best"
+    spread = [c for c in ("column_norm", "pagerank", "diverse", "headvar") if c in list_criteria()]
+    single = [c for c in list_criteria() if c not in first + spread and not takes_alpha(c)]
     ordered = [c for c in list_criteria() if c not in first and takes_alpha(c)]
     order = [PruneConfig(None)]
-    order += grid(first, (0.7, 0.5, 0.9), True)  # the method's setting and its baseline first
+    order += grid(first, (0.7, 0.5), True)  # the method's setting and its baseline first (the targets)
+    order += grid(spread, (0.7, 0.5), True) + grid(first, (0.9,), True)
     order += grid(single, (0.7, 0.5), True) + grid(ordered, (0.7, 0.5), True)
-    order += grid(single + ordered, (0.9,), True) + grid(first, (0.7, 0.5, 0.9), False)
+    order += grid(spread + single + ordered, (0.9,), True) + grid(first, (0.7, 0.5, 0.9), False)
     return list(dict.fromkeys(order))
 
 
