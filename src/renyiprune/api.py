@@ -10,36 +10,38 @@ it does can be written with the plan API directly::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable
+from typing import Any, ParamSpec
 
 from torch import nn
 
 from .core.api import apply, unpatch
-from .core.criteria import Criterion
 from .core.hosts import UnsupportedModelError, find_host, model_name
 from .planning import policy
 from .planning.build import DEFAULT_KEEP_RATE, build_plan
 
 __all__ = ["patch"]
 
+P = ParamSpec("P")
+Patcher = Callable[..., nn.Module]
 
-def patch(
-    model: nn.Module,
-    keep_rate: float | Sequence[float] | None = None,
-    criterion: str | Criterion | Sequence[str | Criterion] | None = None,
-    alpha: float | Sequence[float] = 1.0,
-    locations: Sequence[int] | None = None,
-    fuse: bool = False,
-    *,
-    removed: str | None = None,
-    method: str = "prune",
-    r: int | Sequence[int] = 16,
-    schedule: str = "constant",
-    budget: float | None = None,
-    tokens: int | Sequence[int] | None = None,
-    fusion: str | None = None,
-    **criterion_options,
-) -> nn.Module:
+
+def _parameters_of(build: Callable[P, object]) -> Callable[[Patcher], Callable[P, nn.Module]]:
+    """Give the decorated function the parameters of ``build`` (listed once, there), for ``help()``, IDEs
+    and type checkers; the first, the model, is required."""
+
+    def give(fn: Patcher) -> Callable[P, nn.Module]:
+        model, *rest = inspect.signature(build).parameters.values()
+        model = model.replace(annotation="nn.Module", default=inspect.Parameter.empty)
+        fn.__signature__ = inspect.Signature([model, *rest], return_annotation="nn.Module")
+        return fn
+
+    return give
+
+
+@_parameters_of(build_plan)
+def patch(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
     """Make ``model`` reduce its tokens in place and return it.
 
     ``method="prune"`` (EViT-style): at each block in ``locations`` (0-based, default (3, 6, 9)), after
@@ -64,23 +66,22 @@ def patch(
     (``planning.policy.best``) is used: per keep rate, or per budget the policy's method.
     Patching a patched model reconfigures it.
     """
+    given = inspect.signature(build_plan).bind(model, *args, **kwargs)
+    given.apply_defaults()
+    a = given.arguments
+    budget = a["budget"]
     if budget is not None and find_host(model) is not None:
         raise UnsupportedModelError(
             f"budget= is not supported for {type(model).__name__}; pass keep_rate (or r for ToMe)"
         )
     if budget is not None:
         unpatch(model)  # the budget is solved on a parameter-sharing copy of the unpatched model
-    if criterion == "best" and method == "prune":
-        keep = None if budget is not None else DEFAULT_KEEP_RATE if keep_rate is None else keep_rate
+    if a["criterion"] == "best" and a["method"] == "prune":
+        keep = None if budget is not None else DEFAULT_KEEP_RATE if a["keep_rate"] is None else a["keep_rate"]
         plan = policy.best(
-            model_name(model), keep, budget, model=model, locations=locations, removed=removed, fuse=fuse,
-            fusion=fusion, tokens=tokens,
-            **criterion_options,
+            model_name(model), keep, budget, model=model, locations=a["locations"], removed=a["removed"],
+            fuse=a["fuse"], fusion=a["fusion"], tokens=a["tokens"], **a["criterion_options"],
         )  # fmt: skip
     else:
-        plan = build_plan(
-            model, keep_rate, criterion, alpha, locations, fuse, removed=removed, method=method, r=r,
-            schedule=schedule, budget=budget, tokens=tokens, fusion=fusion, **criterion_options,
-        )  # fmt: skip
+        plan = build_plan(*given.args, **given.kwargs)
     return apply(model, plan)
-

@@ -1,4 +1,4 @@
-"""Compute budgets across methods: token-count schedules, sweep --budgets, the policy's budget section,
+"""Compute budgets across methods: token-count schedules, sweep --budget, the policy's budget section,
 patch(criterion="best", budget=F) and tune-budget's calibration-only choice."""
 
 import argparse
@@ -79,7 +79,7 @@ def test_decreasing_tome_budget_is_the_smallest_r_that_fits():
 
 
 def test_sweep_budgets_build_tome_and_pruning_configs():
-    ns = argparse.Namespace(fuse=[False], locations=(3, 6, 9), budgets=[0.65, 0.5], keep=[0.7], alphas=[2.0],
+    ns = argparse.Namespace(fuse=[False], locations=(3, 6, 9), budget=[0.65, 0.5], keep=[0.7], alpha=[2.0],
                             lambdas=[0.5])  # fmt: skip
     cfgs = build_configs(ns, ["tome", "tome[entropy_weight=0.05;alpha=inf]", "evit[removed=merge]", "renyi"])
     got = {(c.criterion, c.alpha, c.options) for c in cfgs}
@@ -179,7 +179,7 @@ def test_tune_budget_chooses_on_calibration_images_only(shared_assets, tmp_path,
     assert "| criterion | budget 0.5 |" in table and "unpruned (reference)" in table
     assert (tmp_path / "pareto.png").stat().st_size > 1000
     args = build_parser().parse_args(argv)
-    assert args.budgets == [0.5]
+    assert args.budget == [0.5]
 
 
 def test_eval_tokens_flag_builds_count_schedules(tmp_path):

@@ -7,6 +7,7 @@ cases run as real processes to check that nothing but the message reaches the te
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -76,11 +77,11 @@ TYPED = [  # (bad arguments, what the message must name), for every command taki
     (["--locations", "3,12"], "out of range"),
     (["--weights", "/nonexistent/w.safetensors"], "no such file"),
 ]
-OPTIONS = {  # which option names each command has (alpha is --alphas in sweep/tune-alpha/visualize)
+OPTIONS = {  # which option names each command has (one spelling each: docs/cli.md, "Flag vocabulary")
     "bench": {"--model", "--alpha", "--keep", "--locations", "--weights"},
-    "sweep": {"--model", "--alphas", "--keep", "--locations", "--weights"},
-    "tune-alpha": {"--model", "--alphas", "--keep", "--locations", "--weights"},
-    "visualize": {"--model", "--alphas", "--keep", "--locations", "--weights"},
+    "sweep": {"--model", "--alpha", "--keep", "--locations", "--weights"},
+    "tune-alpha": {"--model", "--alpha", "--keep", "--locations", "--weights"},
+    "visualize": {"--model", "--alpha", "--keep", "--locations", "--weights"},
     "train": {"--model", "--alpha", "--keep", "--locations", "--weights"},
     "export": {"--model", "--alpha", "--keep", "--locations", "--weights"},
     "convert": {"--model"},
@@ -88,9 +89,8 @@ OPTIONS = {  # which option names each command has (alpha is --alphas in sweep/t
 CASES = []
 for _cmd, _opts in OPTIONS.items():
     for _bad, _needle in TYPED:
-        _opt = _bad[0] if _bad[0] in _opts else _bad[0] + "s" if _bad[0] + "s" in _opts else None
-        if _opt is not None:
-            CASES.append((_cmd, [_opt, *_bad[1:]], _needle))
+        if _bad[0] in _opts:
+            CASES.append((_cmd, _bad, _needle))
 
 
 @pytest.mark.parametrize("cmd,bad,needle", CASES, ids=[f"{c}{' '.join(b)}" for c, b, _ in CASES])
@@ -112,12 +112,16 @@ def test_bad_data_folders(cmd, which, needle, weights, dirs, capsys):
 @pytest.mark.parametrize("args,needle", [
     (["export", "--criterion", "bogus"], "unknown criterion"),
     (["export", "--onnx", "model.txt"], ".onnx"),
-    (["bench", "--criteria", "bogus"], "unknown criterion"),
+    (["bench", "--criterion", "bogus"], "unknown criterion"),
     (["bench", "--batch-size", "0"], "batch-size"),
+    (["bench", "--budget", "1.5"], "budget"),
     (["train", "--criterion", "bogus"], "unknown criterion"),
     (["train", "--epochs", "0"], "epochs"),
-    (["sweep", "--criteria", "bogus"], "unknown criterion"),
-    (["sweep", "--lambdas", "2"], "lambdas"),
+    (["sweep", "--criterion", "bogus"], "unknown criterion"),
+    (["sweep", "--lambda", "2"], "lambda"),
+    (["sweep", "--budget", "0"], "budget"),
+    (["sweep", "--budget", "0.5,renyi"], "budget"),
+    (["visualize", "--keep", "0.5,0.7"], "one keep rate"),
     (["visualize", "--format", "gif"], "format"),
     (["download", "imagenet"], "invalid choice"),
 ])  # fmt: skip
@@ -149,3 +153,25 @@ def test_real_process_prints_only_the_message(args, needle):
     p = subprocess.run([sys.executable, "-m", "renyiprune", *args], capture_output=True, text=True)
     assert p.returncode == 2 and needle in p.stderr
     assert "Traceback" not in p.stderr and p.stdout == ""
+
+
+def test_visualize_failing_midway_leaves_out_as_it_was(weights, tmp_path, capsys):
+    """The first image's figures are rendered before the second (corrupt) one stops the run: none of them,
+    and no index.html, reach --out, whose earlier content is untouched."""
+    import tempfile
+
+    good, bad = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(good)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.txt").write_text("kept")
+    scratch = lambda: set(Path(tempfile.gettempdir()).glob("renyiprune-visualize-*"))  # noqa: E731
+    before = scratch()
+    args = ["visualize", "--weights", weights, str(good), str(bad), "--batch-size", "1", "--alpha", "2",
+            "--criterion", "evit", "--out", str(out), "--no-progress"]  # fmt: skip
+    check(args, "cannot read image", capsys)
+    assert [p.name for p in out.iterdir()] == ["earlier.txt"]
+    assert (out / "earlier.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "out"]
+    assert scratch() == before  # the scratch folder is gone too

@@ -156,7 +156,7 @@ def test_criterion_tokens_with_alpha_options_and_stages():
     assert parse_options("base=headvar;norm=4;robust=true;lam=0.5") == {
         "base": "headvar", "norm": 4, "robust": True, "lam": 0.5,
     }  # fmt: skip
-    args = argparse.Namespace(fuse=[True], alphas=[1.0, 2.0], lambdas=[0.5, 0.9], keep=[0.7], locations=(3,))
+    args = argparse.Namespace(fuse=[True], alpha=[1.0, 2.0], lambdas=[0.5, 0.9], keep=[0.7], locations=(3,))
     cfgs = build_configs(args, ["renyi:inf", "hybrid[base=headvar]", "headvar@3+evit@6", "renyi"])
     assert [(c.criterion, c.alpha, c.options) for c in cfgs] == [
         ("renyi", float("inf"), ()),

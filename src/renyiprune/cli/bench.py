@@ -29,21 +29,22 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--model", type=common.model_name, default="deit_small_patch16_224")
     p.add_argument("--weights", type=common.existing_path, default=None, help="weights (default: random)")
-    p.add_argument("--keep", type=common.keep_rates, default=[0.9, 0.7, 0.5], help="keep rates")
+    p.add_argument("--keep", type=common.keep_rates, default=[0.9, 0.7, 0.5], help="keep rate(s) in (0, 1]")
     arg = p.add_argument
-    arg("--criteria", "--criterion", dest="criteria", type=common.names, default=["evit", "renyi"],
+    arg("--criterion", type=common.names, default=["evit", "renyi"],
         help=f"comma list of: tome, best, {', '.join(list_criteria())} (those with an order take each "
         "--alpha), or a per-stage spec renyi:2@3,evit@6,evit@9; the unpruned model always runs")
+    common.add_old_spelling(p, "--criteria", "criterion", type=common.names)
     arg("--fuse", action="store_true", help="fuse the pruned tokens into one (EViT)")
     arg("--removed", choices=["drop", "fuse", "merge"], default=None,
         help="what happens to pruned tokens: drop, fuse (= --fuse) or merge into the most similar kept token")
     arg("--alpha", type=common.alphas, default=[2.0], help="Rényi order(s), e.g. 1,2,inf")
     arg("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
-    arg("--budget", type=common.keep_rates, default=None,
+    arg("--budget", type=common.budgets, default=None,
         help="compute budget(s) F in (0, 1] instead of --keep: keep rate / ToMe r solved for GMACs <= F")
     counts = common._typed(lambda t: tuple(int(v) for v in t.split(",")), "token counts")
     arg("--tokens", type=counts, default=None, help="patches kept at each location, instead of --keep")
-    arg("--method", choices=["prune", "tome"], default="prune", help="tome: same as --criteria tome")
+    arg("--method", choices=["prune", "tome"], default="prune", help="tome: same as --criterion tome")
     arg("--tome-r", type=common._typed(lambda t: [int(v) for v in t.split(",")], "r list"), default=[16],
         help="tome: tokens merged after every block (comma list)")
     arg("--schedule", choices=["constant", "decreasing"], default="constant", help="tome: r schedule")
@@ -72,7 +73,7 @@ def configs_from_args(args: argparse.Namespace) -> list[PruneConfig]:
     schedule) and, where it takes one, each --alpha, grouped by keep rate; then eval's configurations
     for tome, best and per-stage specs."""
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731  (older namespaces)
-    criteria = eval_cli._criteria(args.criteria)
+    criteria = eval_cli._criteria(args.criterion)
     if get("method") == "tome" and "tome" not in criteria:
         criteria = ["tome"]
     if get("tokens") is not None and get("budget") is not None:

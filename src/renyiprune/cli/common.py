@@ -52,8 +52,16 @@ def _list(item):
     return lambda text: [item(t) for t in text.split(",") if t.strip()]
 
 
+def _budget(text: str) -> float:
+    f = float(text)
+    if not 0.0 < f <= 1.0:  # also rejects NaN
+        raise ValueError("a budget is a fraction of the unpruned model's GMACs, in (0, 1]")
+    return f
+
+
 keep_rate = _typed(lambda t: check_keep_rate(float(t)), "keep rate")
 keep_rates = _typed(_list(lambda t: check_keep_rate(float(t))), "keep rates")
+budgets = _typed(_list(_budget), "budgets")
 alpha = _typed(parse_alpha, "alpha")
 alphas = _typed(_list(parse_alpha), "alphas")
 names = _typed(_list(str.strip), "list")
@@ -84,6 +92,12 @@ def existing_path(text: str) -> Path:
     if not p.exists():
         raise argparse.ArgumentTypeError(f"{text}: no such file or directory")
     return p
+
+
+def add_old_spelling(p: argparse.ArgumentParser, old: str, dest: str, **kwargs) -> None:
+    """Accept ``old``, an earlier spelling of an option, as the option writing ``dest``; ``--help``
+    leaves it out (the shared vocabulary: docs/cli.md)."""
+    p.add_argument(old, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -49,6 +49,23 @@ def add_parser(sub) -> None:
         required=True,
         help="folder with labels.tsv (file, class_index, ...) or an ImageFolder tree",
     )
+    add_config_args(p)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="run the forwards under torch.autocast in this dtype (entropy stays float32)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images in listing order")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable images (counted) instead of stopping"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run)
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """The arguments that make up the pruning configurations (read by ``configs_from_args``): eval's,
+    and probe's unchanged."""
     p.add_argument(
         "--criterion",
         type=common.names,
@@ -88,23 +105,12 @@ def add_parser(sub) -> None:
     p.add_argument("--merge-order", choices=list_merge_orders(), default="entropy",
                    help="tome with --entropy-weight: which tokens merge first (entropy: diffuse attention; "
                    "cls_attention: least attended by CLS)")
-    p.add_argument("--budget", type=common.keep_rates, default=None,
+    p.add_argument("--budget", type=common.budgets, default=None,
                    help="compute budget(s) F in (0, 1]: solve keep rate / r for GMACs <= F x unpruned")
     p.add_argument("--direction", choices=["row", "column"], default=None, help="renyi: row or column")
     p.add_argument("--heads", choices=["mean", "pooled"], default=None, help="renyi: head aggregation")
     p.add_argument("--cls-key", choices=["include", "exclude"], default=None, help="renyi: CLS key")
     p.add_argument("--seed", type=int, default=None, help="random criterion seed")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="run the forwards under torch.autocast in this dtype (entropy stays float32)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images in listing order")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument(
-        "--skip-bad", action="store_true", help="skip unreadable images (counted) instead of stopping"
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(run=run)
 
 
 def _fusion(args: argparse.Namespace) -> str | None:

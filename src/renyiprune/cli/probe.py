@@ -1,6 +1,6 @@
 """``renyiprune probe``: linear probe of a frozen, pruned ViT on a new label set (fine-grained data).
 
-The pruning configurations use ``eval``'s grammar (its own arguments and ``configs_from_args``):
+The pruning configurations use ``eval``'s grammar (``add_config_args`` and ``configs_from_args``):
 criteria x --alpha x --keep, --fuse / --removed, --budget, --criterion best with --policy, none, tome.
 """
 
@@ -19,39 +19,13 @@ from ..models.model import get_spec
 from . import common
 from . import eval as eval_cmd
 
-#: eval's arguments that make up the pruning configurations; probe takes them unchanged.
-CONFIG_DESTS = ("criterion", "alpha", "policy", "keep", "locations", "tokens", "fuse", "removed", "tome_r",
-                "schedule", "method", "entropy_weight", "merge_order", "budget", "direction", "heads",
-                "cls_key", "seed")  # fmt: skip
 DEFAULT_TRANSFORM = "resize"
 _REPO = Path(__file__).resolve().parents[3]
-
-
-class _Capture:
-    """Stands in for the subparsers object so that ``eval.add_parser`` fills a scratch parser."""
-
-    def __init__(self) -> None:
-        self.parser = argparse.ArgumentParser(add_help=False)
-
-    def add_parser(self, *args, **kwargs) -> argparse.ArgumentParser:
-        return self.parser
-
-
-def config_arguments() -> argparse.ArgumentParser:
-    """A parent parser holding eval's configuration arguments (the same actions: names, types, help)."""
-    scratch = _Capture()
-    eval_cmd.add_parser(scratch)
-    parent = argparse.ArgumentParser(add_help=False)
-    for action in scratch.parser._actions:
-        if action.dest in CONFIG_DESTS:
-            parent._add_action(action)
-    return parent
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "probe",
-        parents=[config_arguments()],
         help="linear probe under pruning: logistic-regression head on pruned CLS features, top-1/top-5",
         description="Run the frozen model's pruned forward on --train and --eval images, fit a multinomial "
         "logistic-regression head on the final CLS features of --train (L2 strength chosen on a held-out "
@@ -60,6 +34,7 @@ def add_parser(sub) -> None:
         "Images are decoded once and the blocks before the first pruning location run once per image.",
     )
     common.add_model_args(p)
+    eval_cmd.add_config_args(p)
     p.add_argument("--train", required=True, help="training images: a labels.tsv/ImageFolder folder, or a "
                    "split name with --dataset")  # fmt: skip
     p.add_argument("--eval", nargs="+", required=True, help="evaluation folder(s) (or split names)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -47,35 +48,68 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
 def add_data_args(p: argparse.ArgumentParser) -> None:
     """Arguments shared by sweep and tune-alpha: the images and the grid of keep rates, α, λ, fusion."""
     add_image_args(p)
-    p.add_argument("--keep", type=common.keep_rates, default=[0.5, 0.6, 0.7, 0.8, 0.9], help="keep rates")
-    p.add_argument("--alphas", type=common.alphas, default=[0.5, 1.0, 2.0, 3.0, float("inf")], help="Rényi α")
-    p.add_argument("--lambdas", type=common._typed(common._list(float), "lambdas"), default=[0.5],
-                   help="hybrid: weight of EViT's CLS attention, in [0, 1]")  # fmt: skip
-    p.add_argument("--fuse", type=_on_off, default=[False], help="off, on or off,on")
+    p.add_argument("--keep", type=common.keep_rates, default=[0.5, 0.6, 0.7, 0.8, 0.9],
+                   help="keep rate(s) in (0, 1]")
+    p.add_argument("--alpha", type=common.alphas, default=[0.5, 1.0, 2.0, 3.0, float("inf")],
+                   help="Rényi order(s) of the criteria that take one, e.g. 1,2,inf")
+    common.add_old_spelling(p, "--alphas", "alpha", type=common.alphas)
+    lambdas = common._typed(common._list(float), "lambdas")
+    p.add_argument("--lambda", dest="lambdas", metavar="LAMBDA", type=lambdas, default=[0.5],
+                   help="hybrid: weight(s) of EViT's CLS attention, in [0, 1]")
+    common.add_old_spelling(p, "--lambdas", "lambdas", type=lambdas)
+    p.add_argument("--fuse", type=_on_off, nargs="?", const=[True], default=[False],
+                   help="off, on or off,on (alone: on)")
+
+
+class BudgetOrAdaptive(argparse.Action):
+    """``--budget F,...``: compute budgets. ``--budget NAMES`` (criteria, not numbers), the old spelling of
+    ``--adaptive NAMES``, still selects the per-image adaptive mode, with a note on stderr."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items = [t.strip() for t in values.split(",") if t.strip()]
+        if items and not any(_is_number(t) for t in items):
+            print(f"{parser.prog}: note: --budget {values} (criteria) is deprecated; the per-image adaptive "
+                  f"mode is --adaptive {values}", file=sys.stderr)  # fmt: skip
+            namespace.adaptive = [*getattr(namespace, "adaptive", []), *items]
+            return
+        try:
+            namespace.budget = common.budgets(values)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentError(self, str(e)) from None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "sweep",
-        help="evaluate criteria x alphas x keep rates x fusion on the same images (resumable)",
+        help="evaluate criteria x alphas x keep rates (or budgets) x fusion on the same images (resumable)",
         description="Decode every image once, run the blocks before the first pruning location once, then "
         "each configuration; finished ones are appended to OUT/results.jsonl and skipped on a rerun. Writes "
         "OUT/results.csv, OUT/results.md and OUT/pareto.png/.svg.",
     )
     add_data_args(p)
     p.add_argument(
-        "--criteria",
+        "--criterion",
         type=common.names,
         default=["evit", "random", "renyi"],
         help=f"comma list of {', '.join(list_criteria())}; renyi:2 = one alpha; hybrid[base=headvar] = "
         "with options (k=v;k=v); per-stage: renyi:2@3+evit@6+evit@9",
     )
-    p.add_argument("--budget", type=common.names, default=[],
-                   help="criteria also run in per-image adaptive keep mode (keep rates calibrated per image)")
-    p.add_argument("--budgets", type=common.keep_rates, default=None,
-                   help="compute budgets F in (0, 1] instead of keep rates: each method's keep rate / r is "
+    common.add_old_spelling(p, "--criteria", "criterion", type=common.names)
+    p.add_argument("--budget", action=BudgetOrAdaptive, default=None,
+                   help="compute budget(s) F in (0, 1] instead of keep rates: each method's keep rate / r is "
                    "solved for GMACs <= F x unpruned; add tome (tome[schedule=decreasing], "
-                   "tome[entropy_weight=0.05;alpha=1]) and merging (evit[removed=merge]) to --criteria")
+                   "tome[entropy_weight=0.05;alpha=1]) and merging (evit[removed=merge]) to --criterion")
+    common.add_old_spelling(p, "--budgets", "budget", type=common.budgets)
+    p.add_argument("--adaptive", type=common.names, default=[],
+                   help="criteria also run in per-image adaptive keep mode (keep rates calibrated per image)")
     p.add_argument("--no-unpruned", action="store_true", help="leave out the unpruned reference")
     p.add_argument("--out", type=Path, required=True, help="output folder (results.jsonl is resumed)")
     p.set_defaults(run=run)
@@ -88,7 +122,7 @@ def parse_spec(spec: str, alphas) -> tuple[str, list[float], dict]:
     if "[" in crit and crit.endswith("]"):  # 'hybrid[base=headvar]': fixed criterion options
         crit, _, inner = crit[:-1].partition("[")
         extra = parse_options(inner)
-    # crossed with --alphas: criteria with an order (hybrid only while its base is the Rényi score)
+    # crossed with --alpha: criteria with an order (hybrid only while its base is the Rényi score)
     tuned = takes_alpha(crit, extra)
     alphas = list(alphas) if tuned else [1.0]
     if tuned and "alpha" in extra:  # 'evit_renyi[alpha=inf]' is 'evit_renyi:inf'
@@ -107,15 +141,17 @@ def parse_spec(spec: str, alphas) -> tuple[str, list[float], dict]:
     return crit, alphas, extra
 
 
-def build_configs(args: argparse.Namespace, criteria, budget=()) -> list[SweepConfig]:
-    """Cross criteria (alphas, lambdas where they apply) with keep rates (or compute budgets) and fusion."""
+def build_configs(args: argparse.Namespace, criteria, adaptive=()) -> list[SweepConfig]:
+    """Cross criteria (alphas, lambdas where they apply) with keep rates (or compute budgets) and fusion;
+    the ``adaptive`` criteria also in per-image adaptive keep mode. Reads ``args.keep``, ``fuse``,
+    ``locations``, ``lambdas``, ``alpha`` (absent: 1) and ``budget`` (absent: keep rates)."""
     configs = []
     locs = tuple(args.locations)
-    budgets = getattr(args, "budgets", None) or []
+    budgets = getattr(args, "budget", None) or []
     for fuse, (spec, is_budget) in itertools.product(
-        args.fuse, [(c, False) for c in criteria] + [(c, True) for c in budget]
+        args.fuse, [(c, False) for c in criteria] + [(c, True) for c in adaptive]
     ):
-        crit, alphas, extra = parse_spec(spec, args.alphas)
+        crit, alphas, extra = parse_spec(spec, getattr(args, "alpha", [1.0]))
         if crit == "tome":
             if budgets:  # ToMe does not fuse: one config per budget whatever --fuse says
                 configs += [SweepConfig("tome", 1.0, 1.0, (), False,
@@ -123,7 +159,7 @@ def build_configs(args: argparse.Namespace, criteria, budget=()) -> list[SweepCo
             elif "r" in extra:
                 configs.append(SweepConfig("tome", 1.0, 1.0, (), False, tuple(sorted(extra.items()))))
             else:
-                raise ValueError("tome in a sweep needs --budgets or an r: tome[r=16]")
+                raise ValueError("tome in a sweep needs --budget or an r: tome[r=16]")
             continue
         lams = args.lambdas if crit == "hybrid" else [None]
         points = [(r, None) for r in args.keep] if not budgets or is_budget else [(1.0, f) for f in budgets]
@@ -240,12 +276,12 @@ def check_image_args(args) -> None:
 def check_args(args) -> None:
     check_image_args(args)
     if any(not 0.0 <= lam <= 1.0 for lam in args.lambdas):
-        raise ValueError("--lambdas must be in [0, 1]")
+        raise ValueError("--lambda must be in [0, 1]")
 
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
-    configs = build_configs(args, args.criteria, args.budget)
+    configs = build_configs(args, args.criterion, args.adaptive)
     if not args.no_unpruned:
         configs.insert(0, SweepConfig(None, 1.0, 1.0, (), False))
     samples = list_samples(args.data)[: args.limit]

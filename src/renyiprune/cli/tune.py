@@ -51,7 +51,7 @@ def calibrate(args: argparse.Namespace, model, calib: list) -> dict[float, dict]
     if len(args.fuse) != 1:
         raise ValueError("tune-alpha tunes for one fusion setting: --fuse on or --fuse off")
     candidates = build_configs(args, args.criterion)
-    refs = build_configs(argparse.Namespace(**{**vars(args), "alphas": [1.0]}), REFERENCES)
+    refs = build_configs(argparse.Namespace(**{**vars(args), "alpha": [1.0]}), REFERENCES)
     configs = list(dict.fromkeys(candidates + refs))
     records, _ = sweep_samples(args, calib, configs, args.out / "calibration.jsonl", "calibration", model)
     rec = dict(zip(configs, records, strict=True))
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         "calibration_images": len(calib),
         "evaluation_images": len(evals),
         "candidates": sorted(set(args.criterion)),
-        "alphas": ["inf" if math.isinf(a) else a for a in args.alphas],
+        "alphas": ["inf" if math.isinf(a) else a for a in args.alpha],
         "lambdas": args.lambdas,
         "keep": {f"{r:g}": entry for r, entry in chosen.items()},
     }

@@ -35,11 +35,13 @@ def add_parser(sub) -> None:
         "evaluation half and write the policy's budget section.",
     )
     add_image_args(p)
-    p.add_argument("--budgets", type=common.keep_rates, default=[0.9, 0.75, 0.65, 0.5],
-                   help="compute budgets F in (0, 1]: GMACs <= F x unpruned")
-    p.add_argument("--candidates", type=common.names, default=list(DEFAULT_BUDGET_CANDIDATES),
-                   help="comma list of method specs: tome, tome[schedule=decreasing], "
+    p.add_argument("--budget", type=common.budgets, default=[0.9, 0.75, 0.65, 0.5],
+                   help="compute budget(s) F in (0, 1]: GMACs <= F x unpruned")
+    common.add_old_spelling(p, "--budgets", "budget", type=common.budgets)
+    p.add_argument("--criterion", type=common.names, default=list(DEFAULT_BUDGET_CANDIDATES),
+                   help="candidate methods, comma list of sweep specs: tome, tome[schedule=decreasing], "
                    "tome[entropy_weight=0.05;alpha=1], evit[removed=merge], renyi:2[removed=fuse], ...")
+    common.add_old_spelling(p, "--candidates", "criterion", type=common.names)
     p.add_argument("--report-all", action="store_true",
                    help="also run every candidate on the evaluation half (for reports; the choice is made "
                    "before, on the calibration half)")
@@ -51,8 +53,8 @@ def add_parser(sub) -> None:
 
 
 def _configs(args: argparse.Namespace, specs) -> list[SweepConfig]:
-    ns = argparse.Namespace(fuse=[False], locations=args.locations, budgets=args.budgets, keep=[1.0],
-                            alphas=[1.0], lambdas=[0.5])  # fmt: skip
+    ns = argparse.Namespace(fuse=[False], locations=args.locations, budget=args.budget, keep=[1.0],
+                            alpha=[1.0], lambdas=[0.5])  # fmt: skip
     return build_configs(ns, specs)
 
 
@@ -62,7 +64,7 @@ def _budget(c: SweepConfig) -> float:
 
 def run(args: argparse.Namespace) -> int:
     check_image_args(args)
-    candidates = _configs(args, args.candidates)
+    candidates = _configs(args, args.criterion)
     refs = _configs(args, [REFERENCE])
     samples = list_samples(args.data)[: args.limit]
     calib, evals = split_samples(samples)
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     records, _ = sweep_samples(args, calib, configs, args.out / "calibration.jsonl", "calibration", model)
     cal = dict(zip(configs, records, strict=True))
     chosen = {}
-    for f in args.budgets:
+    for f in args.budget:
         entry = choose([cal[c] for c in candidates if _budget(c) == f])
         ref = next(c for c in refs if _budget(c) == f)
         entry["reference"] = {"tome": {"calibration_top1": cal[ref]["top1"], "gmacs": cal[ref]["gmacs"]}}
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
             f"{best['evaluation_top1']:.2f}", f"{t['evaluation_top1']:.2f}",
             *format_difference(pair), f"{best['gmacs'] / t['gmacs']:.3f}",
         ])  # fmt: skip
-    policy["budget_candidates"] = list(args.candidates)
+    policy["budget_candidates"] = list(args.criterion)
     policy["budget_split"] = {"calibration_images": len(calib), "evaluation_images": len(evals)}
     policy["budget"] = {f"{f:g}": e for f, e in chosen.items()}
     out = args.policy_out or args.out / "policy.json"

@@ -1,18 +1,19 @@
 """``renyiprune visualize``: entropy maps, pruning masks, entropy histograms and attention distance.
 
-Everything is rendered into a hidden staging folder next to ``--out`` and moved into ``--out`` only
-when every figure and ``index.html`` are complete, so a failed run leaves nothing half-written.
+Every figure is rendered into a private scratch folder first; only when all of them and ``index.html``
+are complete are they written into ``--out``, each file atomically (``utils.io.atomic_write``), index.html
+last. A failed run leaves ``--out`` as it was.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from ..core.criteria import list_criteria, takes_alpha
 from ..core.entropy import parse_alpha
 from ..core.selection import check_keep_rate
 from ..data.images import BadImageError, DataError, EvalTransform, list_samples, load_image
+from ..utils.io import atomic_write, atomic_write_text
 from ..viz import inspect_attention as ia
 from ..viz.report_html import FigureEntry, render_index
 from . import common
@@ -41,11 +43,14 @@ def add_parser(sub) -> None:
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (or use --data)")
     p.add_argument("--data", default=None, help="folder with labels.tsv or an ImageFolder tree")
     p.add_argument("--limit", type=int, default=None, help="use the first N images of --data")
-    p.add_argument("--alphas", default="1,2,inf", help="Rényi orders, e.g. 1,2,inf")
-    p.add_argument("--keep", default="0.7", help="keep rate in (0, 1]")
+    p.add_argument("--alpha", default="1,2,inf", help="Rényi order(s), e.g. 1,2,inf")
+    common.add_old_spelling(p, "--alphas", "alpha")
+    p.add_argument("--keep", default="0.7", help="one keep rate in (0, 1]")
     p.add_argument("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
     p.add_argument("--blocks", type=common.locations, default=None, help="blocks of the entropy maps (all)")
-    p.add_argument("--criteria", default="renyi,evit,random", help="mask rows; renyi gives one row per α")
+    p.add_argument("--criterion", default="renyi,evit,random",
+                   help="comma list of criteria, one mask row each (one per α for those that take α)")
+    common.add_old_spelling(p, "--criteria", "criterion")
     p.add_argument("--fuse", action="store_true", help="fuse pruned tokens into one extra token (EViT)")
     p.add_argument("--direction", choices=["row", "column"], default=None, help="renyi: row or column")
     p.add_argument("--heads", choices=["mean", "pooled"], default=None, help="renyi: head aggregation")
@@ -85,7 +90,7 @@ def _mask_specs(names: list[str], alphas: list[float], renyi_opts: dict, seed: i
     for name in names:
         if name not in known:
             raise ValueError(f"unknown criterion {name!r}; choose from {', '.join(known)}")
-        if takes_alpha(name):  # one row per --alphas order (renyi, evit_renyi, hybrid, ...)
+        if takes_alpha(name):  # one row per --alpha order (renyi, evit_renyi, hybrid, ...)
             opts = tuple(renyi_opts.items()) if name == "renyi" else ()
             specs += [ia.MaskSpec(f"{name} α={alpha_label(a)}", name, a, opts) for a in alphas]
         elif name == "random":
@@ -95,7 +100,7 @@ def _mask_specs(names: list[str], alphas: list[float], renyi_opts: dict, seed: i
         else:
             specs.append(ia.MaskSpec(name, name))
     if not specs:
-        raise ValueError("--criteria names no criterion")
+        raise ValueError("--criterion names no criterion")
     return specs
 
 
@@ -117,10 +122,12 @@ def _image_paths(args: argparse.Namespace) -> list[Path]:
 
 def parse_options(args: argparse.Namespace) -> Options:
     """Check every argument before any work is done; ValueError/DataError name the bad one."""
-    alphas = [parse_alpha(a) for a in _split(args.alphas)]
+    alphas = [parse_alpha(a) for a in _split(args.alpha)]
     if not alphas:
-        raise ValueError("--alphas needs at least one order")
+        raise ValueError("--alpha needs at least one order")
     alphas = list(dict.fromkeys(alphas))
+    if len(_split(args.keep)) > 1:
+        raise ValueError(f"--keep: visualize draws one keep rate, got {args.keep!r}")
     try:
         keep = check_keep_rate(float(args.keep))
     except ValueError:
@@ -136,7 +143,7 @@ def parse_options(args: argparse.Namespace) -> Options:
         for k, v in (("direction", args.direction), ("heads", args.heads), ("cls_key", args.cls_key))
         if v
     }
-    specs = _mask_specs(_split(args.criteria), alphas, renyi_opts, args.seed)
+    specs = _mask_specs(_split(args.criterion), alphas, renyi_opts, args.seed)
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
@@ -155,10 +162,10 @@ def _load(path: Path):
 
 
 class _Writer:
-    """Saves figures in every requested format into the staging folder and remembers the entries."""
+    """Saves figures in every requested format into the scratch folder and remembers the entries."""
 
-    def __init__(self, staging: Path, formats: list[str], seed: int):
-        self.staging, self.formats, self.seed = staging, formats, seed
+    def __init__(self, folder: Path, formats: list[str], seed: int):
+        self.folder, self.formats, self.seed = folder, formats, seed
         self.entries: list[FigureEntry] = []
         self.sizes: dict[str, list[int]] = {}
 
@@ -168,7 +175,7 @@ class _Writer:
         files = []
         for fmt in self.formats:
             name = f"{stem}.{fmt}"
-            save_figure(fig, self.staging / name, self.seed)
+            save_figure(fig, self.folder / name, self.seed)
             files.append(name)
         w, h = fig.get_size_inches()
         self.sizes[stem] = [round(w * DPI), round(h * DPI)]
@@ -205,33 +212,17 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
 
-    opt.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{opt.out.name}.", suffix=".tmp", dir=opt.out.parent))
-    try:
-        writer = _Writer(staging, opt.formats, args.seed)
+    with tempfile.TemporaryDirectory(prefix="renyiprune-visualize-") as scratch:
+        writer = _Writer(Path(scratch), opt.formats, args.seed)
         _render(args, opt, model, tf, grid, ps, blocks, locs, writer)
-        # Plain writes: the staging folder is private and _publish moves each file with an atomic rename.
-        sizes = {"config": opt.config, "sizes_px": writer.sizes}
-        (staging / "figures.json").write_text(
-            json.dumps(sizes, indent=2, default=str) + "\n", encoding="utf-8"
-        )
-        (staging / "index.html").write_text(
-            render_index("renyiprune visualize", opt.config, writer.entries), encoding="utf-8"
-        )
-        _publish(staging, opt.out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        sizes = json.dumps({"config": opt.config, "sizes_px": writer.sizes}, indent=2, default=str) + "\n"
+        index = render_index("renyiprune visualize", opt.config, writer.entries)
+        for name in sorted(p.name for p in Path(scratch).iterdir()):
+            atomic_write(opt.out / name, partial(shutil.copyfile, Path(scratch) / name))
+    atomic_write_text(opt.out / "figures.json", sizes)
+    atomic_write_text(opt.out / "index.html", index)  # last: it shows the files written before it
     print(f"wrote {len(writer.entries)} figures and index.html to {opt.out}")
     return 0
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move the finished files into ``out``, index.html last (each move is an atomic rename)."""
-    out.mkdir(parents=True, exist_ok=True)
-    names = sorted(p.name for p in staging.iterdir())
-    names.sort(key=lambda n: n == "index.html")
-    for name in names:
-        os.replace(staging / name, out / name)
 
 
 ENTROPY_CAPTION = (

@@ -2,7 +2,8 @@
 
 ``build_plan`` reads the convenience arguments (one value or one per location, ``alpha`` passed to the
 criteria that take it, ``fuse``/``removed``, ``tokens``, ``budget``, ``method="tome"`` with its r-schedule)
-and returns a ``PrunePlan`` or ``MergePlan``. It needs the model only to solve a ``budget``.
+and returns a ``PrunePlan`` or ``MergePlan``. It needs the model only to solve a ``budget``. Its parameter
+list is also ``renyiprune.patch``'s (listed here only).
 """
 
 from __future__ import annotations
