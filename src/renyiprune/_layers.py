@@ -2,9 +2,10 @@
 
 Each entry is a subpackage or module of ``renyiprune``; a module belongs to the longest entry its name
 starts with, and a package's ``__init__`` to the highest layer inside that package. The core is listed
-module by module (and so are the models, data, planning and experiments packages), so that its own order (entropy -> attention -> criteria -> selection/merging -> state ->
-blocks -> prune/merge) is checked too. ``tests/unit/test_layers.py`` walks every import of every module
-(function-level ones included) and fails on an upward import or a cycle; docs/architecture.md draws it.
+module by module, so that its own order (entropy -> attention -> criteria -> selection/merging -> state ->
+blocks -> prune/merge) is checked too; so are the models, data, planning and experiments packages.
+``tests/unit/test_layers.py`` walks every import of every module (function-level ones included) and
+fails on an upward import or a cycle; docs/architecture.md draws it.
 The package root (``renyiprune/__init__.py``, the public API) and ``__main__`` stand above all layers.
 """
 

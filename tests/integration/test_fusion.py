@@ -359,7 +359,7 @@ def test_sweep_spec_option_and_records_name_their_rule():
     from renyiprune.cli.sweep import build_configs
     from renyiprune.planning.specs import SweepConfig, config_from_dict, config_to_dict
 
-    ns = argparse.Namespace(fuse=[True], locations=(3, 6, 9), keep=[0.5], alphas=[1.0], lambdas=[0.5])
+    ns = argparse.Namespace(fuse=[True], locations=(3, 6, 9), keep=[0.5], alpha=[1.0], lambdas=[0.5])
     evit, renorm = build_configs(ns, ["evit", "evit[fusion=renorm]"])
     assert dict(renorm.options) == {"fusion": "renorm"} and evit.options == ()
     assert config_to_dict(evit)["fusion"] == "evit" and config_to_dict(renorm)["fusion"] == "renorm"

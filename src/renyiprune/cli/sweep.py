@@ -144,14 +144,14 @@ def parse_spec(spec: str, alphas) -> tuple[str, list[float], dict]:
 def build_configs(args: argparse.Namespace, criteria, adaptive=()) -> list[SweepConfig]:
     """Cross criteria (alphas, lambdas where they apply) with keep rates (or compute budgets) and fusion;
     the ``adaptive`` criteria also in per-image adaptive keep mode. Reads ``args.keep``, ``fuse``,
-    ``locations``, ``lambdas``, ``alpha`` (absent: 1) and ``budget`` (absent: keep rates)."""
+    ``locations``, ``lambdas``, ``alpha`` and ``budget`` (absent: keep rates)."""
     configs = []
     locs = tuple(args.locations)
     budgets = getattr(args, "budget", None) or []
     for fuse, (spec, is_budget) in itertools.product(
         args.fuse, [(c, False) for c in criteria] + [(c, True) for c in adaptive]
     ):
-        crit, alphas, extra = parse_spec(spec, getattr(args, "alpha", [1.0]))
+        crit, alphas, extra = parse_spec(spec, args.alpha)
         if crit == "tome":
             if budgets:  # ToMe does not fuse: one config per budget whatever --fuse says
                 configs += [SweepConfig("tome", 1.0, 1.0, (), False,
