@@ -224,3 +224,152 @@ def test_cli_keep_head_flag(tmp_path):
     assert config_from_args(parse([*base, "--dist-timeout", "30"])).dist_timeout == 30.0
     with pytest.raises(ValueError, match="--dist-timeout"):
         config_from_args(parse([*base, "--dist-timeout", "0"]))
+
+
+# ------------------------------------------------------------------ cost levers and resume safety
+
+
+def test_frozen_prefix_records_no_graph():
+    """--freeze-blocks 2: blocks 0-1 produce tensors outside autograd, block 2 onwards inside it."""
+    from renyiprune.training.freeze import freeze_prefix
+
+    outs = {}
+    for n in (0, 2):
+        model = create_model("deit_tiny_patch16_224", num_classes=3, **TINY).train()
+        names = freeze_prefix(model, n)
+        for i in (1, 2):
+            model.blocks[i].register_forward_hook(lambda m, a, o, key=(n, i): outs.__setitem__(key, o))
+        model(torch.randn(2, 3, 32, 32))
+        if n == 2:
+            assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.1.mlp.fc2.bias"} <= {*names}
+            assert not any(x.startswith(("blocks.2.", "blocks.3.", "norm.", "head.")) for x in names)
+    assert outs[(0, 1)].requires_grad  # nothing frozen: the whole forward is recorded
+    assert outs[(2, 1)].grad_fn is None and not outs[(2, 1)].requires_grad
+    assert outs[(2, 2)].requires_grad
+    with pytest.raises(ValueError, match="0..4"):
+        freeze_prefix(create_model("deit_tiny_patch16_224", num_classes=3, **TINY), 5)
+
+
+def test_freeze_blocks_keeps_the_prefix_as_it_started(data, tmp_path):
+    seen = {}
+
+    def first_step(step, module, loss):
+        if step == 0:  # after the first backward, before the first optimiser step
+            seen["start"] = {n: p.detach().clone() for n, p in module.named_parameters()}
+            seen["grad"] = {n: p.grad is not None for n, p in module.named_parameters()}
+            seen["training"] = [b.training for b in module.blocks]
+
+    train(config(data, tmp_path / "f", freeze_blocks=2, drop_path=0.5), callback=first_step)
+    end = read_state_dict(tmp_path / "f" / WEIGHTS)
+    frozen = {n for n in end if n in ("cls_token", "pos_embed") or n.startswith(("patch_embed.", "blocks.0.",
+                                                                                  "blocks.1."))}  # fmt: skip
+    assert len(frozen) == 2 + 2 + 2 * 12  # embeddings and two blocks of 12 tensors each
+    assert all(torch.equal(end[n], seen["start"][n]) and not seen["grad"][n] for n in frozen)
+    trained = set(end) - frozen
+    assert all(seen["grad"][n] and not torch.equal(end[n], seen["start"][n]) for n in trained)
+    assert seen["training"] == [False, False, True, True]  # frozen blocks: no drop-path
+
+
+def test_resume_refuses_other_settings_and_continues_exactly(data, tmp_path):
+    import re
+
+    kw = dict(freeze_blocks=1, transform="resize", crop_scale=0.3, drop_path=0.1, reprob=0.5, save_every=1)
+    train(config(data, tmp_path / "a", **kw))  # uninterrupted
+    train(config(data, tmp_path / "b", max_steps=3, **kw))  # "crash" mid-epoch
+    ckpt, log = tmp_path / "b" / CHECKPOINT, tmp_path / "b" / METRICS
+    before = ckpt.read_bytes(), log.read_bytes()
+    changes = [
+        (dict(criterion="evit"), "--criterion: checkpoint 'renyi', this command 'evit'"),
+        (dict(alpha=float("inf")), "--alpha: checkpoint 2.0, this command inf"),
+        (dict(keep=0.7), "--keep: checkpoint 0.5, this command 0.7"),
+        (dict(locations=(1, 3)), "--locations: checkpoint [1, 2], this command [1, 3]"),
+        (dict(fuse=False), "--fuse: checkpoint True, this command False"),
+        (dict(freeze_blocks=0), "--freeze-blocks: checkpoint 1, this command 0"),
+        (dict(transform="center-crop"), "--transform: checkpoint 'resize', this command 'center-crop'"),
+        (dict(lr=1e-2), "--lr: checkpoint 0.001, this command 0.01"),
+    ]
+    for change, message in changes:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            train(config(data, tmp_path / "b", resume=True, **{**kw, **change}))
+    assert (ckpt.read_bytes(), log.read_bytes()) == before  # refused before anything was written
+    train(config(data, tmp_path / "b", resume=True, workers=1, **kw))  # how it runs may change
+    a, b = steps(tmp_path / "a"), steps(tmp_path / "b")
+    assert sorted(b) == [1, 2, 3, 4, 5, 6] and b == a  # bit-identical after the resume
+    wa, wb = read_state_dict(tmp_path / "a" / WEIGHTS), read_state_dict(tmp_path / "b" / WEIGHTS)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_reads_settings_older_checkpoints_lack_as_defaults(data, tmp_path):
+    from dataclasses import replace
+
+    from renyiprune.training.resume import config_record, resume_mismatches
+
+    cfg = config(data, tmp_path)
+    stored = config_record(cfg)
+    for name in ("freeze_blocks", "transform", "crop_scale", "head_init"):
+        del stored[name]  # a checkpoint written before these settings existed
+    assert resume_mismatches(stored, cfg, 1, None) == []
+    assert resume_mismatches(stored, replace(cfg, freeze_blocks=3), 1, None) == [
+        "--freeze-blocks: checkpoint 0, this command 3"
+    ]
+    assert resume_mismatches(stored, cfg, 1, 2) == ["processes: checkpoint 2, this command 1"]
+    operational = replace(cfg, workers=3, max_steps=9, threads=2, eval_every=5, data_root="/elsewhere")
+    assert resume_mismatches(stored, operational, 1, 1) == []
+
+
+def test_whole_image_training_view_is_the_evaluation_view(shared_assets):
+    from renyiprune.data.datasets import ResizeTransform
+    from renyiprune.training.transforms import WholeImageTrainTransform
+
+    img = Image.open(shared_assets / "stanford-cars" / "train" / "images" / "00001.jpg")
+    assert img.width > img.height  # a wide frame: a center crop would cut the car's ends
+    plain = dict(randaug_n=0, reprob=0.0)
+    view = ResizeTransform()(img)
+    whole = WholeImageTrainTransform(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, **plain)
+    assert torch.equal(whole(img, 7), view)
+    flipped = WholeImageTrainTransform(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0, **plain)
+    assert torch.equal(flipped(img, 7), view.flip(-1))
+    boxes = WholeImageTrainTransform(scale=(0.3, 1.0), hflip=0.0, **plain)
+    first = boxes(img, 1)
+    assert torch.equal(first, boxes(img, 1)) and not torch.equal(first, boxes(img, 2))
+    assert not torch.equal(first, view)
+
+
+def test_train_evaluates_with_the_chosen_transform(data, tmp_path):
+    """The evaluation inside train uses --transform's view: its top-1 is what that view gives offline."""
+    from renyiprune.data.datasets import load_split
+    from renyiprune.training.transforms import eval_view
+
+    cfg = config(data, tmp_path / "r", transform="resize", epochs=1, eval_every=1, eval_before=False)
+    result = train(cfg)
+    model = create_model("deit_tiny_patch16_224", weights=tmp_path / "r" / WEIGHTS, num_classes=3, **TINY)
+    split = load_split("imagefolder", data, "val")
+    top1 = {}
+    for kind in ("resize", "center-crop"):
+        tf = eval_view(kind, model.pretrained_cfg)
+        with torch.no_grad():
+            right = [int(model(tf(Image.open(s.path))[None]).argmax()) == s.label for s in split.samples]
+        top1[kind] = 100.0 * sum(right) / len(right)
+    assert result["eval"][0]["config"] == "unpruned"
+    assert result["eval"][0]["top1"] == pytest.approx(top1["resize"])
+    assert top1["resize"] != top1["center-crop"]  # the two views disagree on these images
+
+
+def test_cli_cost_flags(tmp_path):
+    from renyiprune.cli import build_parser
+    from renyiprune.cli.train import config_from_args
+
+    base = ["train", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]
+    parse = build_parser().parse_args
+
+    def levers(cfg):
+        return cfg.freeze_blocks, cfg.transform, cfg.crop_scale, cfg.head_init
+
+    assert levers(config_from_args(parse(base))) == (0, "center-crop", 0.08, "new")
+    cfg = config_from_args(parse([*base, "--freeze-blocks", "3", "--transform", "resize", "--crop-scale",
+                                  "0.35", "--head-init", "probe", "--head-cache", "c"]))  # fmt: skip
+    assert levers(cfg) == (3, "resize", 0.35, "probe") and cfg.head_cache == "c"
+    bad_values = ((["--freeze-blocks", "-1"], "--freeze-blocks"), (["--crop-scale", "0"], "--crop-scale"))
+    for bad, message in bad_values:
+        with pytest.raises(ValueError, match=message):
+            config_from_args(parse([*base, *bad]))

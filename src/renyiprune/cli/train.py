@@ -8,7 +8,9 @@ from pathlib import Path
 
 from ..core.criteria import list_criteria
 from ..data.datasets import DATASETS
+from ..training.head_init import HEAD_INITS
 from ..training.train import TrainConfig, train
+from ..training.transforms import TRANSFORMS
 from ..utils.distributed import DEFAULT_TIMEOUT_S, TIMEOUT_ENV
 from . import common
 
@@ -41,6 +43,19 @@ def add_parser(sub) -> None:
         "cannot be). Default: kept when the data has the checkpoint's class count or its "
         "labels.tsv names ImageNet-1k's classes; --no-keep-head always starts a new head",
     )
+    p.add_argument(
+        "--head-init",
+        choices=HEAD_INITS,
+        default="new",
+        help="probe: start the new head from the linear probe of the unpruned model on the training "
+        "split (logistic regression on its final CLS features, evaluation transform); new: random",
+    )
+    p.add_argument(
+        "--head-cache",
+        type=Path,
+        default=None,
+        help="folder keeping --head-init probe's features and head (a probe --cache folder)",
+    )
     p.add_argument("--limit", type=int, default=None, help="use the first N images of each split")
     g = p.add_argument_group("pruning while training")
     g.add_argument("--keep", type=common.keep_rate, default=0.7)
@@ -50,6 +65,30 @@ def add_parser(sub) -> None:
     g.add_argument("--fuse", action="store_true", help="fuse pruned tokens into one extra token")
     g.add_argument("--eval-keep", type=common.keep_rates, default=[0.5, 0.7, 0.9],
                    help="keep rates evaluated after each epoch (plus the unpruned model)")  # fmt: skip
+    g = p.add_argument_group("cost and input")
+    g.add_argument(
+        "--freeze-blocks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the patch/position embedding, CLS token and blocks 0..N-1 fixed, run without autograd "
+        "(N = the first pruning location skips the backward pass over the unpruned blocks); 0: train all",
+    )
+    g.add_argument(
+        "--transform",
+        choices=TRANSFORMS,
+        default="center-crop",
+        help="center-crop: DeiT's random-resized crop for training, shorter side + center crop for "
+        "evaluation; resize: the whole image squashed to the input size (a random box of it for "
+        "training), for objects that fill a wide frame (cars)",
+    )
+    g.add_argument(
+        "--crop-scale",
+        type=float,
+        default=0.08,
+        metavar="S",
+        help="smallest share of the image area a training crop covers (1: the whole image)",
+    )
     g = p.add_argument_group("recipe (EViT/DeiT fine-tuning defaults)")
     g.add_argument("--epochs", type=int, default=30)
     g.add_argument("--batch-size", type=int, default=64, help="per process")
@@ -74,7 +113,11 @@ def add_parser(sub) -> None:
     g.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after N steps")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: never)")
     g.add_argument("--no-eval-before", action="store_true", help="skip the evaluation before training")
-    g.add_argument("--resume", action="store_true", help="continue OUT/last.pt exactly")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue OUT/last.pt exactly (refused when a setting differs from the checkpoint's)",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     g.add_argument(
@@ -96,11 +139,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.dist_timeout is not None and not 0 < args.dist_timeout < float("inf"):
         raise ValueError("--dist-timeout must be a finite number of seconds > 0")
+    if args.freeze_blocks < 0:
+        raise ValueError("--freeze-blocks must be >= 0")
+    if not 0 < args.crop_scale <= 1:
+        raise ValueError("--crop-scale must be in (0, 1]")
     return TrainConfig(
         data_root=str(args.data_root), out=str(args.out), dataset=args.dataset, model=args.model,
         weights=str(args.weights) if args.weights else None, pretrained=args.weights is None,
         train_split=args.train_split, eval_split=args.eval_split, num_classes=args.num_classes,
-        keep_head=args.keep_head,
+        keep_head=args.keep_head, head_init=args.head_init,
+        head_cache=str(args.head_cache) if args.head_cache else None, freeze_blocks=args.freeze_blocks,
+        transform=args.transform, crop_scale=args.crop_scale,
         limit=args.limit, keep=args.keep, criterion=args.criterion, alpha=args.alpha,
         locations=tuple(args.locations), fuse=args.fuse, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, lr_scale=not args.no_lr_scale, min_lr=args.min_lr, warmup_lr=args.warmup_lr,

@@ -4,12 +4,16 @@
 own when the labels are its classes: ``resolve_head``), patches a
 parameter-sharing copy of it to prune while it trains (scores are computed under ``no_grad`` by
 ``renyiprune.patch``), and runs AdamW with warm-up + cosine, label smoothing, mixup/cutmix, RandAugment,
-random erasing, drop-path, optional clipping, AMP and EMA. After every epoch it evaluates the model
+random erasing, drop-path, optional clipping, AMP and EMA. Cost levers: ``freeze_blocks`` keeps the
+embeddings and the first blocks fixed and out of autograd (``freeze``), ``transform`` chooses the crop
+(``transforms``: whole-image resize for fine-grained data), ``head_init="probe"`` starts a new head from
+the linear probe (``head_init``). After every epoch it evaluates the model
 unpruned and pruned at several keep rates; under ``torchrun`` every process evaluates its share of the
 images and the counts are added up, so that every rank runs the same collectives. Every checkpoint
 (each epoch, every ``save_every`` steps) is atomic and holds everything needed to continue bit-exactly:
 all randomness is a function of (seed, epoch, sample index) per image and (seed, step, rank) per step,
-and the data position is stored.
+and the data position is stored. ``resume`` refuses a command whose settings differ from the
+checkpoint's (``resume.check_resume``).
 """
 
 from __future__ import annotations
@@ -34,9 +38,9 @@ from tqdm import tqdm
 
 from ..api import patch
 from ..core.api import share_parameters
-from ..data.augment import TrainTransform, mixup_cutmix, soft_target_cross_entropy
+from ..data.augment import mixup_cutmix, soft_target_cross_entropy
 from ..data.datasets import DEFAULT_SPLITS, DatasetSplit, load_split, open_sample
-from ..data.images import EvalTransform, ImageDataset, collate
+from ..data.images import ImageDataset, collate
 from ..experiments.evaluate import evaluate, pruned_view
 from ..models.model import create_model, get_spec
 from ..models.weights import download, read_state_dict
@@ -44,6 +48,10 @@ from ..planning.specs import PruneConfig
 from ..utils import distributed as D
 from ..utils.io import atomic_write
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, save_weights, set_rng_state
+from .freeze import freeze_prefix, frozen_modules
+from .head_init import HEAD_INITS, init_head_from_probe, probe_head
+from .resume import check_resume
+from .transforms import TRANSFORMS, eval_view, train_transform
 
 __all__ = [
     "TrainConfig",
@@ -78,6 +86,8 @@ class TrainConfig:
     # the checkpoint's classifier: None keeps it when the data's label space is the checkpoint's
     # (resolve_head), True keeps it or fails, False always starts a fresh head
     keep_head: bool | None = None
+    head_init: str = "new"  # new | probe: fit the new head as a linear probe on the training split first
+    head_cache: str | None = None  # folder for the probe's features and head (shared by several runs)
     limit: int | None = None  # first N training images (and evaluation images)
     # pruning while training
     keep: float = 0.7
@@ -85,6 +95,8 @@ class TrainConfig:
     alpha: float = 2.0
     locations: tuple[int, ...] = (3, 6, 9)
     fuse: bool = False
+    # cost: patch/position embedding, CLS token and blocks[:freeze_blocks] fixed, run without autograd
+    freeze_blocks: int = 0
     # schedule and optimiser
     epochs: int = 30
     batch_size: int = 64  # per process
@@ -105,6 +117,8 @@ class TrainConfig:
     reprob: float = 0.25
     drop_path: float = 0.1
     train_crop: bool = True
+    transform: str = "center-crop"  # center-crop (DeiT) | resize (the whole image; fine-grained)
+    crop_scale: float = 0.08  # smallest share of the image area a training crop covers
     # precision, EMA
     amp: str = "none"  # none | bf16 | fp16 (CUDA only)
     ema_decay: float = 0.0  # 0 = no EMA
@@ -146,7 +160,7 @@ def _seed_of(*parts: int) -> int:
 class AugmentedImages(Dataset):
     """Training images: decoded (banner cropped), augmented with a seed from (seed, epoch, index)."""
 
-    def __init__(self, split: DatasetSplit, transform: TrainTransform, seed: int) -> None:
+    def __init__(self, split: DatasetSplit, transform: Callable[..., Tensor], seed: int) -> None:
         self.split, self.transform, self.seed, self.epoch = split, transform, seed, 0
 
     def __len__(self) -> int:
@@ -156,23 +170,6 @@ class AugmentedImages(Dataset):
         sample = self.split.samples[index]
         img = open_sample(sample, self.split.crop_bottom)
         return self.transform(img, _seed_of(self.seed, self.epoch, index)), int(sample.label)
-
-
-@dataclass(frozen=True)
-class _BannerCropped:
-    """Evaluation transform that first crops the data set's bottom banner (FGVC-Aircraft)."""
-
-    transform: EvalTransform
-    crop_bottom: int
-
-    @property
-    def input_size(self) -> int:
-        return self.transform.input_size
-
-    def __call__(self, img) -> Tensor:
-        if self.crop_bottom:
-            img = img.crop((0, 0, img.width, img.height - self.crop_bottom))
-        return self.transform(img)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -257,13 +254,11 @@ def _evaluate(
     model: nn.Module, cfg: TrainConfig, split: DatasetSplit, dist: D.DistInfo, progress: bool
 ) -> list[dict]:
     """Top-1/top-5 of the evaluation configurations; every process must call it (counts all-reduced)."""
-    pc = model.pretrained_cfg
-    tf = EvalTransform(pc.img_size, pc.crop_pct, pc.interpolation, pc.mean, pc.std)
     samples = split.samples[: cfg.limit] if cfg.limit else split.samples
     batch = max(cfg.batch_size, 1)
     mine = [samples[i] for i in D.batch_shard(len(samples), batch, dist.rank, dist.world_size)]
     loader = DataLoader(
-        ImageDataset(mine, _BannerCropped(tf, split.crop_bottom)),
+        ImageDataset(mine, eval_view(cfg.transform, model.pretrained_cfg, split.crop_bottom)),
         batch_size=batch,
         num_workers=cfg.workers,
         collate_fn=collate,
@@ -358,7 +353,49 @@ def _checkpoint_state(cfg: TrainConfig) -> dict | None:
     return None
 
 
-def _state(model, ema, opt, sched, scaler, cfg, epoch, step_in_epoch, global_step) -> dict:
+def _weights_id(cfg: TrainConfig) -> str:
+    """What identifies the starting weights in a probe cache key (as ``renyiprune probe --cache``)."""
+    from ..models.weights import sha256_file
+
+    if cfg.weights is not None:
+        return sha256_file(cfg.weights)
+    spec = get_spec(cfg.model)
+    return f"{spec.url}#{spec.sha256}"
+
+
+def _build_model(cfg: TrainConfig, train_ds: DatasetSplit, device: torch.device, main: bool, fresh: bool):
+    """The model on ``device`` with its head: the checkpoint's, a new one, or (``head_init="probe"``,
+    on a fresh start only: a resumed run reads its head from its checkpoint) the fitted probe."""
+    start = _checkpoint_state(cfg)
+    head_w = start.get("head.weight") if start is not None else None
+    keep_head = False if cfg.head_init == "probe" else cfg.keep_head
+    num_classes, kept, head_note = resolve_head(
+        keep_head, cfg.num_classes, train_ds, int(head_w.shape[0]) if head_w is not None else None
+    )
+    if main and cfg.progress:
+        how = " from the linear probe" if cfg.head_init == "probe" and fresh else ""
+        print(f"renyiprune train: training {head_note}{how}", file=sys.stderr)
+    torch.manual_seed(cfg.seed)
+    model = create_model(
+        cfg.model, weights=start, num_classes=num_classes, drop_path_rate=cfg.drop_path, **cfg.model_kwargs
+    )
+    if start is not None and head_w is not None and not kept and head_w.shape[0] == num_classes:
+        model.reset_classifier(num_classes)  # a new head with the checkpoint's class count
+    model = model.to(device)
+    if cfg.head_init == "probe" and fresh:
+        tf = eval_view(cfg.transform, model.pretrained_cfg).transform
+        weights = _weights_id(cfg) if start is not None else f"random:{cfg.seed}:{cfg.model_kwargs}"
+        context = {"model": cfg.model, "weights": weights, "transform": repr(tf)}
+        head = probe_head(
+            model, train_ds, tf, num_classes,
+            cache_dir=cfg.head_cache, cache_context=context, batch_size=cfg.batch_size, workers=cfg.workers,
+            device=device, progress=cfg.progress and main,
+        )  # fmt: skip
+        init_head_from_probe(model, head)
+    return model
+
+
+def _state(model, ema, opt, sched, scaler, cfg, epoch, step_in_epoch, global_step, world_size) -> dict:
     state = {
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
@@ -367,6 +404,7 @@ def _state(model, ema, opt, sched, scaler, cfg, epoch, step_in_epoch, global_ste
         "rng": rng_state(),
         "position": {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step},
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        "world_size": world_size,
     }
     if ema is not None:
         state["model_ema"] = ema.state_dict()
@@ -400,6 +438,15 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
         out.mkdir(parents=True, exist_ok=True)
     if cfg.amp not in ("none", "bf16", "fp16"):
         raise ValueError(f"--amp must be none, bf16 or fp16, got {cfg.amp!r}")
+    if cfg.transform not in TRANSFORMS:
+        raise ValueError(f"--transform must be one of {', '.join(TRANSFORMS)}, got {cfg.transform!r}")
+    if cfg.head_init not in HEAD_INITS:
+        raise ValueError(f"--head-init must be one of {', '.join(HEAD_INITS)}, got {cfg.head_init!r}")
+    if cfg.head_init == "probe" and cfg.keep_head:
+        raise ValueError("--head-init probe fits a new head; it cannot be combined with --keep-head")
+    resumed = load_checkpoint(ckpt_path) if cfg.resume and ckpt_path.is_file() else None
+    if resumed is not None:  # before anything costly: a changed setting stops the run here
+        check_resume(ckpt_path, resumed, cfg, dist.world_size)
 
     train_split, eval_split = (
         cfg.train_split or DEFAULT_SPLITS[cfg.dataset][0],
@@ -409,26 +456,18 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
     eval_ds = load_split(cfg.dataset, cfg.data_root, eval_split)
     if cfg.limit:
         train_ds.samples = train_ds.samples[: cfg.limit]
-    start = _checkpoint_state(cfg)
-    head_w = start.get("head.weight") if start is not None else None
-    num_classes, kept, head_note = resolve_head(
-        cfg.keep_head, cfg.num_classes, train_ds, int(head_w.shape[0]) if head_w is not None else None
-    )
-    if dist.is_main and cfg.progress:
-        print(f"renyiprune train: training {head_note}", file=sys.stderr)
-
-    torch.manual_seed(cfg.seed)
-    model = create_model(
-        cfg.model, weights=start, num_classes=num_classes, drop_path_rate=cfg.drop_path, **cfg.model_kwargs
-    )
-    if start is not None and head_w is not None and not kept and head_w.shape[0] == num_classes:
-        model.reset_classifier(num_classes)  # --no-keep-head with the checkpoint's class count
-    model = model.to(device)
+    model = _build_model(cfg, train_ds, device, dist.is_main, fresh=resumed is None)
     ema = copy.deepcopy(model) if cfg.ema_decay > 0 else None
+    frozen = freeze_prefix(model, cfg.freeze_blocks)  # shared with `trainee` and `ema` below
     trainee = share_parameters(model)  # the pruning copy trains; `model` stays unpatched for evaluation
     if cfg.criterion != "none":
         patch(trainee, cfg.keep, cfg.criterion, cfg.alpha, cfg.locations, cfg.fuse)
     trainee.train()
+    for m in frozen_modules(trainee, cfg.freeze_blocks):
+        m.eval()  # a fixed feature extractor: no drop-path
+    if frozen and dist.is_main and cfg.progress:
+        print(f"renyiprune train: {len(frozen)} parameter tensors frozen (embeddings, blocks "
+              f"0-{cfg.freeze_blocks - 1})", file=sys.stderr)  # fmt: skip
     net = trainee
     if dist.enabled:
         net = nn.parallel.DistributedDataParallel(trainee, device_ids=[device.index] if use_cuda else None)
@@ -454,8 +493,8 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
     epoch = step_in_epoch = global_step = 0
-    if cfg.resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
+    if resumed is not None:
+        state = resumed
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -465,24 +504,17 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
         set_rng_state(state["rng"])
         pos = state["position"]
         epoch, step_in_epoch, global_step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
+        del state, resumed  # loaded: no second copy of the weights and optimizer state for the run
         if dist.is_main:
             print(
                 f"renyiprune train: resuming {ckpt_path} at epoch {epoch} step {step_in_epoch}",
                 file=sys.stderr,
             )
     log = _Log(out, dist.is_main, global_step if cfg.resume else None)
-    pc = model.pretrained_cfg
-    transform = TrainTransform(
-        pc.img_size,
-        pc.mean,
-        pc.std,
-        pc.interpolation,
-        hflip=0.5,
-        randaug_n=cfg.randaug_n,
-        randaug_m=cfg.randaug_m,
-        reprob=cfg.reprob,
-        train_crop=cfg.train_crop,
-    )
+    transform = train_transform(
+        cfg.transform, model.pretrained_cfg, crop_scale=cfg.crop_scale, randaug_n=cfg.randaug_n,
+        randaug_m=cfg.randaug_m, reprob=cfg.reprob, train_crop=cfg.train_crop,
+    )  # fmt: skip
     images = AugmentedImages(train_ds, transform, cfg.seed)
     show = cfg.progress and dist.is_main
     last_eval: list[dict] = []
@@ -525,6 +557,7 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
             unit="step",
         )
         t_epoch, losses = time.perf_counter(), []
+        t_step = t_epoch
         for x, y in loader:
             torch.manual_seed(_seed_of(cfg.seed, global_step, dist.rank))  # drop-path etc.
             rng = np.random.default_rng(_seed_of(cfg.seed, global_step, dist.rank, 1))  # mixup/cutmix
@@ -569,6 +602,7 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
                     "loss": loss_all,
                     "lr": opt.param_groups[0]["lr"],
                     "grad_norm": float(grad_norm),
+                    "seconds": time.perf_counter() - t_step,  # this step, its batch's loading included
                 }
             )
             bar.update(1)
@@ -578,7 +612,9 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
             if at_end:
                 epoch, step_in_epoch = epoch + 1, 0
             if dist.is_main and (at_end or stop or (cfg.save_every and global_step % cfg.save_every == 0)):
-                _save(out, _state(model, ema, opt, sched, scaler, cfg, epoch, step_in_epoch, global_step))
+                position = (epoch, step_in_epoch, global_step)
+                _save(out, _state(model, ema, opt, sched, scaler, cfg, *position, dist.world_size))
+            t_step = time.perf_counter()
             if stop:
                 break
         bar.close()

@@ -1,0 +1,117 @@
+"""``--head-init probe``: start the new classifier from the linear probe instead of random weights.
+
+The unpruned model's final CLS features (after the last norm: exactly what the head reads) of the
+training split, under the evaluation transform, are fitted with ``experiments.probe.fit_probe``
+(logistic regression, L2 chosen on a held-out fifth of the training images by file-name hash); the
+fitted weights become ``model.head``. Before any step the model then scores what ``renyiprune probe
+--head per-config`` scores for the unpruned model. With ``head_cache`` the features are kept in a
+``probe --cache`` folder (the same key: model, weights, transform, code, image list) and the fitted
+head next to them, so the runs of a grid compute them once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..data.datasets import DatasetSplit
+from ..data.images import ImageDataset, check_bad, collate
+from ..experiments.probe import FeatureCache, ImageSet, LinearHead, feature_view, fit_probe, is_holdout
+from ..planning.specs import PruneConfig
+from ..utils.io import atomic_path
+from .transforms import BannerCropped
+
+__all__ = ["HEAD_INITS", "unpruned_features", "probe_head", "init_head_from_probe"]
+
+#: ``new``: random (or the checkpoint's, see ``resolve_head``); ``probe``: the fitted linear probe.
+HEAD_INITS = ("new", "probe")
+UNPRUNED = PruneConfig(criterion=None)
+
+
+@torch.inference_mode()
+def unpruned_features(
+    model: nn.Module,
+    images: ImageSet,
+    transform: Callable,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Tensor:
+    """(n, C) final-norm CLS features of the unpruned ``model`` on ``images``, in order (float32, CPU)."""
+    view = feature_view(model, UNPRUNED).eval()
+    loader = DataLoader(ImageDataset(list(images.samples), BannerCropped(transform, images.crop_bottom)),
+                        batch_size=batch_size, num_workers=workers, collate_fn=collate)  # fmt: skip
+    out = []
+    for batch in tqdm(loader, desc="probe features", unit="batch", disable=not progress, leave=False):
+        check_bad(batch, False)
+        out.append(view(batch.images.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+def _head_path(cache: FeatureCache, images: ImageSet, num_classes: int) -> Path:
+    key = json.dumps({"features": cache.key(UNPRUNED, images), "classes": num_classes, "fit": "fit_probe"})
+    return cache.root / f"head-{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
+
+
+def probe_head(
+    model: nn.Module,
+    split: DatasetSplit,
+    transform: Callable,
+    num_classes: int,
+    *,
+    cache_dir: str | Path | None = None,
+    cache_context: dict | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> LinearHead:
+    """The linear probe of the unpruned ``model`` fitted on ``split`` (read from the cache if there)."""
+    images = ImageSet(split.split, tuple(split.samples), split.crop_bottom)
+    cache = FeatureCache(cache_dir, cache_context or {}) if cache_dir is not None else None
+    if cache is not None:
+        path = _head_path(cache, images, num_classes)
+        if path.is_file():
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return LinearHead(obj["weight"], obj["bias"], float(obj["l2"]))
+    feats = cache.load(UNPRUNED, images) if cache is not None else None
+    if feats is None:
+        t0 = time.perf_counter()
+        feats = unpruned_features(model, images, transform, batch_size=batch_size, workers=workers,
+                                  device=device, progress=progress)  # fmt: skip
+        if progress:
+            print(f"renyiprune train: probe features of {len(feats)} images in "
+                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)  # fmt: skip
+        if cache is not None:
+            cache.save(UNPRUNED, images, feats)
+    holdout = torch.tensor([is_holdout(s.path) for s in images.samples], dtype=torch.bool)
+    if not holdout.any() or holdout.all():  # too few images to hold any out: the middle L2 of the grid
+        head = fit_probe(feats, images.labels, num_classes, l2_grid=(1e-3,))
+    else:
+        head = fit_probe(feats, images.labels, num_classes, holdout)
+    if cache is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            torch.save({"weight": head.weight, "bias": head.bias, "l2": head.l2}, tmp)
+    return head
+
+
+def init_head_from_probe(model: nn.Module, head: LinearHead) -> None:
+    """Copy the probe's weights into ``model.head`` (a Linear of the same shape)."""
+    if tuple(model.head.weight.shape) != tuple(head.weight.shape):
+        have, want = tuple(head.weight.shape), tuple(model.head.weight.shape)
+        raise ValueError(f"the probe's head is {have}; the model's head is {want}")
+    with torch.no_grad():
+        model.head.weight.copy_(head.weight.to(model.head.weight))
+        model.head.bias.copy_(head.bias.to(model.head.bias))
