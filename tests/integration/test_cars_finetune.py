@@ -115,11 +115,6 @@ def test_eval_engine_reproduces_a_center_crop_run(cars, center_crop_run):
         assert r.gmacs == pytest.approx(reported[r.config]["gmacs"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="renyiprune eval builds the 1000-class ImageNet head and refuses "
-    "the 196-class weights (no --num-classes, and the head size is not read from --weights)",
-)
 def test_eval_cli_reproduces_a_center_crop_run(cars, center_crop_run):
     """`renyiprune eval --weights OUT/model.safetensors --data CARS/val` prints the run's numbers."""
     from renyiprune.cli import main
@@ -133,6 +128,35 @@ def test_eval_cli_reproduces_a_center_crop_run(cars, center_crop_run):
         assert main(argv) == 0
     for r in json.loads(text.getvalue())["results"]:
         assert (r["top1"], r["top5"]) == (reported[r["config"]]["top1"], reported[r["config"]]["top5"])
+
+
+def test_eval_cli_whole_image_view_matches_the_engine(cars, center_crop_run):
+    """`eval --transform resize` scores the whole image squashed to 224 (the fine-grained view): the same
+    numbers as the engine with that transform, and not those of the center crop on these images."""
+    from renyiprune.cli import main
+    from renyiprune.data.datasets import eval_transform
+    from renyiprune.data.images import make_loader
+    from renyiprune.experiments.evaluate import evaluate, pruned_view
+
+    out, reported = center_crop_run
+    model = create_model("deit_tiny_patch16_224", weights=out / WEIGHTS, num_classes=196)
+    loader, _ = make_loader(cars / "val", eval_transform("resize", model.pretrained_cfg), batch_size=64,
+                            workers=0, limit=16)  # fmt: skip
+    want = {r.config: r for r in evaluate({"unpruned": pruned_view(model, PruneConfig(None))}, loader,
+                                          progress=False)}  # fmt: skip
+    text = io.StringIO()
+    argv = ["eval", "--weights", str(out / WEIGHTS), "--data", str(cars / "val"), "--transform", "resize",
+            "--criterion", "none", "--limit", "16", "--json", "--threads", "1", "--workers", "0",
+            "--no-progress", "--device", "cpu"]  # fmt: skip
+    with contextlib.redirect_stdout(text):
+        assert main(argv) == 0
+    got = json.loads(text.getvalue())  # one configuration: one JSON object
+    assert (got["top1"], got["top5"]) == (want["unpruned"].top1, want["unpruned"].top5)
+    # the flag reaches the loader: the first image's tensor is the whole-image view, not the crop
+    from renyiprune.data.images import EvalTransform, list_samples, load_image
+
+    img = load_image(list_samples(cars / "val")[0].path)
+    assert not torch.equal(eval_transform("resize", model.pretrained_cfg)(img), EvalTransform()(img))
 
 
 def test_benchmark_resumes_skips_and_reports(cars, tmp_path, capsys):

@@ -13,7 +13,7 @@ from ..core.entropy import parse_alpha
 from ..core.selection import check_keep_rate
 from ..data.images import DataError
 from ..models.model import create_model, get_spec, list_models
-from ..models.weights import WeightsError
+from ..models.weights import WeightsError, read_state_dict
 
 # Errors a user can cause with what they typed or pointed at: one line, exit 2, no traceback.
 USER_ERRORS = (
@@ -118,9 +118,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace, **kwargs) -> torch.nn.Module:
+    """``args.model`` with ``args.weights``; a head of the size the weights carry (a model fine-tuned on
+    Stanford Cars has 196 classes), unless ``num_classes`` is given."""
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    model = create_model(args.model, weights=args.weights, pretrained=args.weights is None, **kwargs)
+    weights = args.weights
+    if weights is not None and "num_classes" not in kwargs:
+        weights = read_state_dict(weights)  # read once: for the head size and for the model
+        head = weights.get("head.weight")
+        if head is not None:
+            kwargs["num_classes"] = int(head.shape[0])
+    model = create_model(args.model, weights=weights, pretrained=weights is None, **kwargs)
     return model.to(args.device)
 
 

@@ -12,7 +12,8 @@ from ..core.criteria import list_criteria, takes_alpha
 from ..core.entropy import parse_alpha
 from ..core.merge_order import list_merge_orders
 from ..core.selection import FUSIONS
-from ..data.images import EvalTransform, make_loader
+from ..data.datasets import TRANSFORMS, eval_transform
+from ..data.images import make_loader
 from ..experiments.evaluate import evaluate, pruned_view
 from ..planning.policy import budget_config, entry_config, load_policy, policy_entry
 from ..planning.specs import PruneConfig, parse_stages
@@ -52,6 +53,9 @@ def add_parser(sub) -> None:
     add_config_args(p)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="run the forwards under torch.autocast in this dtype (entropy stays float32)")
+    p.add_argument("--transform", choices=TRANSFORMS, default="center-crop",
+                   help="center-crop: the model's ImageNet view (default); resize: the whole image squashed "
+                   "to the input size (fine-grained data, as probe and train --transform resize)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images in listing order")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
@@ -243,14 +247,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, configs: list[PruneConfig], dist_info) -> int:
     model = common.load_model(args)
-    cfg = model.pretrained_cfg
-    transform = EvalTransform(
-        input_size=cfg.img_size,
-        crop_pct=cfg.crop_pct,
-        interpolation=cfg.interpolation,
-        mean=cfg.mean,
-        std=cfg.std,
-    )
+    transform = eval_transform(args.transform, model.pretrained_cfg)
     loader, samples = make_loader(
         args.data, transform, batch_size=args.batch_size, workers=args.workers, limit=args.limit,
         shard=(dist_info.rank, dist_info.world_size),
