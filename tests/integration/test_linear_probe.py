@@ -344,3 +344,21 @@ def test_unpruned_head_runs_train_unpruned_only_and_classifies_pruned_features(m
     assert own[1]["config"] == shared[1]["config"] == "unpruned" and own[1]["correct"] == shared[1]["correct"]
     with pytest.raises(ValueError, match="head must be"):
         pr.run_probe(model, configs, train, [val], tf, cache=cache, progress=False, head="both")
+
+
+def test_feature_cache_key_covers_the_pruning_code(monkeypatch):
+    """The cache key hashes the code that computes pruned features: the files exist where the key looks
+    (a moved module must not drop out of it) and an edit to one of them gives another key."""
+    from renyiprune.experiments import probe
+
+    pkg = Path(probe.__file__).resolve().parents[1]
+    names = {f.relative_to(pkg).as_posix() for f in probe.feature_code_files()}
+    assert {"core/criteria.py", "core/selection.py", "core/streamed.py", "core/blocks.py", "core/entropy.py",
+            "core/attention.py", "models/model.py"} <= names  # fmt: skip
+    before = probe._code_hash()
+    read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read(self) + (b"#" * (self.name == "selection.py")))
+    assert probe._code_hash() != before
+    monkeypatch.setattr(probe, "_FEATURE_CODE", (*probe._FEATURE_CODE, "core/moved_away.py"))
+    with pytest.raises(RuntimeError, match="moved_away"):
+        probe.feature_code_files()

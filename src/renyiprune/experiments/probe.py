@@ -57,8 +57,11 @@ DEFAULT_L2_GRID = (3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
 #: How the head is fitted: on each configuration's own pruned features, or once on the unpruned ones.
 HEADS = ("per-config", "unpruned")
 #: Files whose code decides the features: a change to any of them invalidates cached features.
-_FEATURE_CODE = ("model.py", "patch.py", "selection.py", "criteria.py", "context.py", "entropy.py",
-                 "merging.py", "merge_order.py", "budget.py")
+# The code that computes pruned features, relative to the package: the whole core, the model, and
+# what turns a configuration into a plan. A change to any of them gives new cache keys.
+_FEATURE_CODE = (
+    "core/*.py", "models/model.py", "planning/budget.py", "planning/build.py", "planning/specs.py",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -117,12 +120,21 @@ def evit_twin(config: PruneConfig) -> PruneConfig | None:
 # ---------------------------------------------------------------------------------------------- cache
 
 
+def feature_code_files() -> list[Path]:
+    """The source files whose contents key the feature cache (:data:`_FEATURE_CODE`), sorted."""
+    pkg = Path(__file__).resolve().parents[1]
+    found = {pattern: sorted(pkg.glob(pattern)) for pattern in _FEATURE_CODE}
+    missing = [pattern for pattern, files in found.items() if not files]
+    if missing:  # a moved module must not silently drop out of the key
+        raise RuntimeError(f"feature-cache code not found under {pkg}: {missing}")
+    return sorted({f for files in found.values() for f in files})
+
+
 def _code_hash() -> str:
-    here = Path(__file__).resolve().parent
+    pkg = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for name in _FEATURE_CODE:
-        p = here / name
-        h.update(name.encode() + b"\0" + (p.read_bytes() if p.is_file() else b""))
+    for f in feature_code_files():
+        h.update(f.relative_to(pkg).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
