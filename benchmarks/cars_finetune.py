@@ -38,7 +38,7 @@ from renyiprune.core.criteria import list_criteria, takes_alpha
 from renyiprune.data.datasets import load_split
 from renyiprune.data.images import ImageDataset, check_bad, collate
 from renyiprune.experiments.evaluate import pruned_view, top1_top5
-from renyiprune.experiments.stats import paired_difference
+from renyiprune.experiments.stats import paired_summary, select_outcomes, top1_of_outcomes
 from renyiprune.experiments.tune import choose, is_calibration
 from renyiprune.models.model import create_model
 from renyiprune.models.weights import read_state_dict, sha256_file
@@ -207,19 +207,6 @@ def evaluate_run(out: Path, args: argparse.Namespace) -> dict:
     return rec
 
 
-def _sub(bits: str, mask: list[bool]) -> str:
-    return "".join(b for b, m in zip(bits, mask, strict=True) if m)
-
-
-def _top1(bits: str) -> float:
-    return 100.0 * bits.count("1") / max(len(bits), 1)
-
-
-def _pair(a: str, b: str) -> dict:
-    d = paired_difference(a, b)
-    return {"delta": d["delta"], "ci95": list(d["ci95"]), "p_mcnemar": d["p_mcnemar"]}
-
-
 def _ci(d: dict | None) -> str:
     return "-" if d is None else f"{d['delta']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
 
@@ -234,12 +221,12 @@ def build_report(records: list[dict], calib: list[bool]) -> tuple[str, dict]:
     """The markdown tables and the JSON summary of the evaluated runs (same images, same order)."""
     evalh = [not c for c in calib]
     for r in records:
-        r["calibration_top1"] = _top1(_sub(r["correct"], calib))
-        r["evaluation_top1"] = _top1(_sub(r["correct"], evalh))
+        r["calibration_top1"] = top1_of_outcomes(select_outcomes(r["correct"], calib))
+        r["evaluation_top1"] = top1_of_outcomes(select_outcomes(r["correct"], evalh))
     evit = {r["keep"]: r for r in records if r["criterion"] == "evit"}
     for r in records:
         twin = evit.get(r["keep"])
-        r["vs_evit"] = _pair(r["correct"], twin["correct"]) if twin and twin is not r else None
+        r["vs_evit"] = paired_summary(r["correct"], twin["correct"]) if twin and twin is not r else None
     n = records[0]["images"] if records else 0
     lines = [
         f"Evaluation split: {n} images ({sum(calib)} calibration, {sum(evalh)} evaluation half).\n",
@@ -267,7 +254,9 @@ def build_report(records: list[dict], calib: list[bool]) -> tuple[str, dict]:
         cand = [{"config": {"criterion": "renyi", "alpha": r["alpha"]}, "label": r["run"],
                  "top1": r["calibration_top1"], "gmacs": r["gmacs"]} for r in renyi]  # fmt: skip
         best = next(r for r in renyi if r["run"] == choose(cand)["best"]["label"])
-        pair = _pair(_sub(best["correct"], evalh), _sub(evit[k]["correct"], evalh))
+        pair = paired_summary(
+            select_outcomes(best["correct"], evalh), select_outcomes(evit[k]["correct"], evalh)
+        )
         chosen[f"{k:g}"] = {"run": best["run"], "alpha": best["alpha"], "evaluation_vs_evit": pair,
                             "calibration_top1": best["calibration_top1"],
                             "evaluation_top1": best["evaluation_top1"],

@@ -37,7 +37,7 @@ from renyiprune.experiments.probe import (
     run_probe,
     with_references,
 )
-from renyiprune.experiments.stats import paired_difference
+from renyiprune.experiments.stats import paired_summary, select_outcomes, top1_of_outcomes
 from renyiprune.experiments.tune import choose, is_calibration
 from renyiprune.models.model import create_model
 from renyiprune.models.weights import sha256_file
@@ -93,19 +93,6 @@ class LoadSampler:
         return {"mean": sum(s) / len(s), "min": min(s), "max": max(s), "samples": len(s)}
 
 
-def _sub(bits: str, mask: list[bool]) -> str:
-    return "".join(b for b, m in zip(bits, mask, strict=True) if m)
-
-
-def _top1(bits: str) -> float:
-    return 100.0 * bits.count("1") / max(len(bits), 1)
-
-
-def _pair(a: str, b: str) -> dict:
-    d = paired_difference(a, b)
-    return {"delta": d["delta"], "ci95": list(d["ci95"]), "p_mcnemar": d["p_mcnemar"]}
-
-
 def _alpha(a) -> str:
     return "∞" if a == "inf" or (isinstance(a, float) and math.isinf(a)) else f"{float(a):g}"
 
@@ -133,8 +120,8 @@ def report(args, records: list[dict], val: ImageSet, timing: dict) -> None:
     calib = [is_calibration(s.path) for s in val.samples]
     evalh = [not c for c in calib]
     for r in records:
-        r["calibration_top1"] = _top1(_sub(r["correct"], calib))
-        r["evaluation_top1"] = _top1(_sub(r["correct"], evalh))
+        r["calibration_top1"] = top1_of_outcomes(select_outcomes(r["correct"], calib))
+        r["evaluation_top1"] = top1_of_outcomes(select_outcomes(r["correct"], evalh))
     by_label = {r["config"]: r for r in records}
     base = by_label["unpruned"]
     keeps = sorted({r["keep_rate"] for r in records if r["keep_rate"] is not None})
@@ -207,7 +194,9 @@ def report(args, records: list[dict], val: ImageSet, timing: dict) -> None:
             if setting is None:
                 continue
             rec = by_label[setting["label"]]
-            pair = _pair(_sub(rec["correct"], evalh), _sub(evit["correct"], evalh))
+            pair = paired_summary(
+                select_outcomes(rec["correct"], evalh), select_outcomes(evit["correct"], evalh)
+            )
             setting["evaluation_top1"] = rec["evaluation_top1"]
             setting["evaluation_vs_evit"] = pair
             lo, hi = pair["ci95"]

@@ -81,3 +81,16 @@ def test_evaluate_pairs_every_config_with_the_reference_image_by_image():
     assert res["unpruned"].paired["delta"] == 0 and res["unpruned"].paired["p_mcnemar"] == 1.0
     with pytest.raises(ValueError, match="reference"):
         evaluate(views, batches, progress=False, reference="nope")
+
+
+def test_outcome_helpers_select_count_and_pair():
+    from renyiprune.experiments.stats import paired_summary, select_outcomes, top1_of_outcomes
+
+    a, b = "1101001", "1001011"
+    mask = [True, False, True, True, False, False, True]
+    assert select_outcomes(a, mask) == "1011" and select_outcomes(b, mask) == "1011"
+    assert top1_of_outcomes(a) == pytest.approx(100 * 4 / 7) and top1_of_outcomes("") == 0.0
+    s = paired_summary(a, b)  # A alone right on image 1, B alone right on image 5: a tie
+    assert s["delta"] == 0.0 and s["p_mcnemar"] == 1.0 and s["ci95"][0] < 0 < s["ci95"][1]
+    with pytest.raises(ValueError):
+        select_outcomes(a, mask[:-1])

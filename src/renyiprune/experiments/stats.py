@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["paired_difference", "paired_counts", "compare_records", "format_difference"]
+__all__ = ["paired_difference", "paired_counts", "compare_records", "format_difference", "select_outcomes",
+           "top1_of_outcomes", "paired_summary"]
 
 Z95 = 1.959963984540054  # standard normal 97.5 % quantile
 
@@ -80,3 +81,19 @@ def format_difference(d: dict | None) -> tuple[str, str]:
         return "-", "-"
     lo, hi = d["ci95"]
     return f"{d['delta']:+.2f} [{lo:+.2f}, {hi:+.2f}]", f"{d['p_mcnemar']:.2f}"
+
+
+def select_outcomes(outcomes: str, mask: list[bool]) -> str:
+    """The per-image outcomes of the images ``mask`` selects (a calibration or evaluation half)."""
+    return "".join(b for b, m in zip(outcomes, mask, strict=True) if m)
+
+
+def top1_of_outcomes(outcomes: str) -> float:
+    """Top-1 (percent) of per-image outcomes; 0 for no images."""
+    return 100.0 * outcomes.count("1") / max(len(outcomes), 1)
+
+
+def paired_summary(a: str, b: str) -> dict:
+    """``paired_difference`` of two outcome strings as a JSON-ready {delta, ci95, p_mcnemar}."""
+    d = paired_difference(a, b)
+    return {"delta": d["delta"], "ci95": list(d["ci95"]), "p_mcnemar": d["p_mcnemar"]}
