@@ -62,6 +62,8 @@ class TrainTransform:
     to 30), normalisation, then random erasing with probability ``reprob`` (filled with per-pixel normal
     noise, timm's ``mode="pixel"``). ``randaug_n=0`` / ``reprob=0`` switch those off; ``train_crop=False``
     uses the evaluation resize + center crop instead of the random crop and flip (for exactness tests).
+    ``relative_ratio=True`` reads ``ratio`` relative to the image's aspect ratio (the whole-image view
+    for fine-grained data: ``scale=(1, 1)`` is the whole image squashed to S x S).
     """
 
     input_size: int = 224
@@ -75,6 +77,7 @@ class TrainTransform:
     randaug_m: float = 9.0
     reprob: float = 0.25
     train_crop: bool = True
+    relative_ratio: bool = False  # ratio bounds relative to the image's own aspect (whole-image view)
 
     def __post_init__(self) -> None:
         self._randaug = None
@@ -90,7 +93,11 @@ class TrainTransform:
         img = to_rgb(img)
         size = (self.input_size, self.input_size)
         if self.train_crop:
-            left, top, w, h = random_resized_crop_box(*img.size, self.scale, self.ratio, rng)
+            ratio = self.ratio
+            if self.relative_ratio:  # scale=(1, 1) then boxes the whole frame: the squashed whole image
+                aspect = img.width / img.height
+                ratio = (ratio[0] * aspect, ratio[1] * aspect)
+            left, top, w, h = random_resized_crop_box(*img.size, self.scale, ratio, rng)
             img = img.resize(size, INTERPOLATIONS[self.interpolation], box=(left, top, left + w, top + h))
             if rng.random() < self.hflip:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

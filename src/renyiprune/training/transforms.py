@@ -15,66 +15,25 @@ each image seeded by an integer, so an epoch is reproduced exactly.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image
 from torch import Tensor
 
-from ..data.augment import TrainTransform, random_resized_crop_box
+from ..data.augment import TrainTransform
 from ..data.datasets import TRANSFORMS, eval_transform
-from ..data.images import INTERPOLATIONS, to_rgb
 
 __all__ = ["TRANSFORMS", "WholeImageTrainTransform", "BannerCropped", "train_transform", "eval_view"]
 
 
-def _seed_of(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
-
-
 @dataclass
-class WholeImageTrainTransform:
-    """PIL image + seed -> normalised (3, S, S) tensor: a random box of the image's own frame, squashed
-    to S x S like the evaluation's whole-image resize, flipped with probability ``hflip``, then
-    RandAugment / normalisation / random erasing as :class:`TrainTransform`.
+class WholeImageTrainTransform(TrainTransform):
+    """DeiT's training pipeline (:class:`TrainTransform`) on a random box of the image's own frame: its
+    aspect ratio is ``ratio`` times the image's, so ``scale=(1, 1)`` gives the whole image squashed to
+    S x S, the evaluation's whole-image view (flipped or not)."""
 
-    ``scale`` bounds the box's share of the image area; ``ratio`` its aspect ratio relative to the
-    image's. ``scale=(1, 1)`` gives the whole image: the evaluation view (flipped or not).
-    """
-
-    input_size: int = 224
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
-    interpolation: str = "bicubic"
-    scale: tuple = (0.08, 1.0)
-    ratio: tuple = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    randaug_n: int = 2
-    randaug_m: float = 9.0
-    reprob: float = 0.25
-
-    def __post_init__(self) -> None:
-        # On an S x S image with scale = ratio = (1, 1) and no flip, TrainTransform's crop is the
-        # identity: what is left is its photometric part.
-        self._photometric = TrainTransform(
-            self.input_size, self.mean, self.std, self.interpolation, scale=(1.0, 1.0), ratio=(1.0, 1.0),
-            hflip=0.0, randaug_n=self.randaug_n, randaug_m=self.randaug_m, reprob=self.reprob,
-        )  # fmt: skip
-
-    def __call__(self, img: Image.Image, seed: int) -> Tensor:
-        rng = random.Random(seed)
-        img = to_rgb(img)
-        width, height = img.size
-        aspect = width / height
-        ratio = (self.ratio[0] * aspect, self.ratio[1] * aspect)
-        left, top, w, h = random_resized_crop_box(width, height, self.scale, ratio, rng)
-        size = (self.input_size, self.input_size)
-        img = img.resize(size, INTERPOLATIONS[self.interpolation], box=(left, top, left + w, top + h))
-        if rng.random() < self.hflip:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return self._photometric(img, _seed_of(seed, 1))
+    relative_ratio: bool = True
 
 
 def train_transform(
