@@ -44,3 +44,22 @@ def test_api_examples_run_and_print_what_they_promise(monkeypatch):
 def test_promised_output_is_read_from_print_comments():
     block = 'x = 1  # not a print\nprint(x)  # 1\nprint("a")\n\n# a comment on the next line\nprint(2)\n'
     assert promised_output(block) == ["1"]
+
+
+PLACEHOLDER = re.compile(r"^\s*[A-Z][A-Z0-9]*_[A-Z0-9_]+\b(?![(\[`=])|\bTODO\b|\bTBD\b|\bXXX\b", re.M)
+
+
+@pytest.mark.parametrize("page", ["README.md", *sorted(p.name for p in (REPO / "docs").glob("*.md"))])
+def test_user_pages_hold_no_unfilled_placeholders(page):
+    """A page a user reads has no stand-in left for text that was to be filled in (a line starting with
+    a bare NAME_LIKE_THIS token, TODO, TBD, XXX)."""
+    path = REPO / page if page == "README.md" else REPO / "docs" / page
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)  # code may use constants
+    found = [m.group(0).strip() for m in PLACEHOLDER.finditer(text)]
+    assert not found, f"{page}: {found}"
+
+
+def test_the_placeholder_check_catches_a_stand_in():
+    assert PLACEHOLDER.search("Some text.\nCARS_ROWS\nMore text.")
+    assert PLACEHOLDER.search("speed: TODO")
+    assert not PLACEHOLDER.search("set `RENYIPRUNE_DIST_TIMEOUT` to change it; DEFAULT_CHUNK_BYTES is 4 MiB")
