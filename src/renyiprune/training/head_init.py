@@ -19,44 +19,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
-from tqdm import tqdm
+from torch import nn
 
 from ..data.datasets import DatasetSplit
-from ..data.images import ImageDataset, check_bad, collate
-from ..experiments.probe import FeatureCache, ImageSet, LinearHead, feature_view, fit_probe, is_holdout
+from ..experiments.probe import FeatureCache, ImageSet, LinearHead, extract_features, fit_probe, is_holdout
 from ..planning.specs import PruneConfig
 from ..utils.io import atomic_path
-from .transforms import BannerCropped
 
-__all__ = ["HEAD_INITS", "unpruned_features", "probe_head", "init_head_from_probe"]
+__all__ = ["HEAD_INITS", "probe_head", "init_head_from_probe"]
 
 #: ``new``: random (or the checkpoint's, see ``resolve_head``); ``probe``: the fitted linear probe.
 HEAD_INITS = ("new", "probe")
 UNPRUNED = PruneConfig(criterion=None)
-
-
-@torch.inference_mode()
-def unpruned_features(
-    model: nn.Module,
-    images: ImageSet,
-    transform: Callable,
-    *,
-    batch_size: int = 64,
-    workers: int = 0,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-) -> Tensor:
-    """(n, C) final-norm CLS features of the unpruned ``model`` on ``images``, in order (float32, CPU)."""
-    view = feature_view(model, UNPRUNED).eval()
-    loader = DataLoader(ImageDataset(list(images.samples), BannerCropped(transform, images.crop_bottom)),
-                        batch_size=batch_size, num_workers=workers, collate_fn=collate)  # fmt: skip
-    out = []
-    for batch in tqdm(loader, desc="probe features", unit="batch", disable=not progress, leave=False):
-        check_bad(batch, False)
-        out.append(view(batch.images.to(device)).float().cpu())
-    return torch.cat(out)
 
 
 def _head_path(cache: FeatureCache, images: ImageSet, num_classes: int) -> Path:
@@ -85,16 +59,19 @@ def probe_head(
         if path.is_file():
             obj = torch.load(path, map_location="cpu", weights_only=True)
             return LinearHead(obj["weight"], obj["bias"], float(obj["l2"]))
-    feats = cache.load(UNPRUNED, images) if cache is not None else None
-    if feats is None:
-        t0 = time.perf_counter()
-        feats = unpruned_features(model, images, transform, batch_size=batch_size, workers=workers,
-                                  device=device, progress=progress)  # fmt: skip
-        if progress:
-            print(f"renyiprune train: probe features of {len(feats)} images in "
-                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)  # fmt: skip
-        if cache is not None:
-            cache.save(UNPRUNED, images, feats)
+    t0 = time.perf_counter()
+    training = model.training
+    model.eval()  # a fixed feature extractor: no drop-path while the probe's features are computed
+    try:
+        got, timing = extract_features(model, [UNPRUNED], [images], transform, cache=cache,
+                                       batch_size=batch_size, workers=workers, device=device,
+                                       progress=progress)  # fmt: skip
+    finally:
+        model.train(training)
+    feats = got[(0, 0)]
+    if progress and timing["computed"]:
+        print(f"renyiprune train: probe features of {len(feats)} images in "
+              f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)  # fmt: skip
     holdout = torch.tensor([is_holdout(s.path) for s in images.samples], dtype=torch.bool)
     if not holdout.any() or holdout.all():  # too few images to hold any out: the middle L2 of the grid
         head = fit_probe(feats, images.labels, num_classes, l2_grid=(1e-3,))
