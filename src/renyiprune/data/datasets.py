@@ -27,6 +27,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -343,6 +344,23 @@ class ResizeTransform:
         mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
         return x.sub_(mean).div_(std).contiguous()
+
+
+@dataclass(frozen=True)
+class BannerCropped:
+    """An evaluation transform that first cuts ``crop_bottom`` pixel rows off (FGVC-Aircraft's banner)."""
+
+    transform: Callable
+    crop_bottom: int
+
+    @property
+    def input_size(self) -> int:
+        return getattr(self.transform, "input_size", 0)
+
+    def __call__(self, img: Image.Image):
+        if self.crop_bottom:
+            img = img.crop((0, 0, img.width, img.height - self.crop_bottom))
+        return self.transform(img)
 
 
 def eval_transform(kind: str, cfg):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..data.datasets import BannerCropped
 from ..data.images import Sample
 from ..planning.flops import count_gmacs
 from ..planning.specs import PruneConfig, config_to_dict, parse_stages
@@ -183,25 +184,12 @@ class FeatureCache:
 # ------------------------------------------------------------------------------------------- features
 
 
-class _CropThen:
-    """Cut ``crop_bottom`` pixel rows off, then apply ``transform`` (keeps its ``input_size``)."""
-
-    def __init__(self, transform: Callable, crop_bottom: int) -> None:
-        self.transform, self.crop_bottom = transform, crop_bottom
-        self.input_size = getattr(transform, "input_size", 0)
-
-    def __call__(self, img):
-        if self.crop_bottom:
-            img = img.crop((0, 0, img.width, img.height - self.crop_bottom))
-        return self.transform(img)
-
-
 def _loader(sets: Sequence[ImageSet], transform: Callable, batch_size: int, workers: int):
     from torch.utils.data import ConcatDataset, DataLoader
 
     from ..data.images import ImageDataset, collate
 
-    parts = [ImageDataset(list(s.samples), _CropThen(transform, s.crop_bottom)) for s in sets]
+    parts = [ImageDataset(list(s.samples), BannerCropped(transform, s.crop_bottom)) for s in sets]
     return DataLoader(ConcatDataset(parts), batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=collate)  # fmt: skip
 

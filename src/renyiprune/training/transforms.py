@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..data.augment import TrainTransform
-from ..data.datasets import TRANSFORMS, eval_transform
+from ..data.datasets import TRANSFORMS, BannerCropped, eval_transform
 
 __all__ = ["TRANSFORMS", "WholeImageTrainTransform", "BannerCropped", "train_transform", "eval_view"]
 
@@ -58,23 +58,6 @@ def train_transform(
         return WholeImageTrainTransform(pc.img_size, tuple(pc.mean), tuple(pc.std), pc.interpolation,
                                         scale=(crop_scale, 1.0), **common)  # fmt: skip
     raise ValueError(f"unknown transform {kind!r}; choose from {', '.join(TRANSFORMS)}")
-
-
-@dataclass(frozen=True)
-class BannerCropped:
-    """An evaluation transform that first crops the data set's bottom banner (FGVC-Aircraft)."""
-
-    transform: Callable[[Image.Image], Tensor]
-    crop_bottom: int
-
-    @property
-    def input_size(self) -> int:
-        return self.transform.input_size
-
-    def __call__(self, img: Image.Image) -> Tensor:
-        if self.crop_bottom:
-            img = img.crop((0, 0, img.width, img.height - self.crop_bottom))
-        return self.transform(img)
 
 
 def eval_view(kind: str, pretrained_cfg, crop_bottom: int = 0) -> BannerCropped:
