@@ -1,9 +1,13 @@
 """Entropy maps and pruning masks of Stanford Cars images, Rényi next to EViT, as the probe sees them.
 
 The figures of ``renyiprune visualize`` (``inspect_attention`` + ``plots``), drawn on the probe's input:
-the whole image resized to 224 x 224 (``--transform resize``), not the ImageNet center crop.
+the whole image resized to 224 x 224 (``--transform resize``), not the ImageNet center crop. The mask
+rows are EViT, Rényi at each ``--alpha`` and the ``--criterion`` extras (the best training-free ones);
+``--runs`` draws fine-tuned models instead, a row each with its own weights and configuration.
 
     python benchmarks/cars_figures.py --data CARS/val --out docs/figures --count 3
+    python benchmarks/cars_figures.py --data CARS/val --out docs/figures --tag finetuned --no-entropy \
+        --runs runs/cars-ft/evit-k0.7 runs/cars-ft/renyi-a1-k0.7
 """
 
 from __future__ import annotations
@@ -14,10 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from renyiprune.core.criteria import takes_alpha
 from renyiprune.core.entropy import parse_alpha
 from renyiprune.data.datasets import eval_transform
 from renyiprune.data.images import list_samples, load_image
 from renyiprune.models.model import create_model
+from renyiprune.models.weights import read_state_dict
+from renyiprune.training.checkpoint import load_checkpoint
+from renyiprune.training.train import CHECKPOINT
+from renyiprune.training.train import WEIGHTS as WEIGHTS_FILE
 from renyiprune.viz import inspect_attention as ia
 from renyiprune.viz import plots
 
@@ -37,6 +46,29 @@ def pick(samples, count: int, stride: int) -> list:
     return out
 
 
+def load_model(path: Path) -> torch.nn.Module:
+    """DeiT-Tiny with ``path``'s weights, whatever its head size (ImageNet's 1000 or a cars head)."""
+    weights = read_state_dict(path)
+    return create_model(
+        "deit_tiny_patch16_224", weights=weights, num_classes=int(weights["head.weight"].shape[0])
+    )
+
+
+def finetuned_rows(runs: list[Path]) -> list[tuple[str, torch.nn.Module, ia.MaskSpec, float]]:
+    """One mask row per fine-tuned run (``cars_finetune.py``'s OUT/<name>/): its own weights, pruned with
+    the configuration it was trained with (read from its checkpoint)."""
+    rows = []
+    for run in runs:
+        cfg = load_checkpoint(run / CHECKPOINT)["config"]
+        a = float(cfg["alpha"])
+        label = "EViT" if cfg["criterion"] == "evit" else cfg["criterion"]
+        if takes_alpha(cfg["criterion"]):
+            label = f"Rényi α={plots.alpha_label(a)}" if cfg["criterion"] == "renyi" else f"{label} α={a:g}"
+        spec = ia.MaskSpec(f"{label} tuned", cfg["criterion"], a)
+        rows.append((spec.label, load_model(run / WEIGHTS_FILE), spec, float(cfg["keep"])))
+    return rows
+
+
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -44,12 +76,31 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--count", type=int, default=3)
     ap.add_argument("--stride", type=int, default=40, help="take classes 0, stride, 2*stride, ...")
-    ap.add_argument("--alphas", default="1,2,inf", help="Rényi orders of the mask rows and entropy maps")
+    ap.add_argument("--alpha", "--alphas", default="1,2,inf", help="Rényi orders (masks, entropy maps)")
+    ap.add_argument("--criterion", default="pagerank", help="more mask rows (comma list)")
     ap.add_argument("--keep", default="0.7,0.5")
+    ap.add_argument("--weights", type=Path, default=WEIGHTS, help="DeiT-Tiny weights (any head size)")
+    ap.add_argument(
+        "--runs",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="fine-tuned runs: a row each, own model",
+    )
+    ap.add_argument("--tag", default="", help="appended to the file names (cars_<image>[_tag]_masks.png)")
+    ap.add_argument("--no-entropy", action="store_true", help="draw the masks only")
     args = ap.parse_args()
-    alphas = [parse_alpha(a) for a in args.alphas.split(",")]
-    keeps = [float(k) for k in args.keep.split(",")]
-    model = create_model("deit_tiny_patch16_224", weights=WEIGHTS)
+    alphas = [parse_alpha(a) for a in args.alpha.split(",")]
+    model = load_model(args.weights)
+    if args.runs:
+        rows = finetuned_rows(args.runs)
+    else:
+        specs = (
+            [ia.MaskSpec("EViT", "evit")]
+            + [ia.MaskSpec(f"Rényi α={plots.alpha_label(a)}", "renyi", a) for a in alphas]
+            + [ia.MaskSpec(c, c) for c in args.criterion.split(",") if c]
+        )
+        rows = [(s.label, model, s, float(r)) for r in args.keep.split(",") for s in specs]
     tf = eval_transform("resize", model.pretrained_cfg)
     grid, n = model.patch_embed.grid_size, model.patch_embed.num_patches
     classes = [ln.strip() for ln in (args.data.parent / "classes.txt").read_text().splitlines() if ln.strip()]
@@ -59,20 +110,17 @@ def main() -> None:
         shown = np.asarray(img.resize((224, 224)))
         x = tf(img)[None]
         name = f"{classes[s.label]} ({s.path.name})"
-        stem = f"cars_{s.path.stem}"
-        logits = ia.block_logits(model, x)
-        maps = {a: m.numpy() for a, m in ia.entropy_maps(logits, alphas, LOCS, grid).items()}
-        fig = plots.entropy_maps_figure(shown, maps, LOCS, f"Per-patch attention entropy: {name}")
-        plots.save_figure(fig, args.out / f"{stem}_entropy.png")
-        rows = []
-        specs = [ia.MaskSpec("EViT", "evit")] + [
-            ia.MaskSpec(f"Rényi α={plots.alpha_label(a)}", "renyi", a) for a in alphas
-        ]
-        for r in keeps:
-            for spec in specs:
-                kept, fused = ia.pruning_masks(model, x, spec, r, LOCS, fuse=True)
-                rows.append((f"{spec.label}, keep {r:g}", kept[0].numpy(), fused[0].tolist()))
-        fig = plots.masks_figure(shown, rows, LOCS, grid, f"Kept patches (fused, {n} patches): {name}")
+        stem = f"cars_{s.path.stem}" + (f"_{args.tag}" if args.tag else "")
+        if not args.no_entropy:
+            logits = ia.block_logits(model, x)
+            maps = {a: m.numpy() for a, m in ia.entropy_maps(logits, alphas, LOCS, grid).items()}
+            fig = plots.entropy_maps_figure(shown, maps, LOCS, f"Per-patch attention entropy: {name}")
+            plots.save_figure(fig, args.out / f"{stem}_entropy.png")
+        drawn = []
+        for label, m, spec, r in rows:
+            kept, fused = ia.pruning_masks(m, x, spec, r, LOCS, fuse=True)
+            drawn.append((f"{label}, keep {r:g}", kept[0].numpy(), fused[0].tolist()))
+        fig = plots.masks_figure(shown, drawn, LOCS, grid, f"Kept patches (fused, {n} patches): {name}")
         plots.save_figure(fig, args.out / f"{stem}_masks.png")
         print(f"{stem}: {name}")
 

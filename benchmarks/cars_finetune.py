@@ -308,8 +308,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--weights", type=Path, default=DEMO_WEIGHTS, help="DeiT-Tiny's ImageNet weights")
     ap.add_argument(
         "--best",
-        default="column_norm",
-        help="the best training-free criterion (the probe's at keep 0.5 and 0.7); none: leave out",
+        default="pagerank",
+        help="the best training-free criterion: the probe's best mean calibration-half top-1 over keep "
+        "0.5 and 0.7 (benchmarks/results/cars_probe); none: leave out",
     )
     ap.add_argument("--keeps", type=lambda t: tuple(float(v) for v in t.split(",")), default=KEEPS)
     ap.add_argument("--only", nargs="+", default=None, metavar="NAME", help="these runs of the grid only")

@@ -12,7 +12,7 @@ TINY = ["--model", "deit_tiny_patch16_224", "--image-size", "48", "--batch-size"
 
 
 def test_bench_json(capsys):
-    args = [*TINY, "--keep", "0.7,0.5", "--criteria", "evit,renyi", "--alpha", "1,inf"]
+    args = [*TINY, "--keep", "0.7,0.5", "--criterion", "evit,renyi", "--alpha", "1,inf"]
     assert main(["bench", *args, "--reps", "1", "--warmup", "0", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert "random" in out["weights"] and out["machine"]["torch"] == torch.__version__
@@ -26,7 +26,7 @@ def test_bench_json(capsys):
 
 
 def test_bench_takes_any_registered_criterion_with_fusion(capsys):
-    args = [*TINY, "--keep", "0.5", "--criteria", "evit,diverse,evit_renyi", "--alpha", "2,inf", "--fuse"]
+    args = [*TINY, "--keep", "0.5", "--criterion", "evit,diverse,evit_renyi", "--alpha", "2,inf", "--fuse"]
     assert main(["bench", *args, "--reps", "1", "--warmup", "0", "--json"]) == 0
     rows = {r["config"] for r in json.loads(capsys.readouterr().out)["results"]}
     assert rows == {"unpruned", "evit r=0.5 +fuse", "diverse r=0.5 +fuse", "evit_renyi a=2 r=0.5 +fuse",
@@ -41,7 +41,7 @@ def test_bench_table_and_progress(capsys):
 
 
 @pytest.mark.parametrize(
-    "extra", [["--batch-size", "0"], ["--criteria", "bogus"], ["--locations", "20"], ["--device", "cuda:0"]]
+    "extra", [["--batch-size", "0"], ["--criterion", "bogus"], ["--locations", "20"], ["--device", "cuda:0"]]
 )
 def test_bench_bad_arguments(extra, capsys):
     if extra[0] == "--device" and torch.cuda.is_available():
@@ -72,7 +72,7 @@ def test_time_interleaved_and_paired_ratio():
 
 def test_bench_takes_every_eval_method(capsys):
     """ToMe by r and by budget, entropy-aware ToMe, removed=merge, best, a per-stage spec: one run."""
-    args = [*TINY, "--keep", "0.7", "--criteria", "evit,tome,best,renyi:2@1+evit@2", "--tome-r", "2",
+    args = [*TINY, "--keep", "0.7", "--criterion", "evit,tome,best,renyi:2@1+evit@2", "--tome-r", "2",
             "--removed", "merge", "--reps", "1", "--warmup", "0", "--json"]  # fmt: skip
     assert main(["bench", *args]) == 0
     rows = {r["config"]: r for r in json.loads(capsys.readouterr().out)["results"]}
@@ -80,7 +80,7 @@ def test_bench_takes_every_eval_method(capsys):
     assert len(rows) == 5  # plus best's choice at keep 0.7
     assert rows["tome r=2"]["keep_rate"] is None and rows["tome r=2"]["pruned_from"] == 0
     assert rows["evit r=0.7 +merge"]["removed"] == "merge" and rows["evit r=0.7 +merge"]["pruned_from"] == 1
-    args = [*TINY, "--criteria", "tome,evit", "--budget", "0.6", "--entropy-weight", "0.05", "--alpha", "inf",
+    args = [*TINY, "--criterion", "tome,evit", "--budget", "0.6", "--entropy-weight", "0.05", "--alpha", "inf",
             "--reps", "1", "--warmup", "0", "--json"]  # fmt: skip
     assert main(["bench", *args]) == 0
     rows = {r["config"]: r for r in json.loads(capsys.readouterr().out)["results"]}

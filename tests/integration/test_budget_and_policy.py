@@ -160,7 +160,7 @@ def test_tune_budget_chooses_on_calibration_images_only(shared_assets, tmp_path,
     from renyiprune.cli import tune_budget
 
     monkeypatch.setattr(tune_budget, "choose", choose_spy)
-    argv = ["tune-budget", "--weights", str(w), "--data", str(d), "--budgets", "0.5", "--limit", "12",
+    argv = ["tune-budget", "--weights", str(w), "--data", str(d), "--budget", "0.5", "--limit", "12",
             "--candidates", "tome[entropy_weight=0.05;alpha=1],evit[removed=merge]", "--out", str(tmp_path),
             "--no-progress", "--workers", "0"]  # fmt: skip
     assert main(argv) == 0

@@ -136,7 +136,7 @@ def test_cli_sweep_on_real_images(shared_assets, tmp_path, capsys):
 
     w = shared_assets / "weights" / "deit_tiny_patch16_224.safetensors"
     d = shared_assets / "imagenet-sample-1000"
-    args = ["sweep", "--weights", str(w), "--data", str(d), "--criteria", "evit,renyi", "--alphas", "2",
+    args = ["sweep", "--weights", str(w), "--data", str(d), "--criterion", "evit,renyi", "--alpha", "2",
             "--keep", "0.7", "--fuse", "off,on", "--limit", "6", "--out", str(tmp_path), "--no-progress",
             "--workers", "0"]  # fmt: skip
     assert main(args) == 0

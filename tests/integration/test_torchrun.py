@@ -134,8 +134,8 @@ def test_train_two_processes_equal_one(data, tmp_path):
 
 
 def sweep_args(data: Path, out: Path, criteria: str) -> list[str]:
-    return ["-m", "renyiprune", "sweep", "--weights", str(WEIGHTS), "--data", str(data), "--criteria",
-            criteria, "--alphas", "2", "--keep", "0.7", "--budget", "renyi", "--batch-size", "2",
+    return ["-m", "renyiprune", "sweep", "--weights", str(WEIGHTS), "--data", str(data), "--criterion",
+            criteria, "--alpha", "2", "--keep", "0.7", "--adaptive", "renyi", "--batch-size", "2",
             "--workers", "0", "--threads", "1", "--no-progress", "--out", str(out)]  # fmt: skip
 
 

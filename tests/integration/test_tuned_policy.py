@@ -95,7 +95,7 @@ def test_tuning_never_reads_an_evaluation_image(shared_assets, tmp_path, images_
     read = images_read
     w = shared_assets / "weights" / "deit_tiny_patch16_224.safetensors"
     d = shared_assets / "imagenet-sample-1000"
-    argv = ["tune-alpha", "--weights", str(w), "--data", str(d), "--keep", "0.5", "--alphas", "2,inf",
+    argv = ["tune-alpha", "--weights", str(w), "--data", str(d), "--keep", "0.5", "--alpha", "2,inf",
             "--criterion", "renyi", "--limit", "12", "--out", str(tmp_path), "--no-progress",
             "--workers", "0"]  # fmt: skip
     args = build_parser().parse_args(argv)

@@ -182,7 +182,7 @@ def rendered(shared_assets, tmp_path_factory):
     weights = shared_assets / "weights" / "deit_tiny_patch16_224.safetensors"
     rc, err = _cli(
         "visualize", "--weights", str(weights), str(shared_assets / "photos" / "chelsea.png"),
-        "--alphas", "1,inf", "--blocks", "3,9", "--keep", "0.7", "--criteria", "renyi,evit,random",
+        "--alpha", "1,inf", "--blocks", "3,9", "--keep", "0.7", "--criterion", "renyi,evit,random",
         "--fuse", "--out", str(out), "--format", "png,svg", "--no-progress",
     )  # fmt: skip
     assert rc == 0, err
@@ -230,7 +230,7 @@ def test_index_html_is_offline_and_lists_every_figure(rendered):
     "extra, message",
     [
         (["missing.png"], "image not found"),
-        (["--alphas", "1,-2", "PHOTO"], "alpha"),
+        (["--alpha", "1,-2", "PHOTO"], "alpha"),
         (["--keep", "0", "PHOTO"], "--keep"),
         (["--keep", "1.5", "PHOTO"], "--keep"),
         (["CORRUPT"], "cannot read image"),
