@@ -265,7 +265,42 @@ def build_report(records: list[dict], calib: list[bool]) -> tuple[str, dict]:
                      f"{best['evaluation_top1']:.2f} | {evit[k]['evaluation_top1']:.2f} | {_ci(pair)} | "
                      f"{pair['p_mcnemar']:.2f} |")  # fmt: skip
     summary = {"images": n, "calibration_images": sum(calib), "runs": records, "renyi_alpha_chosen": chosen}
+    summary["policy_keep"] = finetuned_policy_keep(records)
     return "\n".join(lines) + "\n", summary
+
+
+def finetuned_policy_keep(records: list[dict]) -> dict:
+    """Per keep rate, the fine-tuned runs ranked on the calibration half (``experiments.tune.choose``):
+    ``best`` over all of them and one entry per criterion (Rényi: its α), the policy file's ``keep``."""
+    out = {}
+    for k in sorted({r["keep"] for r in records}, reverse=True):
+        cand = [{"config": {"criterion": r["criterion"], "alpha": r["alpha"], "options": {}},
+                 "label": r["run"], "top1": r["calibration_top1"], "gmacs": r["gmacs"]}
+                for r in records if r["keep"] == k]  # fmt: skip
+        out[f"{k:g}"] = choose(cand)
+    return out
+
+
+def write_policy(path: Path, summary: dict, epochs: int) -> None:
+    """The fine-tuned α / criterion choice as a policy file (the probe's schema): which configuration to
+    fine-tune with at each keep rate, chosen on the calibration half of the evaluation split."""
+    policy = {
+        "model": MODEL,
+        "dataset": "stanford-cars",
+        "protocol": f"fine-tuned with pruning in the loop ({epochs} epochs, the recipe of "
+        "benchmarks/cars_finetune.py); each entry is the configuration its fine-tuned weights were "
+        "trained and evaluated with",
+        "locations": [3, 6, 9],
+        "fuse": True,
+        "split": "val images; calibration = SHA-256 of the file name ends in an even byte "
+        "(renyiprune.planning.policy)",
+        "calibration_images": summary["calibration_images"],
+        "evaluation_images": summary["images"] - summary["calibration_images"],
+        "candidates": sorted({r["criterion"] for r in summary["runs"]}),
+        "alphas": sorted({r["alpha"] for r in summary["runs"] if r["criterion"] == "renyi"}, key=float),
+        "keep": summary["policy_keep"],
+    }
+    path.write_text(json.dumps(policy, indent=2, allow_nan=False) + "\n")
 
 
 def report(args: argparse.Namespace, runs: list[Run]) -> int:
@@ -294,6 +329,8 @@ def report(args: argparse.Namespace, runs: list[Run]) -> int:
         text += f"\nNot finished (not in the tables): {', '.join(missing)}.\n"
     (args.out / "report.md").write_text(text)
     (args.out / "report.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    if args.policy_out:
+        write_policy(args.policy_out, summary, args.epochs)
     print(text)
     return 0
 
@@ -327,6 +364,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--eval-batch-size", type=int, default=64)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--report", action="store_true", help="evaluate the finished runs and write the tables")
+    ap.add_argument(
+        "--policy-out", type=Path, default=None, help="with --report: the choice as a policy file"
+    )
     ap.add_argument("--list", action="store_true", help="print the runs' names and commands, run nothing")
     args = ap.parse_args(argv)
     if args.best is not None and args.best.lower() == "none":

@@ -166,6 +166,7 @@ def test_benchmark_resumes_skips_and_reports(cars, tmp_path, capsys):
     from renyiprune.data.images import make_loader
     from renyiprune.experiments.evaluate import evaluate, pruned_view
     from renyiprune.experiments.tune import is_calibration
+    from renyiprune.planning.policy import load_policy, policy_entry
     from renyiprune.training.checkpoint import load_checkpoint
 
     names = ["evit-k0.7", "renyi-a1-k0.7", "renyi-a2-k0.7"]
@@ -187,7 +188,7 @@ def test_benchmark_resumes_skips_and_reports(cars, tmp_path, capsys):
     assert capsys.readouterr().out.count("finished, skipped") == 3
     assert stamps == {n: (tmp_path / n / WEIGHTS).stat().st_mtime_ns for n in names}
 
-    assert bench.main([*common, "--report"]) == 0
+    assert bench.main([*common, "--report", "--policy-out", str(tmp_path / "policy.json")]) == 0
     summary = json.loads((tmp_path / "report.json").read_text())
     runs = {r["run"]: r for r in summary["runs"]}
     val = load_split("stanford-cars", cars, "val").samples[:32]
@@ -213,4 +214,10 @@ def test_benchmark_resumes_skips_and_reports(cars, tmp_path, capsys):
 
     best = max(names[1:], key=lambda n: (cal_top1(runs[n]["correct"]), -names.index(n)))
     assert summary["renyi_alpha_chosen"]["0.7"]["run"] == best
+    # the policy file (the probe's schema) gives the same α to `--alpha auto`, and its "best" is the run
+    # with the highest calibration top-1 among all three (ties: fewer GMACs, then the grid's order)
+    policy = load_policy(tmp_path / "policy.json")
+    assert policy_entry(policy, 0.7, "renyi")["label"] == best
+    top = max(names, key=lambda n: (cal_top1(runs[n]["correct"]), -runs[n]["gmacs"], -names.index(n)))
+    assert policy_entry(policy, 0.7)["label"] == top
     assert "| 0.7 |" in (tmp_path / "report.md").read_text()
