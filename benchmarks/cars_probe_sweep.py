@@ -50,8 +50,9 @@ LOCS = (3, 6, 9)
 ENTROPY = ("renyi", "shannon", "evit_renyi", "hybrid")  # the entropy-based criteria
 
 
-def configs() -> list[PruneConfig]:
-    """Every configuration of the sweep, most wanted first (the targets are fused keep 0.5 and 0.7)."""
+def configs(unfused: bool = True) -> list[PruneConfig]:
+    """Every configuration of the sweep, most wanted first (the targets are fused keep 0.5 and 0.7);
+    ``unfused=False``: the fused ones only (the issue's sweep: all criteria x 5 α x 3 keep rates)."""
 
     def grid(criteria, keeps, fuse):
         out = []
@@ -70,7 +71,9 @@ def configs() -> list[PruneConfig]:
     order += grid(first, (0.7, 0.5), True)  # the method's setting and its baseline first (the targets)
     order += grid(spread, (0.7, 0.5), True) + grid(first, (0.9,), True)
     order += grid(single, (0.7, 0.5), True) + grid(ordered, (0.7, 0.5), True)
-    order += grid(spread + single + ordered, (0.9,), True) + grid(first, (0.7, 0.5, 0.9), False)
+    order += grid(spread + single + ordered, (0.9,), True)
+    if unfused:
+        order += grid(first, (0.7, 0.5, 0.9), False)
     return list(dict.fromkeys(order))
 
 
@@ -246,6 +249,7 @@ def main() -> None:
     ap.add_argument("--policy-out", type=Path, default=None)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--code-hash", default=None, help="the code hash the features were written with")
+    ap.add_argument("--fused-only", action="store_true", help="leave out the unfused EViT/Rényi rows")
     ap.add_argument("--val-only", action="store_true", help="features step: val images only this time")
     args = ap.parse_args()
     model = create_model("deit_tiny_patch16_224", weights=args.weights)
@@ -256,7 +260,7 @@ def main() -> None:
     cache = FeatureCache(args.cache, context)
     train = ImageSet("train", tuple(list_samples(args.train)))
     val = ImageSet("val", tuple(list_samples(args.val)))
-    wanted = configs()
+    wanted = configs(unfused=not args.fused_only)
     sets = [train, val]
     unpruned = PruneConfig(None)
 
