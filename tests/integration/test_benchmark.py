@@ -80,8 +80,8 @@ def test_bench_takes_every_eval_method(capsys):
     assert len(rows) == 5  # plus best's choice at keep 0.7
     assert rows["tome r=2"]["keep_rate"] is None and rows["tome r=2"]["pruned_from"] == 0
     assert rows["evit r=0.7 +merge"]["removed"] == "merge" and rows["evit r=0.7 +merge"]["pruned_from"] == 1
-    args = [*TINY, "--criterion", "tome,evit", "--budget", "0.6", "--entropy-weight", "0.05", "--alpha", "inf",
-            "--reps", "1", "--warmup", "0", "--json"]  # fmt: skip
+    args = [*TINY, "--criterion", "tome,evit", "--budget", "0.6", "--entropy-weight", "0.05", "--alpha",
+            "inf", "--reps", "1", "--warmup", "0", "--json"]  # fmt: skip
     assert main(["bench", *args]) == 0
     rows = {r["config"]: r for r in json.loads(capsys.readouterr().out)["results"]}
     tome = rows["tome entropy_weight=0.05 alpha=inf budget=0.6"]
