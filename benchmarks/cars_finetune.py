@@ -39,7 +39,7 @@ from renyiprune.data.datasets import load_split
 from renyiprune.data.images import ImageDataset, check_bad, collate
 from renyiprune.experiments.evaluate import pruned_view, top1_top5
 from renyiprune.experiments.stats import paired_summary, select_outcomes, top1_of_outcomes
-from renyiprune.experiments.tune import choose, is_calibration
+from renyiprune.experiments.tune import choose, is_calibration, policy_document
 from renyiprune.models.model import create_model
 from renyiprune.models.weights import read_state_dict, sha256_file
 from renyiprune.planning.flops import count_gmacs
@@ -284,22 +284,20 @@ def finetuned_policy_keep(records: list[dict]) -> dict:
 def write_policy(path: Path, summary: dict, epochs: int) -> None:
     """The fine-tuned α / criterion choice as a policy file (the probe's schema): which configuration to
     fine-tune with at each keep rate, chosen on the calibration half of the evaluation split."""
-    policy = {
-        "model": MODEL,
-        "dataset": "stanford-cars",
-        "protocol": f"fine-tuned with pruning in the loop ({epochs} epochs, the recipe of "
-        "benchmarks/cars_finetune.py); each entry is the configuration its fine-tuned weights were "
-        "trained and evaluated with",
-        "locations": [3, 6, 9],
-        "fuse": True,
-        "split": "val images; calibration = SHA-256 of the file name ends in an even byte "
-        "(renyiprune.planning.policy)",
-        "calibration_images": summary["calibration_images"],
-        "evaluation_images": summary["images"] - summary["calibration_images"],
-        "candidates": sorted({r["criterion"] for r in summary["runs"]}),
-        "alphas": sorted({r["alpha"] for r in summary["runs"] if r["criterion"] == "renyi"}, key=float),
-        "keep": summary["policy_keep"],
-    }
+    policy = policy_document(
+        MODEL,
+        summary["policy_keep"],
+        locations=(3, 6, 9),
+        fuse=True,
+        calibration_images=summary["calibration_images"],
+        evaluation_images=summary["images"] - summary["calibration_images"],
+        candidates=[r["criterion"] for r in summary["runs"]],
+        alphas=sorted({r["alpha"] for r in summary["runs"] if r["criterion"] == "renyi"}, key=float),
+        dataset="stanford-cars",
+        protocol=f"fine-tuned with pruning in the loop ({epochs} epochs, the recipe of "
+        "benchmarks/cars_finetune.py), chosen on val; each entry is the configuration its fine-tuned "
+        "weights were trained and evaluated with",
+    )
     path.write_text(json.dumps(policy, indent=2, allow_nan=False) + "\n")
 
 

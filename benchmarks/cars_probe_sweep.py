@@ -38,7 +38,7 @@ from renyiprune.experiments.probe import (
     with_references,
 )
 from renyiprune.experiments.stats import paired_summary, select_outcomes, top1_of_outcomes
-from renyiprune.experiments.tune import choose, is_calibration
+from renyiprune.experiments.tune import choose, is_calibration, policy_document
 from renyiprune.models.model import create_model
 from renyiprune.models.weights import sha256_file
 from renyiprune.planning.specs import PruneConfig
@@ -218,21 +218,19 @@ def report(args, records: list[dict], val: ImageSet, timing: dict) -> None:
     )
     print(text)
     if args.policy_out:
-        policy = {
-            "model": "deit_tiny_patch16_224",
-            "dataset": "stanford-cars",
-            "protocol": f"linear probe ({records[0]['head']} head), transform {args.transform}, "
+        policy = policy_document(
+            "deit_tiny_patch16_224",
+            policy_keep,
+            locations=LOCS,
+            fuse=True,
+            calibration_images=sum(calib),
+            evaluation_images=sum(evalh),
+            candidates=[x["criterion"] for x in records if x["criterion"] != "none"],
+            alphas=ALPHAS,
+            dataset="stanford-cars",
+            protocol=f"linear probe ({records[0]['head']} head) on val, transform {args.transform}, "
             "benchmarks/cars_probe_sweep.py",
-            "locations": list(LOCS),
-            "fuse": True,
-            "split": "val images; calibration = SHA-256 of the file name ends in an even byte "
-            "(renyiprune.planning.policy)",
-            "calibration_images": sum(calib),
-            "evaluation_images": sum(evalh),
-            "candidates": sorted({x["criterion"] for x in records if x["criterion"] != "none"}),
-            "alphas": ["inf" if math.isinf(a) else a for a in ALPHAS],
-            "keep": policy_keep,
-        }
+        )
         args.policy_out.write_text(json.dumps(policy, indent=2, allow_nan=False) + "\n")
 
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from ..data.images import list_samples
 from ..experiments.stats import compare_records, format_difference
-from ..experiments.tune import choose, split_samples
+from ..experiments.tune import choose, policy_document, split_samples
 from ..planning.policy import entry_config
 from ..planning.specs import SweepConfig
 from ..utils.io import atomic_write_text
@@ -107,18 +106,17 @@ def run(args: argparse.Namespace) -> int:
              *format_difference(pair),
              f"{b['gmacs'] / ref['evit']['gmacs']:.3f}"]
         )  # fmt: skip
-    policy = {
-        "model": args.model,
-        "locations": list(locs),
-        "fuse": fuse,
-        "split": "calibration = SHA-256 of the file name ends in an even byte (renyiprune.policy)",
-        "calibration_images": len(calib),
-        "evaluation_images": len(evals),
-        "candidates": sorted(set(args.criterion)),
-        "alphas": ["inf" if math.isinf(a) else a for a in args.alpha],
-        "lambdas": args.lambdas,
-        "keep": {f"{r:g}": entry for r, entry in chosen.items()},
-    }
+    policy = policy_document(
+        args.model,
+        {f"{r:g}": entry for r, entry in chosen.items()},
+        locations=locs,
+        fuse=fuse,
+        calibration_images=len(calib),
+        evaluation_images=len(evals),
+        candidates=args.criterion,
+        alphas=args.alpha,
+        lambdas=args.lambdas,
+    )
     out = args.policy_out or args.out / "policy.json"
     atomic_write_text(out, json.dumps(policy, indent=2, allow_nan=False) + "\n")
     headers = ["keep", "chosen (calibration)", "cal top-1", "cal EViT", "eval top-1", "eval EViT",

@@ -13,7 +13,17 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["DEFAULT_BUDGET_CANDIDATES", "is_calibration", "split_samples", "choose"]
+__all__ = [
+    "DEFAULT_BUDGET_CANDIDATES",
+    "SPLIT",
+    "is_calibration",
+    "split_samples",
+    "choose",
+    "policy_document",
+]
+
+#: How a policy file names the split its choices were made on (:func:`is_calibration`).
+SPLIT = "calibration = SHA-256 of the file name ends in an even byte (renyiprune.experiments.tune)"
 
 # What ``tune-budget`` chooses from at each compute budget: ToMe and its entropy-aware variants,
 # and pruning whose removed tokens are merged, fused or dropped (sweep spec syntax).
@@ -76,3 +86,32 @@ def choose(records: Sequence[dict]) -> dict:
         by.setdefault(c["criterion"] + (f"[{fixed}]" if fixed else ""), _setting(r))
     best = _setting(min(records, key=key))
     return {"best": best, "by_criterion": by}
+
+
+def policy_document(
+    model: str,
+    keep: dict,
+    *,
+    locations: Sequence[int],
+    fuse: bool,
+    calibration_images: int,
+    evaluation_images: int,
+    candidates: Sequence[str],
+    alphas: Sequence[float | str],
+    **about,
+) -> dict:
+    """A policy file's content (what ``planning.policy.load_policy`` reads): the per-keep-rate choices of
+    :func:`choose` under ``keep``, with how they were made; ``about`` adds descriptive keys (dataset,
+    protocol, lambdas)."""
+    return {
+        "model": model,
+        **about,
+        "locations": list(locations),
+        "fuse": fuse,
+        "split": SPLIT,
+        "calibration_images": calibration_images,
+        "evaluation_images": evaluation_images,
+        "candidates": sorted(set(candidates)),
+        "alphas": ["inf" if isinstance(a, float) and math.isinf(a) else a for a in alphas],
+        "keep": keep,
+    }
