@@ -308,7 +308,8 @@ def report(args: argparse.Namespace, runs: list[Run]) -> int:
         if run_state(out, args.epochs) != "done":
             missing.append(run.name)
             continue
-        records.append(evaluate_run(out, args))
+        # the cache key (weights hash, image paths) stays in OUT/<name>/val_outcomes.json, not the report
+        records.append({k: v for k, v in evaluate_run(out, args).items() if k != "key"})
         r = records[-1]
         print(
             f"{run.name}: top-1 {r['top1']:.2f} %, top-5 {r['top5']:.2f} %, {r['gmacs']:.3f} GMACs",
