@@ -43,7 +43,7 @@ from renyiprune.experiments.tune import choose, is_calibration, policy_document
 from renyiprune.models.model import create_model
 from renyiprune.models.weights import read_state_dict, sha256_file
 from renyiprune.planning.flops import count_gmacs
-from renyiprune.planning.specs import PruneConfig
+from renyiprune.planning.specs import PruneConfig, parse_options, split_criterion
 from renyiprune.training.checkpoint import load_checkpoint
 from renyiprune.training.train import CHECKPOINT, WEIGHTS
 from renyiprune.training.transforms import eval_view
@@ -70,21 +70,31 @@ RECIPE = (
 class Run:
     """One fine-tuning run of the grid."""
 
-    criterion: str
+    criterion: str  # "none": the unpruned model
     keep: float
     alpha: float = 1.0
+    options: str = ""  # criterion options as in renyi[cls_key=exclude]: "cls_key=exclude"
 
     @property
     def name(self) -> str:
+        if self.criterion == "none":
+            return "unpruned"
         a = (
             f"-a{'inf' if math.isinf(self.alpha) else f'{self.alpha:g}'}"
             if takes_alpha(self.criterion)
             else ""
         )
-        return f"{self.criterion}{a}-k{self.keep:g}"
+        o = "".join(f"-{v}" for v in sorted(parse_options(self.options).values()))  # -exclude
+        return f"{self.criterion}{o}{a}-k{self.keep:g}"
+
+    @property
+    def spec(self) -> str:
+        return f"{self.criterion}[{self.options}]" if self.options else self.criterion
 
     def flags(self) -> list[str]:
-        return ["--criterion", self.criterion, "--keep", f"{self.keep:g}", "--alpha", f"{self.alpha:g}"]
+        if self.criterion == "none":
+            return ["--criterion", "none"]
+        return ["--criterion", self.spec, "--keep", f"{self.keep:g}", "--alpha", f"{self.alpha:g}"]
 
 
 def grid(best: str | None, keeps=KEEPS) -> list[Run]:
@@ -111,10 +121,12 @@ def train_command(run: Run, args: argparse.Namespace) -> list[str]:
     """The ``renyiprune train`` command line of ``run`` (always with --resume: a new run just starts)."""
     cmd = [sys.executable, "-m", "renyiprune", "train", "--model", MODEL, "--weights", str(args.weights),
            "--dataset", args.dataset, "--data-root", str(args.data_root), "--train-split", args.train_split,
-           "--eval-split", args.eval_split, "--out", str(args.out / run.name), *RECIPE, *run.flags(),
+           "--eval-split", args.eval_split, "--out", str(args.out / run.name),
+           *getattr(args, "recipe", RECIPE), *run.flags(),
            "--epochs", str(args.epochs), "--seed", str(args.seed),
            "--head-cache", str(args.out / "probe-cache"),
-           "--save-every", str(args.save_every), "--eval-every", "0", "--no-eval-before",
+           "--save-every", str(args.save_every), "--eval-every", str(1 if run.criterion == "none" else 0),
+           "--no-eval-before",
            "--device", args.device, "--workers", str(args.workers), "--resume"]  # fmt: skip
     for flag, value in (
         ("--threads", args.threads),
@@ -172,9 +184,13 @@ def evaluate_run(out: Path, args: argparse.Namespace) -> dict:
     weights = read_state_dict(out / WEIGHTS)
     model = create_model(cfg["model"], weights=weights, num_classes=int(weights["head.weight"].shape[0]))
     model = model.to(args.device)
-    config = PruneConfig(
-        cfg["criterion"], cfg["keep"], float(cfg["alpha"]), tuple(cfg["locations"]), cfg["fuse"]
-    )
+    crit, opts = split_criterion(cfg["criterion"])
+    config = (
+        PruneConfig(None)
+        if crit == "none"
+        else PruneConfig(crit, cfg["keep"], float(cfg["alpha"]), tuple(cfg["locations"]), cfg["fuse"],
+                         tuple(opts.items()))
+    )  # fmt: skip
     view = pruned_view(model, config)
     tf = eval_view(cfg["transform"], model.pretrained_cfg, split.crop_bottom)
     loader = DataLoader(ImageDataset(samples, tf), batch_size=args.eval_batch_size, num_workers=args.workers,
@@ -191,9 +207,10 @@ def evaluate_run(out: Path, args: argparse.Namespace) -> dict:
         "key": key,
         "run": out.name,
         "config": config.label,
-        "criterion": cfg["criterion"],
+        "criterion": crit,
+        "options": opts,
         "alpha": "inf" if math.isinf(float(cfg["alpha"])) else float(cfg["alpha"]),
-        "keep": cfg["keep"],
+        "keep": 1.0 if crit == "none" else cfg["keep"],
         "transform": cfg["transform"],
         "epochs": cfg["epochs"],
         "images": len(samples),
@@ -273,15 +290,17 @@ def finetuned_policy_keep(records: list[dict]) -> dict:
     """Per keep rate, the fine-tuned runs ranked on the calibration half (``experiments.tune.choose``):
     ``best`` over all of them and one entry per criterion (Rényi: its α), the policy file's ``keep``."""
     out = {}
-    for k in sorted({r["keep"] for r in records}, reverse=True):
-        cand = [{"config": {"criterion": r["criterion"], "alpha": r["alpha"], "options": {}},
+    for k in sorted({r["keep"] for r in records if r["criterion"] != "none"}, reverse=True):
+        cand = [{"config": {"criterion": r["criterion"], "alpha": r["alpha"],
+                            "options": r.get("options", {})},
                  "label": r["run"], "top1": r["calibration_top1"], "gmacs": r["gmacs"]}
                 for r in records if r["keep"] == k]  # fmt: skip
         out[f"{k:g}"] = choose(cand)
     return out
 
 
-def write_policy(path: Path, summary: dict, epochs: int) -> None:
+def write_policy(path: Path, summary: dict, epochs: int, dataset: str = "stanford-cars",
+                 script: str = "benchmarks/cars_finetune.py") -> None:
     """The fine-tuned α / criterion choice as a policy file (the probe's schema): which configuration to
     fine-tune with at each keep rate, chosen on the calibration half of the evaluation split."""
     policy = policy_document(
@@ -293,9 +312,9 @@ def write_policy(path: Path, summary: dict, epochs: int) -> None:
         evaluation_images=summary["images"] - summary["calibration_images"],
         candidates=[r["criterion"] for r in summary["runs"]],
         alphas=sorted({r["alpha"] for r in summary["runs"] if r["criterion"] == "renyi"}, key=float),
-        dataset="stanford-cars",
+        dataset=dataset,
         protocol=f"fine-tuned with pruning in the loop ({epochs} epochs, the recipe of "
-        "benchmarks/cars_finetune.py), chosen on val; each entry is the configuration its fine-tuned "
+        f"{script}), chosen on val; each entry is the configuration its fine-tuned "
         "weights were trained and evaluated with",
     )
     path.write_text(json.dumps(policy, indent=2, allow_nan=False) + "\n")
@@ -329,7 +348,8 @@ def report(args: argparse.Namespace, runs: list[Run]) -> int:
     (args.out / "report.md").write_text(text)
     (args.out / "report.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
     if args.policy_out:
-        write_policy(args.policy_out, summary, args.epochs)
+        write_policy(args.policy_out, summary, args.epochs, args.dataset, getattr(args, "script", None)
+                     or "benchmarks/cars_finetune.py")
     print(text)
     return 0
 
@@ -377,9 +397,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_grid(args, grid(args.best, args.keeps))
+
+
+def run_grid(args: argparse.Namespace, runs: list[Run]) -> int:
+    """Train (or with ``--report`` evaluate and tabulate) ``runs``, ``--only`` narrowing them."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    runs = grid(args.best, args.keeps)
     if args.only:
         names = {r.name for r in runs}
         unknown = [n for n in args.only if n not in names]

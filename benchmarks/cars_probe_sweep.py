@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from renyiprune.core.criteria import list_criteria, takes_alpha
-from renyiprune.data.datasets import eval_transform
+from renyiprune.data.datasets import eval_transform, load_split
 from renyiprune.data.images import list_samples
 from renyiprune.experiments.probe import (
     HEADS,
@@ -47,7 +47,29 @@ ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "demo" / "weights" / "deit_tiny_patch16_224.safetensors"
 ALPHAS = (0.5, 1.0, 2.0, 3.0, float("inf"))
 LOCS = (3, 6, 9)
+SCRIPT_PREFIX = {"stanford-cars": "cars", "flowers102": "flowers"}
 ENTROPY = ("renyi", "shannon", "evit_renyi", "hybrid")  # the entropy-based criteria
+
+
+#: The readings of the Rényi criterion (docs/method.md): (direction, CLS key, heads); the first is the
+#: library's default. Each is crossed with α and the keep rates by ``reading_configs``.
+READINGS = (
+    ("row", "include", "mean"), ("row", "exclude", "mean"), ("row", "exclude", "pooled"),
+    ("row", "include", "pooled"), ("column", "include", "mean"), ("column", "exclude", "mean"),
+)  # fmt: skip
+
+
+def reading_options(direction: str, cls_key: str, heads: str) -> tuple[tuple[str, object], ...]:
+    """The criterion options of one reading, defaults left out (so the default reading is plain renyi)."""
+    given = {"cls_key": cls_key, "direction": direction, "heads": heads}
+    default = {"cls_key": "include", "direction": "row", "heads": "mean"}
+    return tuple((k, v) for k, v in sorted(given.items()) if v != default[k])
+
+
+def reading_configs(keeps=(0.7, 0.5), alphas=(1.0, 2.0, float("inf"))) -> list[PruneConfig]:
+    """Rényi in every reading x α x keep rate, fused (the readings comparison of docs/method.md)."""
+    return [PruneConfig("renyi", r, a, LOCS, True, reading_options(*rd))
+            for r in keeps for rd in READINGS for a in alphas]  # fmt: skip
 
 
 def configs(unfused: bool = True) -> list[PruneConfig]:
@@ -227,21 +249,41 @@ def report(args, records: list[dict], val: ImageSet, timing: dict) -> None:
             evaluation_images=sum(evalh),
             candidates=[x["criterion"] for x in records if x["criterion"] != "none"],
             alphas=ALPHAS,
-            dataset="stanford-cars",
+            dataset=args.dataset_name,
             protocol=f"linear probe ({records[0]['head']} head) on val, transform {args.transform}, "
-            "benchmarks/cars_probe_sweep.py",
+            f"benchmarks/{SCRIPT_PREFIX.get(args.dataset_name, args.dataset_name)}_probe_sweep.py",
         )
         args.policy_out.write_text(json.dumps(policy, indent=2, allow_nan=False) + "\n")
 
 
-def main() -> None:
+def image_sets(args) -> tuple[ImageSet, ImageSet]:
+    """The training and validation images: two folders, or two splits of ``--dataset``."""
+    if args.dataset:
+        if args.data_root is None:
+            raise SystemExit(f"--dataset {args.dataset} needs --data-root")
+        tr, va = (load_split(args.dataset, args.data_root, s) for s in (args.train_split, args.val_split))
+        return (ImageSet("train", tuple(tr.samples), tr.crop_bottom),
+                ImageSet("val", tuple(va.samples), va.crop_bottom))
+    if args.train is None or args.val is None:
+        raise SystemExit("give --train and --val folders, or --dataset NAME --data-root DIR")
+    return ImageSet("train", tuple(list_samples(args.train))), ImageSet("val", tuple(list_samples(args.val)))
+
+
+def main(argv: list[str] | None = None, dataset: str = "stanford-cars", transform: str = "resize") -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--train", type=Path, required=True)
-    ap.add_argument("--val", type=Path, required=True)
+    ap.add_argument("--train", type=Path, default=None, help="training folder (or --dataset's split)")
+    ap.add_argument("--val", type=Path, default=None, help="validation folder (or --dataset's split)")
+    ap.add_argument("--dataset", default=None, help="a named data set under --data-root (flowers102, ...)")
+    ap.add_argument("--data-root", type=Path, default=None)
+    ap.add_argument("--train-split", default="train")
+    ap.add_argument("--val-split", default="val")
+    ap.add_argument("--readings", choices=["off", "first", "only", "after"], default="off",
+                    help="Rényi's readings (READINGS x α 1, 2, ∞ x keep 0.7, 0.5): first, only, or after "
+                    "the sweep")
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--weights", type=Path, default=WEIGHTS)
-    ap.add_argument("--transform", default="resize")
+    ap.add_argument("--transform", default=transform)
     ap.add_argument("--head", choices=HEADS, default="unpruned")
     ap.add_argument("--report", action="store_true", help="tables and policy from the cached features only")
     ap.add_argument("--policy-out", type=Path, default=None)
@@ -249,16 +291,20 @@ def main() -> None:
     ap.add_argument("--code-hash", default=None, help="the code hash the features were written with")
     ap.add_argument("--fused-only", action="store_true", help="leave out the unfused EViT/Rényi rows")
     ap.add_argument("--val-only", action="store_true", help="features step: val images only this time")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    args.dataset_name = args.dataset or dataset
     model = create_model("deit_tiny_patch16_224", weights=args.weights)
     tf = eval_transform(args.transform, model.pretrained_cfg)
     context = {"model": "deit_tiny_patch16_224", "weights": sha256_file(args.weights), "transform": repr(tf)}
     if args.code_hash:  # read features that an earlier version of the pruning code wrote
         context["code"] = args.code_hash
     cache = FeatureCache(args.cache, context)
-    train = ImageSet("train", tuple(list_samples(args.train)))
-    val = ImageSet("val", tuple(list_samples(args.val)))
-    wanted = configs(unfused=not args.fused_only)
+    train, val = image_sets(args)
+    sweep = configs(unfused=not args.fused_only)
+    readings = reading_configs()
+    wanted = {"off": sweep, "first": [*sweep[:5], *readings, *sweep[5:]], "only": [*sweep[:5], *readings],
+              "after": [*sweep, *readings]}[args.readings]  # fmt: skip
+    wanted = list(dict.fromkeys(wanted))
     sets = [train, val]
     unpruned = PruneConfig(None)
 

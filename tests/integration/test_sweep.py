@@ -151,7 +151,8 @@ def test_cli_sweep_on_real_images(shared_assets, tmp_path, capsys):
 def test_criterion_tokens_with_alpha_options_and_stages():
     import argparse
 
-    from renyiprune.cli.sweep import build_configs, parse_options
+    from renyiprune.cli.sweep import build_configs
+    from renyiprune.planning.specs import parse_options
 
     assert parse_options("base=headvar;norm=4;robust=true;lam=0.5") == {
         "base": "headvar", "norm": 4, "robust": True, "lam": 0.5,

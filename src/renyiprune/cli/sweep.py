@@ -17,7 +17,7 @@ from ..data.images import EvalTransform, list_samples
 from ..experiments.sweep import ResultLog, run_sweep
 from ..experiments.tables import markdown_tables, to_csv
 from ..experiments.tune import is_calibration
-from ..planning.specs import SweepConfig, parse_stages
+from ..planning.specs import SweepConfig, parse_stages, split_criterion
 from ..utils import distributed as D
 from ..utils.io import atomic_write_text
 from . import common
@@ -118,10 +118,7 @@ def add_parser(sub) -> None:
 def parse_spec(spec: str, alphas) -> tuple[str, list[float], dict]:
     """'renyi:2[removed=merge]' -> ('renyi', [2.0], {'removed': 'merge'}): the criterion (or tome, or a
     per-stage spec), the orders it is crossed with (``alphas`` where it takes one), fixed options."""
-    crit, extra = spec, {}
-    if "[" in crit and crit.endswith("]"):  # 'hybrid[base=headvar]': fixed criterion options
-        crit, _, inner = crit[:-1].partition("[")
-        extra = parse_options(inner)
+    crit, extra = split_criterion(spec)  # 'hybrid[base=headvar]': fixed criterion options
     # crossed with --alpha: criteria with an order (hybrid only while its base is the Rényi score)
     tuned = takes_alpha(crit, extra)
     alphas = list(alphas) if tuned else [1.0]
@@ -169,28 +166,6 @@ def build_configs(args: argparse.Namespace, criteria, adaptive=()) -> list[Sweep
                 opts["budget"] = f
             configs.append(SweepConfig(crit, r, a, locs, fuse, tuple(sorted(opts.items())), budget=is_budget))
     return list(dict.fromkeys(configs))
-
-
-def parse_options(text: str) -> dict:
-    """'base=headvar;norm=4' -> {'base': 'headvar', 'norm': 4}; numbers and true/false are converted."""
-    out: dict = {}
-    for item in filter(None, (t.strip() for t in text.split(";"))):
-        k, eq, v = item.partition("=")
-        if not eq:
-            raise ValueError(f"criterion option {item!r} needs the form key=value")
-        low = v.strip().lower()
-        if low in ("true", "false"):
-            out[k.strip()] = low == "true"
-            continue
-        for conv in (int, float):
-            try:
-                out[k.strip()] = conv(v)
-                break
-            except ValueError:
-                continue
-        else:
-            out[k.strip()] = v.strip()
-    return out
 
 
 def fingerprint(args: argparse.Namespace, samples: list, part: str = "all") -> dict:

@@ -6,8 +6,9 @@ import argparse
 import os
 from pathlib import Path
 
-from ..core.criteria import list_criteria
+from ..core.criteria import list_criteria, make_criterion, takes_alpha
 from ..data.datasets import DATASETS
+from ..planning.specs import split_criterion
 from ..training.head_init import HEAD_INITS
 from ..training.train import TrainConfig, train
 from ..training.transforms import TRANSFORMS
@@ -59,7 +60,9 @@ def add_parser(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="use the first N images of each split")
     g = p.add_argument_group("pruning while training")
     g.add_argument("--keep", type=common.keep_rate, default=0.7)
-    g.add_argument("--criterion", default="renyi", help=f"none or one of {', '.join(list_criteria())}")
+    g.add_argument("--criterion", default="renyi",
+                   help=f"none or one of {', '.join(list_criteria())}; options in brackets: "
+                   "renyi[cls_key=exclude;heads=pooled]")  # fmt: skip
     g.add_argument("--alpha", type=common.alpha, default=2.0)
     g.add_argument("--locations", type=common.locations, default=(3, 6, 9))
     g.add_argument("--fuse", action="store_true", help="fuse pruned tokens into one extra token")
@@ -132,8 +135,11 @@ def add_parser(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    if args.criterion != "none" and args.criterion not in list_criteria():
-        raise ValueError(f"unknown criterion {args.criterion!r}; choose none or {', '.join(list_criteria())}")
+    crit, opts = split_criterion(args.criterion)
+    if crit != "none" and crit not in list_criteria():
+        raise ValueError(f"unknown criterion {crit!r}; choose none or {', '.join(list_criteria())}")
+    if crit != "none":
+        make_criterion(crit, **({"alpha": args.alpha} if takes_alpha(crit, opts) else {}), **opts)
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

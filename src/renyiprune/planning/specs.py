@@ -15,8 +15,43 @@ from ..core.criteria import list_criteria, takes_alpha
 from ..core.entropy import parse_alpha
 
 __all__ = [
-    "PruneConfig", "SweepConfig", "parse_stages", "patch_kwargs", "config_to_dict", "config_from_dict",
+    "PruneConfig", "SweepConfig", "parse_stages", "parse_options", "split_criterion", "patch_kwargs",
+    "config_to_dict", "config_from_dict",
 ]  # fmt: skip
+
+
+def parse_options(text: str) -> dict:
+    """'base=headvar;norm=4' -> {'base': 'headvar', 'norm': 4}; numbers and true/false are converted."""
+    out: dict = {}
+    for item in filter(None, (t.strip() for t in text.split(";"))):
+        k, eq, v = item.partition("=")
+        if not eq:
+            raise ValueError(f"criterion option {item!r} needs the form key=value")
+        low = v.strip().lower()
+        if low in ("true", "false"):
+            out[k.strip()] = low == "true"
+            continue
+        for conv in (int, float):
+            try:
+                out[k.strip()] = conv(v)
+                break
+            except ValueError:
+                continue
+        else:
+            out[k.strip()] = v.strip()
+    return out
+
+
+def split_criterion(spec: str) -> tuple[str, dict]:
+    """'renyi[cls_key=exclude;heads=pooled]' -> ('renyi', {'cls_key': 'exclude', 'heads': 'pooled'}):
+    the one criterion-with-options grammar every command accepts (a bare name has no options)."""
+    spec = spec.strip()
+    if "[" in spec:
+        if not spec.endswith("]"):
+            raise ValueError(f"criterion {spec!r}: options go in brackets at the end: renyi[heads=pooled]")
+        name, _, inner = spec[:-1].partition("[")
+        return name.strip(), parse_options(inner)
+    return spec, {}
 
 
 def parse_stages(spec: str) -> tuple[list[str], list[float], tuple[int, ...]]:

@@ -44,7 +44,7 @@ from ..data.images import ImageDataset, collate
 from ..experiments.evaluate import evaluate, pruned_view
 from ..models.model import create_model, get_spec
 from ..models.weights import download, read_state_dict
-from ..planning.specs import PruneConfig
+from ..planning.specs import PruneConfig, split_criterion
 from ..utils import distributed as D
 from ..utils.io import atomic_write
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, save_weights, set_rng_state
@@ -91,7 +91,7 @@ class TrainConfig:
     limit: int | None = None  # first N training images (and evaluation images)
     # pruning while training
     keep: float = 0.7
-    criterion: str = "renyi"  # "none": train unpruned
+    criterion: str = "renyi"  # "none": train unpruned; options in brackets: "renyi[cls_key=exclude]"
     alpha: float = 2.0
     locations: tuple[int, ...] = (3, 6, 9)
     fuse: bool = False
@@ -246,7 +246,9 @@ def _eval_configs(cfg: TrainConfig) -> list[PruneConfig]:
     configs = [PruneConfig(criterion=None)]
     if cfg.criterion != "none":
         for r in dict.fromkeys(cfg.eval_keep):
-            configs.append(PruneConfig(cfg.criterion, r, cfg.alpha, tuple(cfg.locations), cfg.fuse))
+            crit, opts = split_criterion(cfg.criterion)
+            opts = tuple(opts.items())
+            configs.append(PruneConfig(crit, r, cfg.alpha, tuple(cfg.locations), cfg.fuse, opts))
     return configs
 
 
@@ -461,7 +463,8 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
     frozen = freeze_prefix(model, cfg.freeze_blocks)  # shared with `trainee` and `ema` below
     trainee = share_parameters(model)  # the pruning copy trains; `model` stays unpatched for evaluation
     if cfg.criterion != "none":
-        patch(trainee, cfg.keep, cfg.criterion, cfg.alpha, cfg.locations, cfg.fuse)
+        crit, opts = split_criterion(cfg.criterion)  # 'renyi[cls_key=exclude]': options in brackets
+        patch(trainee, cfg.keep, crit, cfg.alpha, cfg.locations, cfg.fuse, **opts)
     trainee.train()
     for m in frozen_modules(trainee, cfg.freeze_blocks):
         m.eval()  # a fixed feature extractor: no drop-path
