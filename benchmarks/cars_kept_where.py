@@ -21,13 +21,21 @@ from pathlib import Path
 
 import torch
 from cars_figures import LOCS, WEIGHTS, finetuned_rows, load_model
+from cars_probe_sweep import READINGS, reading_options
 from torch.utils.data import DataLoader
 
 from renyiprune.core.entropy import parse_alpha
-from renyiprune.data.datasets import eval_transform
+from renyiprune.data.datasets import eval_transform, load_split
 from renyiprune.data.images import ImageDataset, check_bad, collate, list_samples
 from renyiprune.viz import inspect_attention as ia
 from renyiprune.viz import plots
+
+
+def reading_name(reading: tuple[str, str, str]) -> str:
+    """'row, CLS out, head-mean' style label of a (direction, cls_key, heads) reading."""
+    direction, cls_key, heads = reading
+    cls = "in" if cls_key == "include" else "out"
+    return f"{direction}, CLS {cls}, {'per-head' if heads == 'mean' else 'pooled'}"
 
 
 def border_mask(grid: tuple[int, int], ring: int) -> torch.Tensor:
@@ -52,7 +60,13 @@ def border_share(model, loader, spec: ia.MaskSpec, keep: float, border: torch.Te
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True, help="a Stanford Cars split folder (labels.tsv)")
+    ap.add_argument("--data", type=Path, default=None, help="a Stanford Cars split folder (labels.tsv)")
+    ap.add_argument("--dataset", default=None, help="or a named data set (flowers102, ...) under --data-root")
+    ap.add_argument("--data-root", type=Path, default=None)
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--transform", default="resize", help="resize (cars) or center-crop (flowers)")
+    ap.add_argument("--readings", action="store_true",
+                    help="rows for Rényi in every reading (cars_probe_sweep.READINGS) at each --alpha")
     ap.add_argument("--limit", type=int, default=300, help="the first N images")
     ap.add_argument("--ring", type=int, default=2, help="border width in patches")
     ap.add_argument("--alpha", default="0.5,1,2,inf", help="Rényi orders of the pretrained rows")
@@ -64,8 +78,12 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = ap.parse_args()
-    if not args.data.is_dir():
-        print(f"--data {args.data}: no such folder", file=sys.stderr)
+    if args.dataset:
+        samples = load_split(args.dataset, args.data_root, args.split).samples[: args.limit]
+    elif args.data is not None and args.data.is_dir():
+        samples = list_samples(args.data)[: args.limit]
+    else:
+        print(f"--data {args.data}: no such folder (or give --dataset NAME --data-root DIR)", file=sys.stderr)
         return 2
     model = load_model(args.weights)
     alphas = [parse_alpha(a) for a in args.alpha.split(",")]
@@ -74,14 +92,16 @@ def main() -> int:
         + [ia.MaskSpec(f"Rényi α={plots.alpha_label(a)}", "renyi", a) for a in alphas]
         + [ia.MaskSpec(c, c) for c in args.criterion.split(",") if c]
     )
+    if args.readings:  # the default reading is already among the Rényi rows
+        specs += [ia.MaskSpec(f"Rényi α={plots.alpha_label(a)} {reading_name(rd)}", "renyi", a,
+                              reading_options(*rd)) for rd in READINGS[1:] for a in alphas]  # fmt: skip
     rows = (
         []
         if args.no_pretrained
         else [(s.label, model, s, float(r)) for r in args.keep.split(",") for s in specs]
     )
     rows += finetuned_rows(args.runs)
-    tf = eval_transform("resize", model.pretrained_cfg)
-    samples = list_samples(args.data)[: args.limit]
+    tf = eval_transform(args.transform, model.pretrained_cfg)
     loader = DataLoader(ImageDataset(samples, tf), batch_size=args.batch_size, collate_fn=collate)
     grid = model.patch_embed.grid_size
     border = border_mask(grid, args.ring)
@@ -98,6 +118,7 @@ def main() -> int:
         cells = " | ".join(f"{v:.1f}" for v in share)
         print(f"| {'fine-tuned' if tuned else 'pretrained'} | {name} | {keep:g} | {cells} |", flush=True)
         out.append({"model": "fine-tuned" if tuned else "pretrained", "criterion": spec.criterion,
+                    "options": dict(spec.options),
                     "alpha": plots.alpha_label(spec.alpha), "label": name, "keep": keep,
                     "border_share": share})  # fmt: skip
     if args.json:

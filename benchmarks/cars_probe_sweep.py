@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None, dataset: str = "stanford-cars", transfor
     readings = reading_configs()
     wanted = {"off": sweep, "first": [*sweep[:5], *readings, *sweep[5:]], "only": [*sweep[:5], *readings],
               "after": [*sweep, *readings]}[args.readings]  # fmt: skip
-    wanted = list(dict.fromkeys(wanted))
+    wanted = with_references(wanted)[0]  # every configuration's references (unpruned, EViT twin) too
     sets = [train, val]
     unpruned = PruneConfig(None)
 
