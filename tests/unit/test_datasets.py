@@ -44,6 +44,36 @@ def test_flowers102_official_layout(tmp_path, photos):
         ds.load_split("flowers102", tmp_path, "everything")
 
 
+def test_flowers102_missing_images_are_counted_in_one_line(tmp_path, photos):
+    from scipy.io import savemat
+
+    (tmp_path / "jpg").mkdir()
+    for i in (1, 3):
+        photos[i].save(tmp_path / "jpg" / f"image_{i:05d}.jpg")
+    savemat(tmp_path / "imagelabels.mat", {"labels": np.arange(1, 8, dtype=np.uint8)[None]})
+    setid = {"trnid": np.array([[3, 1]]), "valid": np.array([[2]]), "tstid": np.array([[7, 6, 5, 4]])}
+    savemat(tmp_path / "setid.mat", setid)
+    assert [s.label for s in ds.load_split("flowers102", tmp_path, "train").samples] == [0, 2]
+    with pytest.raises(DataError) as info:
+        ds.load_split("flowers102", tmp_path, "test")
+    assert str(info.value) == (f"flowers102 test: 4 of 4 image files missing under {tmp_path / 'jpg'} "
+                               "(image_00004.jpg, image_00005.jpg, image_00006.jpg, ...)")  # fmt: skip
+    with pytest.raises(DataError, match=r"trainval: 1 of 3 image files missing .*\(image_00002.jpg\)$"):
+        ds.load_split("flowers102", tmp_path, "trainval")
+
+
+def test_fgvc_aircraft_missing_images_are_counted_in_one_line(tmp_path, photos):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "variants.txt").write_text("707-320\nF/A-18\n")
+    photos[0].save(data / "images" / "0000001.jpg")
+    (data / "images_variant_test.txt").write_text("0000001 F/A-18\n0000002 707-320\n0000003 F/A-18\n")
+    with pytest.raises(DataError) as info:
+        ds.load_split("fgvc-aircraft", tmp_path, "test")
+    assert str(info.value) == (f"fgvc-aircraft test (images_variant_test.txt): 2 of 3 image files missing "
+                               f"under {data / 'images'} (0000002.jpg, 0000003.jpg)")  # fmt: skip
+
+
 def test_fgvc_aircraft_official_layout_crops_banner(tmp_path, photos):
     data = tmp_path / "fgvc-aircraft-2013b" / "data"
     (data / "images").mkdir(parents=True)

@@ -18,6 +18,7 @@ from renyiprune.data.images import (
     ImageDataset,
     Sample,
     check_bad,
+    check_labels,
     collate,
     list_samples,
     load_image,
@@ -282,7 +283,7 @@ def test_labels_tsv_order_comments_and_columns(tmp_path, imagenet):
         ("b.jpg\tone", "integer"),
         ("b.jpg\t-1", "integer"),
         ("b.jpg\t1.5", "integer"),
-        ("missing.jpg\t1", "not found"),
+        ("missing.jpg\t1", "1 of 3 image files missing under .* \\(missing.jpg\\)"),
         ("\t1", "empty file name"),
     ],
 )
@@ -292,6 +293,44 @@ def test_labels_tsv_bad_row(tmp_path, imagenet, bad_row, words):
         list_samples(root)
     assert "labels.tsv:3" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_labels_tsv_missing_files_are_counted_in_one_line(tmp_path, imagenet):
+    rows = "a.jpg\t0\ngone1.jpg\t1\nb.jpg\t1\nsub/gone2.jpg\t2\ngone3.jpg\t0\ngone4.jpg\t0\n"
+    root = make_tsv_folder(tmp_path, imagenet, rows)
+    with pytest.raises(DataError) as info:
+        list_samples(root)
+    message = str(info.value)
+    assert message == (f"{root / 'labels.tsv'}:2: 4 of 6 image files missing under {root} "
+                       "(gone1.jpg, sub/gone2.jpg, gone3.jpg, ...)")  # fmt: skip
+
+
+BOM = "\ufeff"
+
+
+def test_labels_tsv_with_a_byte_order_mark_and_a_data_row_first(tmp_path, imagenet):
+    root = make_tsv_folder(tmp_path, imagenet, "")
+    (root / "labels.tsv").write_bytes((BOM + "a.jpg\t5\nb.jpg\t6\n").encode("utf-8"))
+    assert (root / "labels.tsv").read_bytes()[:3] == b"\xef\xbb\xbf"  # as spreadsheet tools save it
+    assert list_samples(root) == [Sample(root / "a.jpg", 5), Sample(root / "b.jpg", 6)]
+
+
+def test_labels_tsv_with_a_byte_order_mark_and_a_header_first(tmp_path, imagenet):
+    root = make_tsv_folder(tmp_path, imagenet, "")
+    text = BOM + "# file\tclass_index\twnid\tclass_name\r\nc.jpg\t2\tn0\ttwo\r\na.jpg\t0\r\n"
+    (root / "labels.tsv").write_bytes(text.encode("utf-8"))
+    assert list_samples(root) == [Sample(root / "c.jpg", 2), Sample(root / "a.jpg", 0)]
+
+
+def test_check_labels_names_the_first_label_the_head_lacks(tmp_path):
+    rows = [("a.jpg", 0), ("b.jpg", 2), ("c.jpg", 1), ("d.jpg", 7)]
+    samples = [Sample(tmp_path / n, label) for n, label in rows]
+    check_labels(samples, 8)  # nothing to say
+    with pytest.raises(DataError) as info:
+        check_labels(samples, 2)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'b.jpg'}: class index 2 is not below the model's head size 2")
+    assert "\n" not in message
 
 
 def test_labels_tsv_without_rows(tmp_path, imagenet):

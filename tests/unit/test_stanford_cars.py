@@ -81,7 +81,7 @@ def test_devkit_layout_errors_name_the_problem(devkit):
     with pytest.raises(DataError, match="class 4, not in 1-3"):
         ds.load_split("stanford-cars", devkit, "train")
     savemat(devkit / "devkit" / "cars_train_annos.mat", {"annotations": _annotations([("09999.jpg", 1)])})
-    with pytest.raises(DataError, match="image file not found.*09999.jpg"):
+    with pytest.raises(DataError, match=r"stanford-cars train: 1 of 1 image files missing .*\(09999.jpg\)"):
         ds.load_split("stanford-cars", devkit, "train")
     (devkit / "devkit" / "cars_meta.mat").unlink()
     with pytest.raises(DataError, match="cars_meta.mat not found"):

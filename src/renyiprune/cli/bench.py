@@ -9,6 +9,7 @@ import sys
 import torch
 
 from ..core.criteria import list_criteria, takes_alpha
+from ..core.entropy import parse_alpha
 from ..core.merge_order import list_merge_orders
 from ..experiments.benchmark import DTYPES, benchmark_configs, machine_info
 from ..models.model import create_model
@@ -25,7 +26,8 @@ def add_parser(sub) -> None:
         "warm-up, then interleaved rounds; medians, spread and paired speedups. Every method eval takes: "
         "criteria by keep rate or --budget, --removed merge/fuse, ToMe (tome, --tome-r or --budget, "
         "--entropy-weight), best (the tuned policy). Peak memory of the whole forward and of the pruned "
-        "part (blocks from the first that removes tokens). Progress on stderr.",
+        "part (blocks from the first that removes tokens). Progress on stderr. The input is random "
+        "(timing does not depend on the pixels), so bench reads no images and takes no data set.",
     )
     p.add_argument("--model", type=common.model_name, default="deit_small_patch16_224")
     p.add_argument("--weights", type=common.existing_path, default=None, help="weights (default: random)")
@@ -33,7 +35,8 @@ def add_parser(sub) -> None:
     arg = p.add_argument
     arg("--criterion", type=common.names, default=["evit", "renyi"],
         help=f"comma list of: tome, best, {', '.join(list_criteria())} (those with an order take each "
-        "--alpha), or a per-stage spec renyi:2@3,evit@6,evit@9; the unpruned model always runs")
+        "--alpha), options in brackets over the flags (renyi[cls_key=exclude]), or a per-stage spec "
+        "renyi:2@3,evit@6,evit@9; the unpruned model always runs")
     common.add_old_spelling(p, "--criteria", "criterion", type=common.names)
     arg("--fuse", action="store_true", help="fuse the pruned tokens into one (EViT)")
     arg("--removed", choices=["drop", "fuse", "merge"], default=None,
@@ -89,12 +92,13 @@ def configs_from_args(args: argparse.Namespace) -> list[PruneConfig]:
     else:
         schedules = [(r, ()) for r in args.keep]
     plain, other = [], []
-    for crit in criteria:
+    for spec in criteria:
+        crit, given = common.criterion_spec(spec)  # 'renyi[cls_key=exclude]': options over the flags
         if crit in eval_cli.UNPRUNED:
             continue  # the unpruned model is always measured
         if crit in ("tome", "best") or "@" in crit:
-            given = {**_eval_defaults(), **vars(args), "criterion": [crit], "method": "prune"}
-            other.extend(eval_cli.configs_from_args(argparse.Namespace(**given)))
+            ns = {**_eval_defaults(), **vars(args), "criterion": [spec], "method": "prune"}
+            other.extend(eval_cli.configs_from_args(argparse.Namespace(**ns)))
             continue
         if crit not in list_criteria():
             known = ", ".join(list_criteria())
@@ -106,7 +110,10 @@ def configs_from_args(args: argparse.Namespace) -> list[PruneConfig]:
             opts = (("seed", args.seed),)
         if get("removed") is not None:
             opts += (("removed", args.removed),)
-        plain.append((crit, opts, args.alpha if takes_alpha(crit, dict(opts)) else [1.0]))
+        fixed_alpha = given.pop("alpha", None)  # 'renyi[alpha=inf]': this criterion at one order only
+        opts = eval_cli.with_options(opts, given)
+        alphas = args.alpha if takes_alpha(crit, dict(opts)) else [1.0]
+        plain.append((crit, opts, [parse_alpha(str(fixed_alpha))] if fixed_alpha is not None else alphas))
     configs = [PruneConfig(crit, rate, a, locs, fuse, opts + extra)
                for rate, extra in schedules for crit, opts, alphas in plain for a in alphas]  # fmt: skip
     return list(dict.fromkeys(configs + other))

@@ -6,14 +6,17 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from ..core.entropy import parse_alpha
 from ..core.selection import check_keep_rate
-from ..data.images import DataError
+from ..data.datasets import DATASETS, DEFAULT_SPLITS, BannerCropped, load_split
+from ..data.images import DataError, Sample, list_samples
 from ..models.model import create_model, get_spec, list_models
 from ..models.weights import WeightsError, read_state_dict
+from ..planning.specs import check_options, split_criterion
 
 # Errors a user can cause with what they typed or pointed at: one line, exit 2, no traceback.
 USER_ERRORS = (
@@ -115,6 +118,81 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def criterion_spec(text: str) -> tuple[str, dict]:
+    """'renyi[cls_key=exclude]' -> ('renyi', {'cls_key': 'exclude'}): the one bracket grammar
+    (``planning.specs.split_criterion``), the criterion's options checked at once
+    (``specs.check_options``)."""
+    name, options = split_criterion(text)
+    check_options(name, options)
+    return name, options
+
+
+# ------------------------------------------------------------------------------------------- images
+
+
+def _eval_splits() -> str:
+    """'val for imagefolder, ...; test for flowers102, ...': each data set's default evaluation split."""
+    by_split: dict[str, list[str]] = {}
+    for name, (_, split) in DEFAULT_SPLITS.items():
+        by_split.setdefault(split, []).append(name)
+    return "; ".join(f"{split} for {', '.join(names)}" for split, names in by_split.items())
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """The images a command reads, the same flags everywhere (read by :func:`read_images`): a folder
+    (``--data``) or one split of a named data set in its official layout (``--dataset``, ``--split``,
+    ``--data-root``)."""
+    g = p.add_argument_group("images: --data DIR, or --dataset NAME --data-root DIR [--split SPLIT]")
+    g.add_argument("--data", type=existing_path, default=None,
+                   help="folder with labels.tsv (file, class_index, ...) or an ImageFolder tree")
+    g.add_argument("--dataset", choices=DATASETS, default=None,
+                   help="a named data set read from --data-root in its official layout")
+    g.add_argument("--split", default=None, help=f"split of --dataset (default: {_eval_splits()})")
+    g.add_argument("--data-root", type=existing_path, default=None, help="the folder holding --dataset")
+
+
+class ImageSource(NamedTuple):
+    """The images the data flags name: samples (``--limit`` applied), the pixel rows to crop off the bottom
+    of each (FGVC-Aircraft's banner), a label for reports and a key that identifies them in saved records."""
+
+    samples: list[Sample]
+    crop_bottom: int
+    label: str
+    key: str
+
+    def view(self, transform):
+        """``transform`` preceded by the bottom crop, when there is one."""
+        return BannerCropped(transform, self.crop_bottom) if self.crop_bottom else transform
+
+
+def read_images(args: argparse.Namespace) -> ImageSource:
+    """List what ``--data`` or ``--dataset/--split/--data-root`` name, ``--limit`` applied; a DataError or
+    ValueError says in one line what is wrong (a missing split's files: how many, and the first few)."""
+    data, name = args.data, args.dataset
+    if data is not None and name is not None:
+        raise ValueError("give --data DIR or --dataset NAME --data-root DIR, not both")
+    if name is None:
+        given = [f for f in ("split", "data_root") if getattr(args, f) is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} goes with --dataset NAME")
+        if data is None:
+            raise ValueError("give --data DIR or --dataset NAME --data-root DIR")
+        source = ImageSource(list_samples(data), 0, str(data), str(Path(data).resolve()))
+    else:
+        if args.data_root is None:
+            raise ValueError(f"--dataset {name} needs --data-root DIR")
+        split = args.split or DEFAULT_SPLITS[name][1]
+        ds = load_split(name, args.data_root, split)
+        key = f"{name}:{split}:{Path(args.data_root).resolve()}"
+        source = ImageSource(ds.samples, ds.crop_bottom, f"{name} {split} in {args.data_root}", key)
+    limit = getattr(args, "limit", None)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError("--limit must be >= 1")
+        source = source._replace(samples=source.samples[:limit])
+    return source
 
 
 def load_model(args: argparse.Namespace, **kwargs) -> torch.nn.Module:

@@ -13,7 +13,7 @@ from ..core.entropy import parse_alpha
 from ..core.merge_order import list_merge_orders
 from ..core.selection import FUSIONS
 from ..data.datasets import TRANSFORMS, eval_transform
-from ..data.images import make_loader
+from ..data.images import check_labels, sample_loader
 from ..experiments.evaluate import evaluate, pruned_view
 from ..planning.policy import budget_config, entry_config, load_policy, policy_entry
 from ..planning.specs import PruneConfig, parse_stages
@@ -44,12 +44,7 @@ def add_parser(sub) -> None:
         "--criterion and --alpha/--keep values are crossed and evaluated in one pass.",
     )
     common.add_model_args(p)
-    p.add_argument(
-        "--data",
-        type=common.existing_path,
-        required=True,
-        help="folder with labels.tsv (file, class_index, ...) or an ImageFolder tree",
-    )
+    common.add_data_args(p)
     add_config_args(p)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="run the forwards under torch.autocast in this dtype (entropy stays float32)")
@@ -75,8 +70,9 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         type=common.names,
         default=["renyi"],
         help=f"comma list of: none (unpruned), tome (token merging), best (tuned policy's choice), "
-        f"{', '.join(list_criteria())}; "
-        "or one per-stage spec renyi:2@3,evit@6,evit@9 (several: join stages with +)",
+        f"{', '.join(list_criteria())}; options in brackets override the flags for that criterion: "
+        "renyi[cls_key=exclude;heads=pooled]; or one per-stage spec renyi:2@3,evit@6,evit@9 (several: "
+        "join stages with +)",
     )
     p.add_argument(
         "--alpha",
@@ -115,6 +111,11 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", choices=["mean", "pooled"], default=None, help="renyi: head aggregation")
     p.add_argument("--cls-key", choices=["include", "exclude"], default=None, help="renyi: CLS key")
     p.add_argument("--seed", type=int, default=None, help="random criterion seed")
+
+
+def with_options(options: tuple, given: dict) -> tuple:
+    """``options`` with the bracket options ``given`` put over them (new names last)."""
+    return tuple({**dict(options), **given}.items())
 
 
 def _fusion(args: argparse.Namespace) -> str | None:
@@ -156,15 +157,19 @@ def _configs(args: argparse.Namespace) -> list[PruneConfig]:
     criteria = _criteria(args.criterion)
     if args.method == "tome" and "tome" not in criteria:
         criteria = [c for c in criteria if c in UNPRUNED] + ["tome"]
-    for crit in criteria:
-        if crit in UNPRUNED:
-            configs.append(PruneConfig(criterion=None))
-            continue
+    for spec in criteria:
+        crit, given = common.criterion_spec(spec)  # 'renyi[cls_key=exclude]': options over the flags
+        if crit in UNPRUNED or crit == "best":
+            if given:
+                raise ValueError(f"criterion {crit} takes no options in brackets, got {spec!r}")
+            if crit in UNPRUNED:
+                configs.append(PruneConfig(criterion=None))
+                continue
         if crit == "best" or "@" in crit:
-            configs.extend(_policy_or_stage_configs(args, crit))
+            configs.extend(_policy_or_stage_configs(args, crit, given))
             continue
         if crit == "tome":
-            configs.extend(_tome_configs(args))
+            configs.extend(_tome_configs(args, given))
             continue
         if crit not in list_criteria():
             raise ValueError(f"unknown criterion {crit!r}; choose from none, {', '.join(list_criteria())}")
@@ -175,49 +180,64 @@ def _configs(args: argparse.Namespace) -> list[PruneConfig]:
             opts = (("seed", args.seed),)
         if args.removed is not None:
             opts += (("removed", args.removed),)
+        given = dict(given)
+        fixed_alpha = given.pop("alpha", None)  # 'renyi[alpha=inf]': this criterion at one order only
+        opts = with_options(opts, given)
+        alphas = args.alpha if takes_alpha(crit, dict(opts)) else [1.0]
+        if fixed_alpha is not None:
+            alphas = [parse_alpha(str(fixed_alpha))]
         if args.tokens is not None:
             if args.budget is not None:
                 raise ValueError("--tokens and --budget both set the schedule; pass one")
             if len(args.tokens) not in (1, len(args.locations)):
                 raise ValueError(f"--tokens: {len(args.tokens)} counts for {len(args.locations)} locations")
             counts = args.tokens * len(args.locations) if len(args.tokens) == 1 else args.tokens
-            configs.append(PruneConfig(crit, 1.0, args.alpha[0] if takes_alpha(crit, dict(opts)) else 1.0,
-                                       tuple(args.locations), args.fuse, opts + (("tokens", counts),)))
+            configs.append(PruneConfig(crit, 1.0, alphas[0], tuple(args.locations), args.fuse,
+                                       opts + (("tokens", counts),)))
             continue
-        alphas = args.alpha if takes_alpha(crit, dict(opts)) else [1.0]
         keeps = args.keep if args.budget is None else [(None, f) for f in args.budget]
         for a, r in itertools.product(alphas, keeps):
             if isinstance(r, tuple):  # a compute budget: the keep rate is solved in patch()
                 configs.append(PruneConfig(crit, 1.0, a, tuple(args.locations), args.fuse,
                                            opts + (("budget", r[1]),)))
                 continue
+            these = opts
             if a == "auto":
                 entry = policy_entry(_policy(args), r, crit)
                 a = float(entry.get("alpha", 1.0))
-                opts = tuple(sorted({**dict(opts), **entry.get("options", {})}.items()))
-            configs.append(PruneConfig(crit, r, a, tuple(args.locations), args.fuse, opts))
+                these = tuple(sorted({**dict(opts), **entry.get("options", {}), **given}.items()))
+            configs.append(PruneConfig(crit, r, a, tuple(args.locations), args.fuse, these))
     return list(dict.fromkeys(configs))  # unique, in order
 
 
-def _tome_configs(args: argparse.Namespace) -> list[PruneConfig]:
-    """ToMe baselines: one per r (or per budget, solving r)."""
+def _tome_configs(args: argparse.Namespace, given: dict | None = None) -> list[PruneConfig]:
+    """ToMe baselines: one per r (or per budget, solving r); options ``given`` in brackets
+    (tome[r=8;schedule=decreasing]) over the flags."""
+    given = dict(given or {})
+    if "alpha" in given:  # the order of the entropy-aware merge order
+        given["alpha"] = float(parse_alpha(str(given["alpha"])))
     extra: tuple = ()
     if args.entropy_weight:
         extra = (("entropy_weight", args.entropy_weight), ("alpha", args.alpha[0]))
         if args.merge_order != "entropy":
             extra += (("merge_order", args.merge_order),)
     if args.budget is not None:
-        return [PruneConfig("tome", options=(("budget", f),) + extra) for f in args.budget]
-    sched = (("schedule", args.schedule),) if args.schedule != "constant" else ()
-    return [PruneConfig("tome", options=(("r", r),) + sched + extra) for r in args.tome_r]
+        if "r" in given:
+            raise ValueError("tome[r=...] with --budget: the budget solves r; give one of them")
+        schedules = [(("budget", f),) for f in args.budget]
+    else:
+        sched = (("schedule", args.schedule),) if args.schedule != "constant" else ()
+        schedules = [(("r", r),) + sched for r in args.tome_r]
+    return [PruneConfig("tome", options=with_options(s + extra, given)) for s in schedules]
 
 
 def _policy(args: argparse.Namespace) -> dict:
     return load_policy(getattr(args, "policy", None), getattr(args, "model", "deit_tiny_patch16_224"))
 
 
-def _policy_or_stage_configs(args: argparse.Namespace, crit: str) -> list[PruneConfig]:
-    """'best': the policy's choice per keep rate; 'a@3+b@6': one per-stage config per keep rate."""
+def _policy_or_stage_configs(args: argparse.Namespace, crit: str, given: dict) -> list[PruneConfig]:
+    """'best': the policy's choice per keep rate; 'a@3+b@6': one per-stage config per keep rate, with the
+    options ``given`` in brackets for every stage."""
     if crit == "best" and args.budget is not None:
         policy = _policy(args)
         if not policy.get("budget"):  # tuned per keep rate only: keep rate solved in patch(), then its choice
@@ -228,7 +248,7 @@ def _policy_or_stage_configs(args: argparse.Namespace, crit: str) -> list[PruneC
     if crit == "best":
         return [entry_config(policy_entry(_policy(args), r), r, args.locations, args.fuse) for r in args.keep]
     locs = parse_stages(crit)[2]
-    return [PruneConfig(crit, r, 1.0, locs, args.fuse) for r in args.keep]
+    return [PruneConfig(crit, r, 1.0, locs, args.fuse, tuple(given.items())) for r in args.keep]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -237,19 +257,21 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
     configs = configs_from_args(args)
+    source = common.read_images(args)
     dist_info = init_distributed(args.device)  # under torchrun: one shard of the images per process
     args.device = dist_info.device
     try:
-        return _run(args, configs, dist_info)
+        return _run(args, configs, source, dist_info)
     finally:
         cleanup()
 
 
-def _run(args: argparse.Namespace, configs: list[PruneConfig], dist_info) -> int:
+def _run(args: argparse.Namespace, configs: list[PruneConfig], source: common.ImageSource, dist_info) -> int:
     model = common.load_model(args)
-    transform = eval_transform(args.transform, model.pretrained_cfg)
-    loader, samples = make_loader(
-        args.data, transform, batch_size=args.batch_size, workers=args.workers, limit=args.limit,
+    check_labels(source.samples, model.num_classes)  # before the first forward
+    transform = source.view(eval_transform(args.transform, model.pretrained_cfg))
+    loader, shard = sample_loader(
+        source.samples, transform, batch_size=args.batch_size, workers=args.workers,
         shard=(dist_info.rank, dist_info.world_size),
     )
     depth = len(model.blocks)
@@ -263,7 +285,7 @@ def _run(args: argparse.Namespace, configs: list[PruneConfig], dist_info) -> int
         loader,
         device=args.device,
         skip_bad=args.skip_bad,
-        total=len(samples),
+        total=len(shard),
         progress=not args.no_progress and dist_info.is_main,
         dtype=getattr(torch, args.dtype),
         reference="unpruned" if "unpruned" in views else None,
@@ -286,7 +308,7 @@ def _run(args: argparse.Namespace, configs: list[PruneConfig], dist_info) -> int
             row += [f"{r.top1 - base.top1:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]", f"{base.gmacs / r.gmacs:.2f}x"]
         rows.append(row)
     print(
-        f"{args.model} on {args.data} ({results[0].images} images"
+        f"{args.model} on {source.label} ({results[0].images} images"
         + (f", {results[0].skipped} unreadable skipped" if results[0].skipped else "")
         + ")"
     )

@@ -9,6 +9,7 @@ import torch
 
 from ..api import patch
 from ..core.criteria import list_criteria
+from ..core.entropy import parse_alpha
 from . import common
 
 
@@ -23,7 +24,8 @@ def add_parser(sub) -> None:
     common.add_model_args(p)
     p.add_argument("--onnx", type=Path, required=True, metavar="FILE", help="output .onnx file")
     p.add_argument("--criterion", default="renyi",
-                   help=f"none, best (the tuned policy's choice for --keep) or {', '.join(list_criteria())}")
+                   help=f"none, best (the tuned policy's choice for --keep) or {', '.join(list_criteria())}; "
+                   "options in brackets: renyi[cls_key=exclude;heads=pooled]")
     p.add_argument("--alpha", type=common.alpha, default=2.0, help="Rényi order")
     p.add_argument("--keep", type=common.keep_rate, default=0.7, help="keep rate in (0, 1]")
     p.add_argument("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
@@ -36,10 +38,12 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..models.export import export_onnx, onnx_max_difference
 
-    if args.criterion not in ("none", "best") and args.criterion not in list_criteria():
-        raise ValueError(
-            f"unknown criterion {args.criterion!r}; choose none, best or {', '.join(list_criteria())}"
-        )
+    crit, options = common.criterion_spec(args.criterion)  # 'renyi[cls_key=exclude]'
+    if crit not in ("none", "best") and crit not in list_criteria():
+        raise ValueError(f"unknown criterion {crit!r}; choose none, best or {', '.join(list_criteria())}")
+    if crit in ("none", "best") and options:
+        raise ValueError(f"criterion {crit} takes no options in brackets, got {args.criterion!r}")
+    alpha = parse_alpha(str(options.pop("alpha"))) if "alpha" in options else args.alpha
     if args.onnx.suffix != ".onnx":
         raise ValueError(f"--onnx must name a .onnx file, got {args.onnx}")
     if args.device != "cpu":
@@ -50,12 +54,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--locations {args.locations} out of range for {args.model} ({depth} blocks, 0-based)"
         )
-    if args.criterion != "none":
-        patch(model, keep_rate=args.keep, criterion=args.criterion, alpha=args.alpha,
-              locations=args.locations, fuse=args.fuse)  # fmt: skip
+    if crit != "none":
+        patch(model, keep_rate=args.keep, criterion=crit, alpha=alpha, locations=args.locations,
+              fuse=args.fuse, **options)  # fmt: skip
     size = model.pretrained_cfg.img_size
     export_onnx(model, args.onnx, image_size=size)
-    what = model.renyiprune.describe() if args.criterion != "none" else "unpruned"
+    what = model.renyiprune.describe() if crit != "none" else "unpruned"
     print(f"wrote {args.onnx} ({what})")
     if args.check:
         diff = onnx_max_difference(args.onnx, model, torch.randn(3, 3, size, size))

@@ -37,7 +37,9 @@ def add_parser(sub) -> None:
     eval_cmd.add_config_args(p)
     p.add_argument("--train", required=True, help="training images: a labels.tsv/ImageFolder folder, or a "
                    "split name with --dataset")  # fmt: skip
-    p.add_argument("--eval", nargs="+", required=True, help="evaluation folder(s) (or split names)")
+    p.add_argument("--eval", nargs="+", default=None, help="evaluation folder(s) (or split names)")
+    p.add_argument("--split", default=None,
+                   help="with --dataset: an evaluation split, as the other commands name it (= --eval SPLIT)")
     p.add_argument("--dataset", choices=["folder", *DATASETS[2:]], default="folder",
                    help="folder: --train/--eval are folders; otherwise a named layout under --data-root")
     p.add_argument("--data-root", type=common.existing_path, default=None, help="root of --dataset")
@@ -70,8 +72,9 @@ def _image_sets(args: argparse.Namespace) -> tuple[ImageSet, list[ImageSet], int
         return tuple(samples[: args.limit] if args.limit else samples)
 
     if args.dataset == "folder":
-        if args.data_root is not None:
-            raise ValueError("--data-root goes with --dataset NAME; with folders pass them to --train/--eval")
+        if args.data_root is not None or args.split is not None:
+            flag = "--data-root" if args.data_root is not None else "--split"
+            raise ValueError(f"{flag} goes with --dataset NAME; with folders pass them to --train/--eval")
         for d in [args.train, *args.eval]:
             if not Path(d).is_dir():
                 raise NotADirectoryError(f"{d}: not a directory (a labels.tsv or ImageFolder folder)")
@@ -79,12 +82,15 @@ def _image_sets(args: argparse.Namespace) -> tuple[ImageSet, list[ImageSet], int
         return train, [ImageSet(str(e), limited(list_samples(e))) for e in args.eval], None
     if args.data_root is None:
         raise ValueError(f"--dataset {args.dataset} needs --data-root")
-    splits = [load_split(args.dataset, args.data_root, s) for s in [args.train, *args.eval]]
+    evals = list(dict.fromkeys([*(args.eval or []), *([args.split] if args.split else [])]))
+    splits = [load_split(args.dataset, args.data_root, s) for s in [args.train, *evals]]
     sets = [ImageSet(s.split, limited(s.samples), s.crop_bottom) for s in splits]
     return sets[0], sets[1:], splits[0].num_classes
 
 
 def check_args(args: argparse.Namespace) -> None:
+    if not args.eval and args.split is None:
+        raise ValueError("give --eval FOLDER... (or, with --dataset, --eval SPLIT... or --split SPLIT)")
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
     if args.batch_size < 1:

@@ -13,11 +13,11 @@ import torch
 
 from ..core.criteria import list_criteria, takes_alpha
 from ..core.entropy import parse_alpha
-from ..data.images import EvalTransform, list_samples
+from ..data.images import EvalTransform, check_labels
 from ..experiments.sweep import ResultLog, run_sweep
 from ..experiments.tables import markdown_tables, to_csv
 from ..experiments.tune import is_calibration
-from ..planning.specs import SweepConfig, parse_stages, split_criterion
+from ..planning.specs import SweepConfig, check_options, parse_stages, split_criterion
 from ..utils import distributed as D
 from ..utils.io import atomic_write_text
 from . import common
@@ -36,7 +36,7 @@ def _on_off(text: str) -> list[bool]:
 def add_image_args(p: argparse.ArgumentParser) -> None:
     """Model, images and pruning locations: what sweep, tune-alpha and tune-budget all take."""
     common.add_model_args(p)
-    p.add_argument("--data", type=common.existing_path, required=True, help="labels.tsv folder / ImageFolder")
+    common.add_data_args(p)
     p.add_argument("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
     p.add_argument("--limit", type=int, default=None, help="first N images in listing order")
     p.add_argument("--batch-size", type=int, default=64)
@@ -45,7 +45,7 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
+def add_grid_args(p: argparse.ArgumentParser) -> None:
     """Arguments shared by sweep and tune-alpha: the images and the grid of keep rates, α, λ, fusion."""
     add_image_args(p)
     p.add_argument("--keep", type=common.keep_rates, default=[0.5, 0.6, 0.7, 0.8, 0.9],
@@ -94,7 +94,7 @@ def add_parser(sub) -> None:
         "each configuration; finished ones are appended to OUT/results.jsonl and skipped on a rerun. Writes "
         "OUT/results.csv, OUT/results.md and OUT/pareto.png/.svg.",
     )
-    add_data_args(p)
+    add_grid_args(p)
     p.add_argument(
         "--criterion",
         type=common.names,
@@ -135,6 +135,7 @@ def parse_spec(spec: str, alphas) -> tuple[str, list[float], dict]:
         return crit, [1.0], extra
     if "@" not in crit and crit not in list_criteria():
         raise ValueError(f"unknown criterion {crit!r}; known: tome, {', '.join(list_criteria())}")
+    check_options(crit, extra)  # a misspelt option fails now, before the model is loaded
     return crit, alphas, extra
 
 
@@ -169,14 +170,15 @@ def build_configs(args: argparse.Namespace, criteria, adaptive=()) -> list[Sweep
 
 
 def fingerprint(args: argparse.Namespace, samples: list, part: str = "all") -> dict:
-    """What makes results comparable: model, weights, data folder, image list, which part of it."""
+    """What makes results comparable: model, weights, data folder (or data set, split and root), image
+    list, which part of it."""
     names = "\n".join(s.path.name for s in samples).encode()
     import hashlib
 
     return {
         "model": args.model,
         "weights": Path(args.weights).name if args.weights else "pretrained",
-        "data": str(Path(args.data).resolve()),
+        "data": image_source(args).key,
         "images": len(samples),
         "part": part,
         "list_sha256": hashlib.sha256(names).hexdigest()[:16],
@@ -212,7 +214,7 @@ def sweep_samples(args, samples, configs, log_path: Path, part: str, model) -> t
     images (``distributed.batch_shard``); the records are gathered as one process makes them.
     """
     log = ResultLog(log_path, fingerprint(args, samples, part))
-    transform = transform_of(model)
+    transform = image_source(args).view(transform_of(model))
     world = torch.distributed.get_world_size() if D.is_distributed() else 1
     positions = torch.tensor(D.batch_shard(len(samples), args.batch_size, D.rank(), world), dtype=torch.int64)
     mine = [samples[int(i)] for i in positions]
@@ -248,6 +250,27 @@ def check_image_args(args) -> None:
         raise ValueError("--batch-size must be >= 1")
 
 
+def image_source(args: argparse.Namespace) -> common.ImageSource:
+    """The images the data flags name (``common.read_images``), read once and kept as ``args.source``: the
+    fingerprint and the bottom crop of every ``sweep_samples`` call of a command come from it."""
+    if getattr(args, "source", None) is None:
+        args.source = common.read_images(args)
+    return args.source
+
+
+def read_source(args: argparse.Namespace) -> list:
+    """The samples of :func:`image_source`."""
+    return image_source(args).samples
+
+
+def load_checked_model(args: argparse.Namespace, samples: list):
+    """``common.load_model``, after which every label of ``samples`` must be a class of its head
+    (before the first forward, and before anything is written)."""
+    model = common.load_model(args)
+    check_labels(samples, model.num_classes)
+    return model
+
+
 def check_args(args) -> None:
     check_image_args(args)
     if any(not 0.0 <= lam <= 1.0 for lam in args.lambdas):
@@ -259,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
     configs = build_configs(args, args.criterion, args.adaptive)
     if not args.no_unpruned:
         configs.insert(0, SweepConfig(None, 1.0, 1.0, (), False))
-    samples = list_samples(args.data)[: args.limit]
+    samples = read_source(args)
     info = D.init_distributed(args.device)  # under torchrun: one share of the images per process
     args.device = info.device
     try:
@@ -269,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, configs: list[SweepConfig], samples: list, is_main: bool) -> int:
-    model = common.load_model(args)
+    model = load_checked_model(args, samples)
     depth = len(model.blocks)
     if any(i >= depth for i in args.locations):
         raise ValueError(f"--locations {args.locations} out of range ({depth} blocks, 0-based)")

@@ -136,6 +136,8 @@ def add_parser(sub) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     crit, opts = split_criterion(args.criterion)
+    if "alpha" in opts:
+        raise ValueError(f"--criterion {args.criterion}: train takes the Rényi order from --alpha")
     if crit != "none" and crit not in list_criteria():
         raise ValueError(f"unknown criterion {crit!r}; choose none or {', '.join(list_criteria())}")
     if crit != "none":

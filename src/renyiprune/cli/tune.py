@@ -12,14 +12,13 @@ import argparse
 import json
 from pathlib import Path
 
-from ..data.images import list_samples
 from ..experiments.stats import compare_records, format_difference
 from ..experiments.tune import choose, policy_document, split_samples
 from ..planning.policy import entry_config
 from ..planning.specs import SweepConfig
 from ..utils.io import atomic_write_text
 from . import common
-from .sweep import add_data_args, build_configs, check_args, sweep_samples
+from .sweep import add_grid_args, build_configs, check_args, load_checked_model, read_source, sweep_samples
 
 REFERENCES = ("evit", "shannon")
 
@@ -32,7 +31,7 @@ def add_parser(sub) -> None:
         "half, pick the best per keep rate, evaluate it against Shannon and EViT on the evaluation half "
         "and write a policy JSON.",
     )
-    add_data_args(p)
+    add_grid_args(p)
     p.set_defaults(keep=[0.5, 0.7, 0.9], fuse=[True])
     p.add_argument(
         "--criterion",
@@ -69,11 +68,12 @@ def calibrate(args: argparse.Namespace, model, calib: list) -> dict[float, dict]
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
-    samples = list_samples(args.data)[: args.limit]
+    build_configs(args, args.criterion)  # a bad criterion spec fails here, before any image is read
+    samples = read_source(args)
     calib, evals = split_samples(samples)
     if not calib or not evals:
         raise ValueError(f"{len(samples)} images split into {len(calib)} + {len(evals)}; need both halves")
-    model = common.load_model(args)
+    model = load_checked_model(args, samples)
     chosen = calibrate(args, model, calib)
     # Only now is the evaluation half read: the chosen settings and the references, per keep rate.
     fuse, locs = args.fuse[0], tuple(args.locations)

@@ -14,14 +14,21 @@ import argparse
 import json
 from pathlib import Path
 
-from ..data.images import list_samples
 from ..experiments.stats import compare_records, format_difference
 from ..experiments.tune import DEFAULT_BUDGET_CANDIDATES, choose, split_samples
 from ..planning.policy import POLICY_DIR
 from ..planning.specs import SweepConfig, config_from_dict
 from ..utils.io import atomic_write_text
 from . import common
-from .sweep import add_image_args, build_configs, check_image_args, sweep_samples, write_outputs
+from .sweep import (
+    add_image_args,
+    build_configs,
+    check_image_args,
+    load_checked_model,
+    read_source,
+    sweep_samples,
+    write_outputs,
+)
 
 REFERENCE = "tome"  # ToMe, constant r: what users pick today
 
@@ -66,13 +73,13 @@ def run(args: argparse.Namespace) -> int:
     check_image_args(args)
     candidates = _configs(args, args.criterion)
     refs = _configs(args, [REFERENCE])
-    samples = list_samples(args.data)[: args.limit]
+    samples = read_source(args)
     calib, evals = split_samples(samples)
     if not calib or not evals:
         raise ValueError(f"{len(samples)} images split into {len(calib)} + {len(evals)}; need both halves")
     base_path = args.base_policy or POLICY_DIR / f"{args.model}.json"
     policy = json.loads(Path(base_path).read_text()) if Path(base_path).is_file() else {"model": args.model}
-    model = common.load_model(args)
+    model = load_checked_model(args, samples)
 
     configs = list(dict.fromkeys(candidates + refs))
     records, _ = sweep_samples(args, calib, configs, args.out / "calibration.jsonl", "calibration", model)

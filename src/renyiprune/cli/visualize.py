@@ -23,7 +23,8 @@ from tqdm import tqdm
 from ..core.criteria import list_criteria, takes_alpha
 from ..core.entropy import parse_alpha
 from ..core.selection import check_keep_rate
-from ..data.images import BadImageError, DataError, EvalTransform, list_samples, load_image
+from ..data.datasets import open_sample
+from ..data.images import BadImageError, DataError, EvalTransform
 from ..utils.io import atomic_write, atomic_write_text
 from ..viz import inspect_attention as ia
 from ..viz.report_html import FigureEntry, render_index
@@ -40,16 +41,17 @@ def add_parser(sub) -> None:
         "attention distance over all images, into --out with an index.html.",
     )
     common.add_model_args(p)
-    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (or use --data)")
-    p.add_argument("--data", default=None, help="folder with labels.tsv or an ImageFolder tree")
-    p.add_argument("--limit", type=int, default=None, help="use the first N images of --data")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (or use --data or --dataset)")
+    common.add_data_args(p)
+    p.add_argument("--limit", type=int, default=None, help="use the first N images of --data / --dataset")
     p.add_argument("--alpha", default="1,2,inf", help="Rényi order(s), e.g. 1,2,inf")
     common.add_old_spelling(p, "--alphas", "alpha")
     p.add_argument("--keep", default="0.7", help="one keep rate in (0, 1]")
     p.add_argument("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
     p.add_argument("--blocks", type=common.locations, default=None, help="blocks of the entropy maps (all)")
     p.add_argument("--criterion", default="renyi,evit,random",
-                   help="comma list of criteria, one mask row each (one per α for those that take α)")
+                   help="comma list of criteria, one mask row each (one per α for those that take α); "
+                   "options in brackets override the flags for that criterion: renyi[cls_key=exclude]")
     common.add_old_spelling(p, "--criteria", "criterion")
     p.add_argument("--fuse", action="store_true", help="fuse pruned tokens into one extra token (EViT)")
     p.add_argument("--direction", choices=["row", "column"], default=None, help="renyi: row or column")
@@ -76,6 +78,7 @@ class Options:
     paths: list[Path]
     out: Path
     config: dict = field(default_factory=dict)
+    crop_bottom: int = 0  # pixel rows cut off the bottom of every image (FGVC-Aircraft's banner)
 
 
 def _split(text: str) -> list[str]:
@@ -87,37 +90,39 @@ def _mask_specs(names: list[str], alphas: list[float], renyi_opts: dict, seed: i
 
     known = list_criteria()
     specs = []
-    for name in names:
+    for text in names:
+        name, given = common.criterion_spec(text)  # 'renyi[cls_key=exclude]': options over the flags
         if name not in known:
             raise ValueError(f"unknown criterion {name!r}; choose from {', '.join(known)}")
-        if takes_alpha(name):  # one row per --alpha order (renyi, evit_renyi, hybrid, ...)
-            opts = tuple(renyi_opts.items()) if name == "renyi" else ()
-            specs += [ia.MaskSpec(f"{name} α={alpha_label(a)}", name, a, opts) for a in alphas]
-        elif name == "random":
-            specs.append(ia.MaskSpec("random", "random", options=(("seed", seed),)))
-        elif name == "shannon":
-            specs.append(ia.MaskSpec("shannon", "shannon", options=tuple(renyi_opts.items())))
+        fixed_alpha = given.pop("alpha", None)  # 'renyi[alpha=2]': one row, at that order
+        base = {"renyi": renyi_opts, "shannon": renyi_opts, "random": {"seed": seed}}.get(name, {})
+        opts = tuple({**base, **given}.items())
+        label = name + (f"[{';'.join(f'{k}={v}' for k, v in given.items())}]" if given else "")
+        if takes_alpha(name, dict(opts)):  # one row per --alpha order (renyi, evit_renyi, hybrid, ...)
+            orders = [parse_alpha(str(fixed_alpha))] if fixed_alpha is not None else alphas
+            specs += [ia.MaskSpec(f"{label} α={alpha_label(a)}", name, a, opts) for a in orders]
         else:
-            specs.append(ia.MaskSpec(name, name))
+            specs.append(ia.MaskSpec(label, name, 1.0, opts))
     if not specs:
         raise ValueError("--criterion names no criterion")
     return specs
 
 
-def _image_paths(args: argparse.Namespace) -> list[Path]:
-    if args.images and args.data:
-        raise ValueError("give IMAGE files or --data, not both")
-    if args.data:
-        if args.limit is not None and args.limit < 1:
-            raise ValueError("--limit must be >= 1")
-        return [s.path for s in list_samples(args.data)][: args.limit]
-    if not args.images:
-        raise ValueError("give at least one IMAGE or --data DIR")
+def _image_paths(args: argparse.Namespace) -> tuple[list[Path], int]:
+    """The image files to draw, and the pixel rows to crop off their bottom."""
+    data_flags = any(getattr(args, f) is not None for f in ("data", "dataset", "split", "data_root"))
+    if args.images and data_flags:
+        raise ValueError("give IMAGE files or --data / --dataset, not both")
+    if not args.images and not data_flags:
+        raise ValueError("give at least one IMAGE, --data DIR or --dataset NAME --data-root DIR")
+    if data_flags:
+        source = common.read_images(args)
+        return [s.path for s in source.samples], source.crop_bottom
     paths = [Path(p).expanduser() for p in args.images]
     for p in paths:
         if not p.is_file():
             raise DataError(f"image not found: {p}")
-    return paths
+    return paths, 0
 
 
 def parse_options(args: argparse.Namespace) -> Options:
@@ -147,16 +152,17 @@ def parse_options(args: argparse.Namespace) -> Options:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a folder")
-    return Options(alphas, keep, formats, specs, renyi_opts, _image_paths(args), out)
+    paths, crop_bottom = _image_paths(args)
+    return Options(alphas, keep, formats, specs, renyi_opts, paths, out, crop_bottom=crop_bottom)
 
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60] or "image"
 
 
-def _load(path: Path):
+def _load(path: Path, crop_bottom: int = 0):
     try:
-        return load_image(path)
+        return open_sample(path, crop_bottom)
     except Exception as e:  # PIL raises many types; one line naming the file
         raise BadImageError(str(path), f"{type(e).__name__}: {e}") from None
 
@@ -282,7 +288,7 @@ def _render(args, opt: Options, model, tf, grid, ps, blocks, locs, writer: _Writ
     bar = tqdm(total=len(opt.paths), unit="img", desc="visualize", disable=args.no_progress, leave=False)
     for start in range(0, len(opt.paths), args.batch_size):
         paths = opt.paths[start : start + args.batch_size]
-        pil = [_load(p) for p in paths]
+        pil = [_load(p, opt.crop_bottom) for p in paths]
         x = torch.stack([tf(im) for im in pil]).to(args.device)
         logits = ia.block_logits(model, x)
         totals.add_logits(logits, grid, ps)

@@ -36,7 +36,7 @@ from PIL import Image
 
 from ..utils.io import DigestMismatch, DownloadError, LocalWriteError, download_verified, file_digest
 from ..utils.optional import require
-from .images import LABELS_FILE, DataError, Sample, list_samples, load_image
+from .images import LABELS_FILE, DataError, Sample, check_files, list_samples, load_image
 
 __all__ = [
     "DATASETS",
@@ -80,13 +80,14 @@ class DatasetSplit:
     crop_bottom: int = 0
 
 
-def open_sample(sample: Sample, crop_bottom: int = 0) -> Image.Image:
-    """Decode one sample as RGB, cropping ``crop_bottom`` pixel rows off the bottom (0: none)."""
-    img = load_image(sample.path)
+def open_sample(sample: Sample | str | Path, crop_bottom: int = 0) -> Image.Image:
+    """Decode one sample (or image file) as RGB, cropping ``crop_bottom`` pixel rows off the bottom."""
+    path = sample.path if isinstance(sample, Sample) else Path(sample)
+    img = load_image(path)
     if crop_bottom:
         w, h = img.size
         if h <= crop_bottom:
-            raise DataError(f"{sample.path}: image height {h} is not above the {crop_bottom}-pixel banner")
+            raise DataError(f"{path}: image height {h} is not above the {crop_bottom}-pixel banner")
         img = img.crop((0, 0, w, h - crop_bottom))
     return img
 
@@ -149,10 +150,8 @@ def _flowers102(name: str, root: Path, split: str) -> DatasetSplit:
     for i in sorted(ids):
         if not 1 <= i <= len(labels):
             raise DataError(f"flowers102: setid.mat names image {i} but imagelabels.mat has {len(labels)}")
-        path = root / "jpg" / f"image_{i:05d}.jpg"
-        if not path.is_file():
-            raise DataError(f"flowers102: image file not found: {path}")
-        samples.append(Sample(path, int(labels[i - 1]) - 1))
+        samples.append(Sample(root / "jpg" / f"image_{i:05d}.jpg", int(labels[i - 1]) - 1))
+    check_files(f"flowers102 {split}", samples, root / "jpg")
     return DatasetSplit(name, split, root, samples, 102, [str(k) for k in range(1, 103)])
 
 
@@ -180,10 +179,8 @@ def _aircraft(name: str, root: Path, split: str) -> DatasetSplit:
         image_id, _, variant = line.strip().partition(" ")
         if variant not in index:
             raise DataError(f"{listing}:{lineno}: variant {variant!r} is not in {variants_file.name}")
-        path = data / "images" / f"{image_id}.jpg"
-        if not path.is_file():
-            raise DataError(f"{listing}:{lineno}: image file not found: {path}")
-        samples.append(Sample(path, index[variant]))
+        samples.append(Sample(data / "images" / f"{image_id}.jpg", index[variant]))
+    check_files(f"fgvc-aircraft {split} ({listing.name})", samples, data / "images")
     return DatasetSplit(name, split, root, samples, len(classes), classes, crop_bottom=AIRCRAFT_BANNER_PX)
 
 
@@ -303,10 +300,8 @@ def _cars_devkit(name: str, root: Path, split: str) -> DatasetSplit:
         fname, cls = str(rec["fname"]).strip(), int(rec["class"])
         if not 1 <= cls <= len(classes):
             raise DataError(f"stanford-cars: {found[0]}: {fname} has class {cls}, not in 1-{len(classes)}")
-        path = images / fname
-        if not path.is_file():
-            raise DataError(f"stanford-cars: image file not found: {path}")
-        samples.append(Sample(path, cls - 1))
+        samples.append(Sample(images / fname, cls - 1))
+    check_files(f"stanford-cars {split}", samples, images)
     return DatasetSplit(name, split, images, samples, len(classes), classes)
 
 

@@ -7,7 +7,8 @@ so that the main process can name it (:func:`check_bad`) or skip it.
 
 Two folder layouts are understood (:func:`list_samples`):
 
-* ``root/labels.tsv`` with rows ``file<TAB>class_index[<TAB>wnid<TAB>class_name]`` (``#`` comments), or
+* ``root/labels.tsv`` with rows ``file<TAB>class_index[<TAB>wnid<TAB>class_name]`` (``#`` comments, UTF-8
+  with or without a byte-order mark), or
 * an ImageFolder tree ``root/<class>/<image>`` whose sorted class folders are the class indices.
 """
 
@@ -35,10 +36,13 @@ __all__ = [
     "Item",
     "Sample",
     "check_bad",
+    "check_files",
+    "check_labels",
     "collate",
     "list_samples",
     "load_image",
     "make_loader",
+    "sample_loader",
     "to_rgb",
 ]
 
@@ -223,10 +227,14 @@ _LABEL_RE = re.compile(r"[0-9]+")
 
 
 def _read_labels_tsv(root: Path) -> list[Sample]:
-    """Parse ``root/labels.tsv``: 2 to 4 tab-separated columns, ``file`` relative to ``root``."""
+    """Parse ``root/labels.tsv``: 2 to 4 tab-separated columns, ``file`` relative to ``root``.
+
+    Read as ``utf-8-sig``: a byte-order mark (spreadsheet tools write one) is not part of the first row.
+    Missing image files are reported together, after every row has been read (:func:`check_files`).
+    """
     tsv = root / LABELS_FILE
-    samples = []
-    with tsv.open(encoding="utf-8") as fh:
+    samples, missing_at = [], []
+    with tsv.open(encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, start=1):
             line = line.rstrip("\r\n")
             if not line.strip() or line.lstrip().startswith("#"):
@@ -243,11 +251,37 @@ def _read_labels_tsv(root: Path) -> list[Sample]:
                 raise DataError(f"{where}: empty file name")
             if not _LABEL_RE.fullmatch(label):
                 raise DataError(f"{where}: class_index must be a non-negative integer, got {label!r}")
-            path = root / name
-            if not path.is_file():
-                raise DataError(f"{where}: image file not found: {path}")
-            samples.append(Sample(path, int(label)))
+            if not (root / name).is_file():
+                missing_at.append(lineno)
+            samples.append(Sample(root / name, int(label)))
+    if missing_at:  # one line for all of them, at the first one's row
+        check_files(f"{tsv}:{missing_at[0]}", samples, root)
     return samples
+
+
+def check_files(what: str, samples: Sequence[Sample], folder: Path, show: int = 3) -> None:
+    """Raise one :class:`DataError` saying how many of ``samples``' image files are missing under
+    ``folder`` and naming the first ``show`` of them; nothing when every file is there."""
+    missing = [s.path for s in samples if not s.path.is_file()]
+    if not missing:
+        return
+    names = [str(p.relative_to(folder)) if p.is_relative_to(folder) else str(p) for p in missing[:show]]
+    more = ", ..." if len(missing) > show else ""
+    raise DataError(
+        f"{what}: {len(missing)} of {len(samples)} image files missing under {folder} "
+        f"({', '.join(names)}{more})"
+    )
+
+
+def check_labels(samples: Sequence[Sample], num_classes: int) -> None:
+    """Raise :class:`DataError` naming the first sample whose class index a ``num_classes``-way head
+    cannot score; called before the first forward, so a mismatched checkpoint never yields a number."""
+    for s in samples:
+        if not 0 <= s.label < num_classes:
+            raise DataError(
+                f"{s.path}: class index {s.label} is not below the model's head size {num_classes} "
+                f"(classes 0-{num_classes - 1}); use --weights whose head matches the data's labels"
+            )
 
 
 def _is_image(name: str) -> bool:
@@ -392,17 +426,31 @@ def make_loader(
 ) -> tuple[DataLoader, list[Sample]]:
     """List ``root`` (:func:`list_samples`) and wrap it in an ordered DataLoader of :class:`Batch`.
 
-    ``limit`` keeps the first ``limit`` samples in listing order. ``shard=(rank, world)`` keeps every
-    world-th of those from rank on (distributed evaluation: each image on exactly one process). There
-    is no shuffling, so ``Batch.indices`` index the returned sample list. Workers are not persistent.
+    ``limit`` keeps the first ``limit`` samples in listing order; the rest is :func:`sample_loader`'s.
     """
     samples = list_samples(root)
     if limit is not None:
         if limit < 1:
             raise DataError(f"limit must be a positive number of images, got {limit}")
         samples = samples[:limit]
+    return sample_loader(samples, transform, batch_size, workers, shard)
+
+
+def sample_loader(
+    samples: Sequence[Sample],
+    transform: Callable[[Image.Image], torch.Tensor],
+    batch_size: int = 64,
+    workers: int = 0,
+    shard: tuple[int, int] = (0, 1),
+) -> tuple[DataLoader, list[Sample]]:
+    """An ordered DataLoader of :class:`Batch` over ``samples`` (listed by any reader).
+
+    ``shard=(rank, world)`` keeps every world-th sample from rank on (distributed evaluation: each image
+    on exactly one process). There is no shuffling, so ``Batch.indices`` index the returned sample list.
+    Workers are not persistent.
+    """
     rank, world = shard
-    samples = samples[rank::world]
+    samples = list(samples)[rank::world]
     loader = DataLoader(
         ImageDataset(samples, transform),
         batch_size=batch_size,

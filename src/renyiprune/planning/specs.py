@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from ..core.criteria import list_criteria, takes_alpha
+from ..core.criteria import list_criteria, make_criterion, takes_alpha
 from ..core.entropy import parse_alpha
 
 __all__ = [
-    "PruneConfig", "SweepConfig", "parse_stages", "parse_options", "split_criterion", "patch_kwargs",
-    "config_to_dict", "config_from_dict",
+    "PruneConfig", "SweepConfig", "parse_stages", "parse_options", "split_criterion", "check_options",
+    "PATCH_OPTIONS", "patch_kwargs", "config_to_dict", "config_from_dict",
 ]  # fmt: skip
 
 
@@ -52,6 +52,19 @@ def split_criterion(spec: str) -> tuple[str, dict]:
         name, _, inner = spec[:-1].partition("[")
         return name.strip(), parse_options(inner)
     return spec, {}
+
+
+#: Bracket options that ``renyiprune.patch`` itself reads (what happens to pruned tokens, the schedule);
+#: every other option goes to the criterion.
+PATCH_OPTIONS = frozenset({"removed", "fusion", "budget", "tokens"})
+
+
+def check_options(name: str, options: dict) -> None:
+    """Bind the criterion options among ``options`` to registered criterion ``name`` now (``make_criterion``),
+    so that a misspelt option fails with its one-line message before any model is loaded or any image is
+    read. Names that are no registered criterion (tome, best, per-stage specs) are left to their readers."""
+    if name in list_criteria():
+        make_criterion(name, **{k: v for k, v in options.items() if k not in PATCH_OPTIONS})
 
 
 def parse_stages(spec: str) -> tuple[list[str], list[float], tuple[int, ...]]:
