@@ -15,6 +15,7 @@ from renyiprune.experiments import probe as pr
 from renyiprune.experiments import sweep as sw
 from renyiprune.models.model import create_model
 from renyiprune.planning.specs import PruneConfig
+from renyiprune.utils.io import LOCK_FILE
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "demo" / "weights" / "deit_tiny_patch16_224.safetensors"
 CLASSES = (3, 60, 120, 190)  # four Stanford Cars classes, relabelled 0..3 in the tiny folders
@@ -195,7 +196,7 @@ def test_feature_cache_is_reused_and_keyed(model, cars, images_read, tmp_path):
     cache = pr.FeatureCache(tmp_path / "c", {"model": "deit_tiny", "weights": "w1", "transform": "resize"})
     first, t1 = pr.run_probe(model, configs, train, [val], ResizeTransform(224), cache=cache, progress=False)
     assert t1["computed"] == 6 and t1["cached"] == 0  # 3 configs (renyi, unpruned, EViT) x 2 sets
-    files = sorted((tmp_path / "c").iterdir())
+    files = sorted(f for f in (tmp_path / "c").iterdir() if f.name != LOCK_FILE)  # the writers' lock
     assert len(files) == 6 and all(f.suffix == ".pt" for f in files)  # no temporary file left behind
     images_read.clear()
     again, t2 = pr.run_probe(model, configs, train, [val], ResizeTransform(224), cache=cache, progress=False)

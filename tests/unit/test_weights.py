@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +58,55 @@ def test_sha256_file_matches_hashlib(tmp_path):
     data = bytes(range(256)) * 5000  # spans several read chunks
     f.write_bytes(data)
     assert sha256_file(f) == hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def digests(monkeypatch) -> list[str]:
+    """The files sha256_file actually reads (its in-process memory starts empty)."""
+    from renyiprune.models import weights
+
+    monkeypatch.setattr(weights, "_DIGESTS", {})
+    read: list[str] = []
+    real = weights.file_digest
+
+    def spy(path, kind="sha256"):
+        read.append(str(path))
+        return real(path, kind)
+
+    monkeypatch.setattr(weights, "file_digest", spy)
+    return read
+
+
+def settle(path: Path, age_s: float = 3600) -> None:
+    """Give ``path`` an mtime ``age_s`` in the past (a file written earlier than the last 2 s)."""
+    t = time.time() - age_s
+    os.utime(path, (t, t))
+
+
+def test_sha256_file_is_read_once_per_version_of_the_file(tmp_path, digests):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"a" * 1000)
+    settle(f)
+    first = sha256_file(f)
+    assert sha256_file(tmp_path / "." / "model.safetensors") == first and len(digests) == 1  # remembered
+    f.write_bytes(b"a" * 1001)  # another size, same mtime
+    settle(f)
+    assert sha256_file(f) == hashlib.sha256(b"a" * 1001).hexdigest() and len(digests) == 2
+    f.write_bytes(b"b" * 1001)  # same size, another mtime
+    settle(f, 1800)
+    assert sha256_file(f) == hashlib.sha256(b"b" * 1001).hexdigest() and len(digests) == 3
+    os.replace(tmp_path / "model.safetensors", tmp_path / "old")  # same stat, but another file there now
+    (tmp_path / "model.safetensors").write_bytes(b"c" * 1001)
+    settle(tmp_path / "model.safetensors", 1800)
+    assert sha256_file(f) == hashlib.sha256(b"c" * 1001).hexdigest() and len(digests) == 4
+
+
+def test_sha256_file_does_not_remember_a_file_written_just_now(tmp_path, digests):
+    f = tmp_path / "model.safetensors"
+    for content in (b"x" * 64, b"y" * 64):  # same size, maybe the same mtime tick
+        f.write_bytes(content)
+        assert sha256_file(f) == hashlib.sha256(content).hexdigest()
+    assert len(digests) == 2
 
 
 @needs_real
@@ -136,17 +188,69 @@ def test_safetensors_with_flipped_header_length_is_reported(tmp_path):
     assert str(path) in str(info.value)
 
 
-def test_truncated_and_garbage_pth_are_reported(tmp_path):
+def test_truncated_pth_is_reported(tmp_path):
     full = tmp_path / "full.pth"
     torch.save({"model": {"w": torch.randn(256, 256)}}, full)
     data = full.read_bytes()
-    cases = {"half.pth": data[: len(data) // 2], "empty.pth": b"", "garbage.pth": b"not a checkpoint" * 64}
-    for name, content in cases.items():
-        path = tmp_path / name
-        path.write_bytes(content)
-        with pytest.raises(WeightsError, match="corrupt or truncated") as info:
-            read_state_dict(path)
-        assert str(path) in str(info.value), name
+    path = tmp_path / "half.pth"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="corrupt or truncated") as info:
+        read_state_dict(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "name, content, why",
+    [
+        ("x.pth", b"hello world\nthis is text\n", "it begins with text: 'hello world'"),  # was a KeyError
+        ("garbage.pth", b"not a checkpoint" * 64, "it begins with text: 'not a checkpoint'"),
+        ("empty.pth", b"", "the file is empty"),
+        ("photo.safetensors", b"\x89PNG\r\n\x1a\n" + bytes(64), "it begins with the bytes 89 50 4e 47"),
+        ("config.bin", b'{"model": "deit"}\n', """it begins with text: '{"model": "deit"'"""),
+    ],
+)
+def test_files_that_are_not_weights_are_named_in_one_line(tmp_path, name, content, why):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(WeightsError) as info:
+        read_state_dict(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: not a PyTorch/safetensors weights file (") and why in msg
+    assert "\n" not in msg
+
+
+def test_the_format_is_told_by_the_bytes_not_the_suffix(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = small_sd()
+    save_file(sd, tmp_path / "really-safetensors.pth")
+    torch.save(sd, tmp_path / "really-torch.safetensors")
+    got = read_state_dict(tmp_path / "really-safetensors.pth")  # safetensors keeps its own key order
+    assert_same(dict(sorted(got.items())), dict(sorted(sd.items())))
+    assert_same(read_state_dict(tmp_path / "really-torch.safetensors"), sd)
+
+
+@pytest.mark.parametrize("value, what", [(math.nan, "1 NaN, 0 infinite"), (-math.inf, "0 NaN, 1 infinite")])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_non_finite_weights_are_refused_naming_the_first_tensor(tmp_path, value, what, suffix):
+    from safetensors.torch import save_file
+
+    sd = {"a.weight": torch.randn(3, 2), "b.weight": torch.randn(4, 4), "c.weight": torch.randn(2)}
+    sd["b.weight"][1, 2] = value
+    sd["c.weight"][0] = float("nan")  # a later one is not the one named
+    path = tmp_path / f"diverged{suffix}"
+    save_file(sd, path) if suffix == ".safetensors" else torch.save({"model": sd}, path)
+    with pytest.raises(WeightsError) as info:
+        read_state_dict(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: tensor 'b.weight' holds non-finite values ({what}, of 16)")
+    assert "c.weight" not in msg and "\n" not in msg
+
+
+def test_half_precision_and_integer_tensors_pass_the_finite_check(tmp_path):
+    sd = {"h": torch.randn(4).half(), "b": torch.randn(4).bfloat16(), "i": torch.tensor([2**31 - 1])}
+    torch.save(sd, tmp_path / "w.pth")
+    assert_same(read_state_dict(tmp_path / "w.pth"), sd)
 
 
 def test_pickled_python_objects_are_refused_not_called_corrupt(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..utils.io import OutputInUse
 from . import bench as bench_cmd
 from . import common
 from . import convert as convert_cmd
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except common.USER_ERRORS as e:
+    except (*common.USER_ERRORS, OutputInUse) as e:  # OutputInUse: another process writes to OUT
         print(f"renyiprune {args.command}: error: {common.one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

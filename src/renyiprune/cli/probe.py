@@ -15,7 +15,7 @@ from pathlib import Path
 from ..data.datasets import DATASETS, TRANSFORMS, eval_transform, load_split
 from ..data.images import list_samples
 from ..experiments.probe import DEFAULT_L2_GRID, HEADS, FeatureCache, ImageSet, run_probe
-from ..models.model import get_spec
+from ..models.model import weights_id
 from . import common
 from . import eval as eval_cmd
 
@@ -111,11 +111,8 @@ def run(args: argparse.Namespace) -> int:
     transform = eval_transform(args.transform, model.pretrained_cfg)
     cache = None
     if args.cache is not None:
-        from ..models.weights import sha256_file
-
-        spec = get_spec(args.model)
-        weights = sha256_file(args.weights) if args.weights else f"{spec.url}#{spec.sha256}"
-        context = {"model": args.model, "weights": weights, "transform": repr(transform)}
+        context = {"model": args.model, "weights": weights_id(args.model, args.weights),
+                   "transform": repr(transform)}  # fmt: skip
         cache = FeatureCache(args.cache, context)
     t0 = time.perf_counter()
     records, timing = run_probe(

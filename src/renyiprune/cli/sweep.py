@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import sys
@@ -17,9 +18,10 @@ from ..data.images import EvalTransform, check_labels
 from ..experiments.sweep import ResultLog, run_sweep
 from ..experiments.tables import markdown_tables, to_csv
 from ..experiments.tune import is_calibration
+from ..models.model import weights_id
 from ..planning.specs import SweepConfig, check_options, parse_stages, split_criterion
 from ..utils import distributed as D
-from ..utils.io import atomic_write_text
+from ..utils.io import atomic_write_text, output_lock
 from . import common
 
 
@@ -170,14 +172,12 @@ def build_configs(args: argparse.Namespace, criteria, adaptive=()) -> list[Sweep
 
 
 def fingerprint(args: argparse.Namespace, samples: list, part: str = "all") -> dict:
-    """What makes results comparable: model, weights, data folder (or data set, split and root), image
-    list, which part of it."""
+    """What makes results comparable: model, weights (the SHA-256 of their bytes), data folder (or data
+    set, split and root), image list, which part of it."""
     names = "\n".join(s.path.name for s in samples).encode()
-    import hashlib
-
     return {
         "model": args.model,
-        "weights": Path(args.weights).name if args.weights else "pretrained",
+        "weights": weights_id(args.model, args.weights),
         "data": image_source(args).key,
         "images": len(samples),
         "part": part,
@@ -211,8 +211,14 @@ def sweep_samples(args, samples, configs, log_path: Path, part: str, model) -> t
     """Run ``configs`` on ``samples`` (resuming ``log_path``); returns records and timing.
 
     Under torchrun (a joined process group) this process decodes and runs only its share of the
-    images (``distributed.batch_shard``); the records are gathered as one process makes them.
+    images (``distributed.batch_shard``); the records are gathered as one process makes them. The log's
+    folder is locked meanwhile (``output_lock``: one writer per folder; re-entrant for ``run``).
     """
+    with output_lock(log_path.parent, collective=True):
+        return _sweep_samples(args, samples, configs, log_path, part, model)
+
+
+def _sweep_samples(args, samples, configs, log_path: Path, part: str, model) -> tuple[list[dict], dict]:
     log = ResultLog(log_path, fingerprint(args, samples, part))
     transform = image_source(args).view(transform_of(model))
     world = torch.distributed.get_world_size() if D.is_distributed() else 1
@@ -286,7 +292,8 @@ def run(args: argparse.Namespace) -> int:
     info = D.init_distributed(args.device)  # under torchrun: one share of the images per process
     args.device = info.device
     try:
-        return _run(args, configs, samples, info.is_main)
+        with output_lock(args.out, collective=True):  # a second sweep on OUT stops here (exit 2)
+            return _run(args, configs, samples, info.is_main)
     finally:
         D.cleanup()
 

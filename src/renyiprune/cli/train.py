@@ -113,13 +113,18 @@ def add_parser(sub) -> None:
     g.add_argument("--ema-decay", type=float, default=0.0, help="keep an EMA of the weights (0: off)")
     g = p.add_argument_group("operations")
     g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
-    g.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) after N steps")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop (with a checkpoint) after N steps in total; continue with --resume")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable training (and evaluation) images, counted per epoch, instead of "
+                   "stopping at the first")  # fmt: skip
     g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: never)")
     g.add_argument("--no-eval-before", action="store_true", help="skip the evaluation before training")
     g.add_argument(
         "--resume",
         action="store_true",
-        help="continue OUT/last.pt exactly (refused when a setting differs from the checkpoint's)",
+        help="continue OUT/last.pt exactly (refused when a setting differs from the checkpoint's; a larger "
+        "--epochs extends the run, the cosine schedule recomputed over the new length)",
     )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
@@ -166,6 +171,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         randaug_m=args.randaug_m, reprob=args.reprob, drop_path=args.drop_path, amp=args.amp,
         ema_decay=args.ema_decay, eval_keep=tuple(args.eval_keep), eval_before=not args.no_eval_before,
         eval_every=args.eval_every, save_every=args.save_every, max_steps=args.max_steps, seed=args.seed,
+        skip_bad=args.skip_bad,
         workers=args.workers, device=args.device, threads=args.threads, resume=args.resume,
         progress=not args.no_progress, dist_timeout=args.dist_timeout,
     )  # fmt: skip

@@ -15,6 +15,7 @@ the head is refitted on all of them; the standardization is folded into the retu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -32,7 +33,8 @@ from ..data.datasets import BannerCropped
 from ..data.images import Sample
 from ..planning.flops import count_gmacs
 from ..planning.specs import PruneConfig, config_to_dict, parse_stages
-from ..utils.io import atomic_path
+from ..utils import distributed as D
+from ..utils.io import atomic_path, output_lock
 from .evaluate import pruned_view, top1_top5
 from .stats import paired_difference
 from .sweep import build_cache, first_location, run_view
@@ -142,15 +144,22 @@ def _code_hash() -> str:
 class FeatureCache:
     """Features of (configuration, image set) pairs on disk, one file each, written atomically.
 
-    The key holds the model name, the weights' identity, the transform, the code that computes the
-    features (a hash of the pruning modules, unless ``context`` names one: reading features written
-    by an earlier version), the configuration and the image list, so a changed input never reuses
-    stale features.
+    The key holds the model name, the weights' identity (``models.model.weights_id``: the SHA-256 of
+    the file), the transform, the code that computes the features (a hash of the pruning modules,
+    unless ``context`` names one: reading features written by an earlier version), the configuration
+    and the image list, so a changed input never reuses stale features. Whoever computes features
+    holds :meth:`writing` (one writer per folder); reading needs no lock (files are replaced whole).
+    ``flag`` is the option that names the folder, for the message a second writer gets.
     """
 
-    def __init__(self, root: str | Path, context: dict) -> None:
+    def __init__(self, root: str | Path, context: dict, flag: str = "--cache") -> None:
         self.root = Path(root)
         self.context = {"code": _code_hash(), **context, "format": 1}  # a given "code" wins (reports)
+        self.flag = flag
+
+    def writing(self) -> contextlib.AbstractContextManager:
+        """The folder's ``output_lock`` (re-entrant; under torchrun rank 0's)."""
+        return output_lock(self.root, self.flag)
 
     def key(self, config: PruneConfig, images: ImageSet) -> str:
         text = json.dumps({"context": self.context, "config": config_to_dict(config),
@@ -231,6 +240,16 @@ def extract_features(
         return out, timing
     for ci in missing:  # a bad option fails here, before any image is decoded
         pruned_view(model, configs[ci])
+    with cache.writing() if cache is not None else contextlib.nullcontext():
+        _compute(model, configs, sets, missing, transform, out, timing, cache=cache, batch_size=batch_size,
+                 workers=workers, device=device, progress=progress)  # fmt: skip
+    return out, timing
+
+
+def _compute(model, configs, sets, missing, transform, out, timing, *, cache, batch_size, workers, device,
+             progress) -> None:  # fmt: skip
+    """The features ``missing`` lists ({config index: set indices}) into ``out``, saved to ``cache``
+    (by rank 0 only under torchrun: the others compute the same features)."""
     needed = sorted({si for sis in missing.values() for si in sis})
     offsets, total = {}, 0
     for si in needed:
@@ -256,11 +275,10 @@ def extract_features(
             n = len(sets[si].samples)
             out[(ci, si)] = feats[at : at + n]
             at += n
-            if cache is not None:
+            if cache is not None and D.rank() == 0:
                 cache.save(configs[ci], sets[si], out[(ci, si)])
             timing["computed"] += 1
     timing["features_s"] = time.perf_counter() - t0
-    return out, timing
 
 
 # ----------------------------------------------------------------------------------------------- head

@@ -28,6 +28,7 @@ __all__ = [
     "register_model",
     "list_models",
     "create_model",
+    "weights_id",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -264,6 +265,17 @@ def get_spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     return MODELS[name]
+
+
+def weights_id(name: str, weights: str | Path | None) -> str:
+    """What identifies the weights ``name`` runs with in a result cache's key: the SHA-256 of the file's
+    bytes (never its name: two runs both write model.safetensors), or the official file's URL and digest."""
+    from .weights import sha256_file
+
+    if weights is not None:
+        return sha256_file(weights)
+    spec = get_spec(name)
+    return f"{spec.url}#{spec.sha256}"
 
 
 def _adapt_checkpoint(model: VisionTransformer) -> Callable[[dict, nn.Module], dict]:

@@ -1,8 +1,10 @@
 """Reading, checking and downloading checkpoint weights.
 
 Nothing here knows about particular models or the command line: this module reads state dicts from
-.safetensors / .pth files, loads them strictly (every mismatch reported at once), resamples position
-embeddings to a new patch grid, and downloads files into a hash-verified cache.
+.safetensors / .pth files (by their content: a file that is neither, or weights holding NaN or Inf, is
+refused with one line), loads them strictly (every mismatch reported at once), resamples position
+embeddings to a new patch grid, downloads files into a hash-verified cache, and gives a file's SHA-256
+(computed once per version of the file), which is what result caches key weights by.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 import pickle
 import re
 import sys
+import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -39,6 +42,7 @@ _WRAPPER_KEYS = ("model", "state_dict", "model_ema")
 _DDP_PREFIX = "module."
 _MAX_LISTED = 8  # keys shown per list in a mismatch message
 _CHUNK = 1 << 20
+_CHECKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class WeightsError(RuntimeError):
@@ -59,8 +63,48 @@ def read_state_dict(path: str | os.PathLike[str]) -> StateDict:
         raise WeightsError(f"weights file not found: {p}")
     if not p.is_file():
         raise WeightsError(f"weights path is not a file: {p}")
-    obj = _load_safetensors(p) if p.suffix.lower() == ".safetensors" else _load_torch(p)
-    return _strip_ddp_prefix(_unwrap(obj, p))
+    obj = _load_safetensors(p) if _file_format(p) == "safetensors" else _load_torch(p)
+    return _check_finite(_strip_ddp_prefix(_unwrap(obj, p)), p)
+
+
+def _file_format(p: Path) -> str:
+    """The format, "safetensors" or "torch", told by the first bytes (whatever the suffix says);
+    WeightsError for a file that is neither (text, an image, empty) instead of what the unpickler makes
+    of it."""
+    with open(p, "rb") as f:
+        head = f.read(16)
+    zipped = head.startswith((b"PK\x03\x04", b"PK\x05\x06"))  # torch.save's zip archive
+    if zipped or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):  # a pickle
+        return "torch"
+    if len(head) >= 9 and head[8:9] == b"{":  # an 8-byte header length, then the JSON header
+        return "safetensors"
+    raise WeightsError(f"{p}: not a PyTorch/safetensors weights file ({_describe(head)})")
+
+
+def _describe(head: bytes) -> str:
+    if not head:
+        return "the file is empty"
+    if all(32 <= b < 127 or b in b"\t\n\r" for b in head):
+        lines = head.decode("ascii").strip().splitlines()
+        return f"it begins with text: {lines[0]!r}" if lines else "it begins with blank lines"
+    return f"it begins with the bytes {head[:8].hex(' ')}"
+
+
+def _check_finite(sd: StateDict, p: Path) -> StateDict:
+    """Refuse weights with NaN or Inf, naming the first tensor that has them: they would only give a
+    silent chance-level accuracy or a NaN in a results file later."""
+    for name, t in sd.items():
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        v = t if t.is_complex() or t.dtype in _CHECKED_DTYPES else t.float()  # float8 etc.: no isfinite
+        bad = ~torch.isfinite(v)
+        if bool(bad.any()):
+            nan = int(torch.isnan(v).sum())
+            raise WeightsError(
+                f"{p}: tensor {name!r} holds non-finite values ({nan} NaN, {int(bad.sum()) - nan} infinite, "
+                f"of {t.numel()}); refusing weights that are not finite (a diverged or corrupted checkpoint?)"
+            )
+    return sd
 
 
 def _load_safetensors(p: Path) -> object:
@@ -74,7 +118,8 @@ def _load_safetensors(p: Path) -> object:
 
 def _load_torch(p: Path) -> object:
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        with open(p, "rb") as f:  # an open file: torch.load would go by a ".safetensors" suffix
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" in str(e):
             raise WeightsError(
@@ -83,7 +128,7 @@ def _load_torch(p: Path) -> object:
                 "torch.save(ckpt['model'], 'weights.pth')"
             ) from e
         raise WeightsError(f"weights file is corrupt or truncated: {p} ({_first_line(e)})") from e
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
+    except Exception as e:  # RuntimeError, EOFError, KeyError...: what a damaged archive or pickle raises
         raise WeightsError(f"weights file is corrupt or truncated: {p} ({_first_line(e)})") from e
 
 
@@ -215,9 +260,32 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RENYIPRUNE_CACHE") or "~/.cache/renyiprune").expanduser()
 
 
+#: Digests remembered in this process, by (resolved path, device, inode, size, mtime_ns).
+_DIGESTS: dict[tuple, str] = {}
+_SETTLED_NS = 2_000_000_000  # a file modified more recently than this is hashed again each time
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 digest of a file, read in chunks."""
-    return file_digest(path, "sha256")
+    """Hex SHA-256 of a file's bytes: what result caches key weights by (a file name says nothing).
+
+    Computed once per version of the file: remembered in this process by (resolved path, device, inode,
+    size, mtime_ns), so another checkpoint written at the same path (a new inode, size or mtime) is
+    hashed anew. A file modified in the last 2 s is not remembered: a rewrite within the file system's
+    clock tick could keep its mtime.
+    """
+    p = Path(path).expanduser().resolve()
+    key = _stat_key(p)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    digest = file_digest(p, "sha256")
+    if _stat_key(p) == key and time.time_ns() - key[-1] >= _SETTLED_NS:  # unchanged while read, settled
+        _DIGESTS[key] = digest
+    return digest
+
+
+def _stat_key(p: Path) -> tuple:
+    st = p.stat()
+    return (str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def download(url: str, sha256: str, filename: str | None = None, *, progress: bool = True) -> Path:

@@ -11,6 +11,7 @@ head next to them, so the runs of a grid compute them once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sys
@@ -24,6 +25,7 @@ from torch import nn
 from ..data.datasets import DatasetSplit
 from ..experiments.probe import FeatureCache, ImageSet, LinearHead, extract_features, fit_probe, is_holdout
 from ..planning.specs import PruneConfig
+from ..utils import distributed as D
 from ..utils.io import atomic_path
 
 __all__ = ["HEAD_INITS", "probe_head", "init_head_from_probe"]
@@ -51,14 +53,26 @@ def probe_head(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> LinearHead:
-    """The linear probe of the unpruned ``model`` fitted on ``split`` (read from the cache if there)."""
+    """The linear probe of the unpruned ``model`` fitted on ``split`` (read from the cache if there;
+    computed and saved holding the cache folder's lock)."""
     images = ImageSet(split.split, tuple(split.samples), split.crop_bottom)
-    cache = FeatureCache(cache_dir, cache_context or {}) if cache_dir is not None else None
+    cache = FeatureCache(cache_dir, cache_context or {}, "--head-cache") if cache_dir is not None else None
     if cache is not None:
         path = _head_path(cache, images, num_classes)
         if path.is_file():
             obj = torch.load(path, map_location="cpu", weights_only=True)
             return LinearHead(obj["weight"], obj["bias"], float(obj["l2"]))
+    with cache.writing() if cache is not None else contextlib.nullcontext():
+        head = _fit_head(model, images, transform, num_classes, cache, batch_size, workers, device, progress)
+        if cache is not None and D.rank() == 0:  # under torchrun every rank fits the same head
+            with atomic_path(_head_path(cache, images, num_classes)) as tmp:
+                torch.save({"weight": head.weight, "bias": head.bias, "l2": head.l2}, tmp)
+    return head
+
+
+def _fit_head(
+    model, images, transform, num_classes, cache, batch_size, workers, device, progress
+) -> LinearHead:
     t0 = time.perf_counter()
     training = model.training
     model.eval()  # a fixed feature extractor: no drop-path while the probe's features are computed
@@ -77,10 +91,6 @@ def probe_head(
         head = fit_probe(feats, images.labels, num_classes, l2_grid=(1e-3,))
     else:
         head = fit_probe(feats, images.labels, num_classes, holdout)
-    if cache is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            torch.save({"weight": head.weight, "bias": head.bias, "l2": head.l2}, tmp)
     return head
 
 

@@ -4,7 +4,8 @@ A checkpoint stores the configuration it was trained with. Resuming compares eve
 decides what is trained (pruning criterion, α, keep rate, locations, fusion, frozen blocks, transform,
 head, data split, schedule, regularisation, seed, number of processes) with the command's; any
 difference stops the run with a ValueError that lists each one as the checkpoint's value against the
-command's. Only operational settings may change on resume (:data:`MAY_CHANGE`).
+command's. Only operational settings may change on resume (:data:`MAY_CHANGE`), and ``--epochs`` may
+grow: that extends the run (``train`` recomputes the schedule over the new length), as timm users expect.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ __all__ = ["MAY_CHANGE", "config_record", "resume_mismatches", "check_resume"]
 MAY_CHANGE = frozenset({
     "out", "data_root", "weights", "pretrained", "head_cache", "resume", "progress", "workers", "device",
     "threads", "dist_timeout", "max_steps", "save_every", "eval_every", "eval_before", "eval_keep",
+    "skip_bad",
 })  # fmt: skip
 
 
@@ -49,8 +51,11 @@ def resume_mismatches(stored: dict, cfg, world_size: int, stored_world_size: int
         if name in MAY_CHANGE:
             continue
         old = stored.get(name, defaults.get(name))
+        if name == "epochs" and isinstance(old, int) and value > old:
+            continue  # extends the run
         if old != value:
-            out.append(f"{_flag(name)}: checkpoint {old!r}, this command {value!r}")
+            why = " (on resume --epochs may only grow, to extend the run)" if name == "epochs" else ""
+            out.append(f"{_flag(name)}: checkpoint {old!r}, this command {value!r}{why}")
     if stored_world_size is not None and stored_world_size != world_size:
         out.append(f"processes: checkpoint {stored_world_size}, this command {world_size}")
     return out

@@ -13,7 +13,9 @@ images and the counts are added up, so that every rank runs the same collectives
 (each epoch, every ``save_every`` steps) is atomic and holds everything needed to continue bit-exactly:
 all randomness is a function of (seed, epoch, sample index) per image and (seed, step, rank) per step,
 and the data position is stored. ``resume`` refuses a command whose settings differ from the
-checkpoint's (``resume.check_resume``).
+checkpoint's (``resume.check_resume``), except a larger ``epochs``, which extends the run. ``OUT`` is
+locked while the run writes to it (``utils.io.output_lock``); the epoch's running loss is in every
+checkpoint (``bookkeeping``), and ``skip_bad`` skips unreadable training images, counting them.
 """
 
 from __future__ import annotations
@@ -40,13 +42,14 @@ from ..api import patch
 from ..core.api import share_parameters
 from ..data.augment import mixup_cutmix, soft_target_cross_entropy
 from ..data.datasets import DEFAULT_SPLITS, DatasetSplit, load_split, open_sample
-from ..data.images import ImageDataset, collate
+from ..data.images import ImageDataset, Item, collate
 from ..experiments.evaluate import evaluate, pruned_view
-from ..models.model import create_model, get_spec
+from ..models.model import create_model, get_spec, weights_id
 from ..models.weights import download, read_state_dict
 from ..planning.specs import PruneConfig, split_criterion
 from ..utils import distributed as D
-from ..utils.io import atomic_write
+from ..utils.io import atomic_write, output_lock
+from .bookkeeping import EpochTally, extend_schedule, readable, reduce_step, say
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, save_weights, set_rng_state
 from .freeze import freeze_prefix, frozen_modules
 from .head_init import HEAD_INITS, init_head_from_probe, probe_head
@@ -128,6 +131,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs; 0 = never
     save_every: int = 0  # steps; 0 = only at epoch ends
     max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total
+    skip_bad: bool = False  # skip (and count) unreadable training images instead of stopping
     seed: int = 0
     workers: int = 2
     device: str = "cpu"
@@ -158,7 +162,11 @@ def _seed_of(*parts: int) -> int:
 
 
 class AugmentedImages(Dataset):
-    """Training images: decoded (banner cropped), augmented with a seed from (seed, epoch, index)."""
+    """Training images: decoded (banner cropped), augmented with a seed from (seed, epoch, index).
+
+    An image that cannot be decoded comes back as a bad :class:`~renyiprune.data.images.Item` (as in
+    evaluation), so that the main process names it or skips it (``bookkeeping.readable``).
+    """
 
     def __init__(self, split: DatasetSplit, transform: Callable[..., Tensor], seed: int) -> None:
         self.split, self.transform, self.seed, self.epoch = split, transform, seed, 0
@@ -166,10 +174,15 @@ class AugmentedImages(Dataset):
     def __len__(self) -> int:
         return len(self.split.samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, index: int) -> Item:
         sample = self.split.samples[index]
-        img = open_sample(sample, self.split.crop_bottom)
-        return self.transform(img, _seed_of(self.seed, self.epoch, index)), int(sample.label)
+        try:
+            img = open_sample(sample, self.split.crop_bottom)
+        except Exception as exc:  # PIL raises many exception types; the main process reports it
+            error = f"{type(exc).__name__}: {exc}"
+            return Item(torch.empty(0, 3, 0, 0), int(sample.label), index, str(sample.path), error)
+        image = self.transform(img, _seed_of(self.seed, self.epoch, index))
+        return Item(image, int(sample.label), index, str(sample.path), None)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -222,7 +235,8 @@ class _Log:
         rows = [json.loads(x) for x in self.path.read_text().splitlines()]
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["epoch", "global_step", "config", "top1", "top5", "gmacs", "images", "train_loss"])
+        w.writerow(["epoch", "global_step", "config", "top1", "top5", "gmacs", "images", "train_loss",
+                    "train_skipped"])  # fmt: skip
         for r in rows:
             if r["kind"] == "eval":
                 for c in r["results"]:
@@ -236,6 +250,7 @@ class _Log:
                             f"{c['gmacs']:.4f}",
                             c["images"],
                             r.get("train_loss"),
+                            r.get("train_skipped"),
                         ]
                     )
         text = buf.getvalue()
@@ -266,7 +281,8 @@ def _evaluate(
         collate_fn=collate,
     )
     views = {c.label: pruned_view(model, c) for c in _eval_configs(cfg)}
-    results = evaluate(views, loader, device=dist.device, total=len(mine), progress=progress)
+    results = evaluate(views, loader, device=dist.device, total=len(mine), progress=progress,
+                       skip_bad=cfg.skip_bad)  # fmt: skip
     return [r.to_dict() for r in results]
 
 
@@ -355,16 +371,6 @@ def _checkpoint_state(cfg: TrainConfig) -> dict | None:
     return None
 
 
-def _weights_id(cfg: TrainConfig) -> str:
-    """What identifies the starting weights in a probe cache key (as ``renyiprune probe --cache``)."""
-    from ..models.weights import sha256_file
-
-    if cfg.weights is not None:
-        return sha256_file(cfg.weights)
-    spec = get_spec(cfg.model)
-    return f"{spec.url}#{spec.sha256}"
-
-
 def _build_model(cfg: TrainConfig, train_ds: DatasetSplit, device: torch.device, main: bool, fresh: bool):
     """The model on ``device`` with its head: the checkpoint's, a new one, or (``head_init="probe"``,
     on a fresh start only: a resumed run reads its head from its checkpoint) the fitted probe."""
@@ -386,7 +392,8 @@ def _build_model(cfg: TrainConfig, train_ds: DatasetSplit, device: torch.device,
     model = model.to(device)
     if cfg.head_init == "probe" and fresh:
         tf = eval_view(cfg.transform, model.pretrained_cfg).transform
-        weights = _weights_id(cfg) if start is not None else f"random:{cfg.seed}:{cfg.model_kwargs}"
+        weights = weights_id(cfg.model, cfg.weights) if start is not None else None
+        weights = weights or f"random:{cfg.seed}:{cfg.model_kwargs}"
         context = {"model": cfg.model, "weights": weights, "transform": repr(tf)}
         head = probe_head(
             model, train_ds, tf, num_classes,
@@ -397,7 +404,7 @@ def _build_model(cfg: TrainConfig, train_ds: DatasetSplit, device: torch.device,
     return model
 
 
-def _state(model, ema, opt, sched, scaler, cfg, epoch, step_in_epoch, global_step, world_size) -> dict:
+def _state(model, ema, opt, sched, scaler, cfg, tally, epoch, step_in_epoch, global_step, world_size) -> dict:
     state = {
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
@@ -405,6 +412,8 @@ def _state(model, ema, opt, sched, scaler, cfg, epoch, step_in_epoch, global_ste
         "scaler": scaler.state_dict(),
         "rng": rng_state(),
         "position": {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step},
+        # the epoch in progress (none at an epoch's end: the finished one is logged before the next starts)
+        "epoch_tally": (tally if step_in_epoch else EpochTally()).state(),
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
         "world_size": world_size,
     }
@@ -425,11 +434,44 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
     """Run (or resume) a fine-tuning run; returns the last evaluation and the run's position.
 
     ``callback(global_step, module, loss)`` is called after each backward pass (gradients in place,
-    already averaged across processes), before clipping and the optimiser step.
+    already averaged across processes), before clipping and the optimiser step. ``cfg.out`` is locked
+    for the run: a second process writing there stops with ``utils.io.OutputInUse``.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = D.init_distributed(cfg.device, cfg.dist_timeout)
+    with output_lock(cfg.out, "--out", collective=True):  # rank 0's; every rank learns the outcome
+        return _train(cfg, callback, dist)
+
+
+def _restore(state: dict, cfg: TrainConfig, parts: tuple, ckpt_path: Path, main: bool) -> tuple:
+    """Load a checkpoint into the run's (model, ema, optimizer, scheduler, scaler); returns the position
+    (epoch, step in epoch, global step) and the tally of the epoch in progress. A larger ``cfg.epochs``
+    than the checkpoint's extends the run: the schedule is the one over the new number of epochs, at the
+    step reached (a finished run's LR rises from ``min_lr`` back onto that curve, as timm does)."""
+    model, ema, opt, sched, scaler = parts
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    if ema is not None and "model_ema" in state:
+        ema.load_state_dict(state["model_ema"])
+    set_rng_state(state["rng"])
+    pos = state["position"]
+    epoch, step_in_epoch, global_step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
+    old_epochs = state["config"].get("epochs", cfg.epochs)
+    where = f"epoch {epoch}/{old_epochs}" + (f" step {step_in_epoch}" if step_in_epoch else "")
+    if cfg.epochs == old_epochs:
+        sched.load_state_dict(state["scheduler"])
+        say(f"resuming {ckpt_path} at {where}", main)
+    else:
+        before, now = extend_schedule(sched, state["scheduler"])
+        say(f"resuming {ckpt_path} at {where} → extending to {cfg.epochs} epochs; the cosine schedule is "
+            f"recomputed over {cfg.epochs} epochs from step {global_step} (lr {before:.3g} → {now:.3g})",
+            main)  # fmt: skip
+    return epoch, step_in_epoch, global_step, EpochTally.from_state(state.get("epoch_tally"))
+
+
+def _train(cfg: TrainConfig, callback, dist: D.DistInfo) -> dict:
     device = torch.device(dist.device)
     use_cuda = device.type == "cuda"
     out = Path(cfg.out)
@@ -496,23 +538,11 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
 
     epoch = step_in_epoch = global_step = 0
+    tally = EpochTally()
     if resumed is not None:
-        state = resumed
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and "model_ema" in state:
-            ema.load_state_dict(state["model_ema"])
-        set_rng_state(state["rng"])
-        pos = state["position"]
-        epoch, step_in_epoch, global_step = pos["epoch"], pos["step_in_epoch"], pos["global_step"]
-        del state, resumed  # loaded: no second copy of the weights and optimizer state for the run
-        if dist.is_main:
-            print(
-                f"renyiprune train: resuming {ckpt_path} at epoch {epoch} step {step_in_epoch}",
-                file=sys.stderr,
-            )
+        parts = (model, ema, opt, sched, scaler)
+        epoch, step_in_epoch, global_step, tally = _restore(resumed, cfg, parts, ckpt_path, dist.is_main)
+        del resumed  # loaded: no second copy of the weights and optimizer state for the run
     log = _Log(out, dist.is_main, global_step if cfg.resume else None)
     transform = train_transform(
         cfg.transform, model.pretrained_cfg, crop_scale=cfg.crop_scale, randaug_n=cfg.randaug_n,
@@ -522,7 +552,7 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
     show = cfg.progress and dist.is_main
     last_eval: list[dict] = []
 
-    def run_eval(ep: int, train_loss: float | None) -> None:
+    def run_eval(ep: int, train_loss: float | None, skipped: int | None = None) -> None:
         # Every rank evaluates its share (evaluate all-reduces the counts); only rank 0 writes.
         nonlocal last_eval
         t0 = time.perf_counter()
@@ -534,6 +564,7 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
                     "epoch": ep,
                     "global_step": global_step,
                     "train_loss": train_loss,
+                    "train_skipped": skipped,
                     "eval_seconds": time.perf_counter() - t0,
                     "results": last_eval,
                 }
@@ -544,13 +575,14 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
 
     if cfg.eval_before and global_step == 0 and cfg.eval_every:
         run_eval(0, None)
-    stop = False
+    stop = cfg.max_steps is not None and global_step >= cfg.max_steps  # already there: no step
     while epoch < cfg.epochs and not stop:
         sampler.set_epoch(epoch)
         order = list(sampler)
         batches = [order[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(steps_per_epoch)]
         images.epoch = epoch
-        loader = DataLoader(images, batch_sampler=batches[step_in_epoch:], num_workers=cfg.workers)
+        loader = DataLoader(images, batch_sampler=batches[step_in_epoch:], num_workers=cfg.workers,
+                            collate_fn=collate)  # fmt: skip
         bar = tqdm(
             total=steps_per_epoch,
             initial=step_in_epoch,
@@ -559,9 +591,10 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
             file=sys.stderr,
             unit="step",
         )
-        t_epoch, losses = time.perf_counter(), []
-        t_step = t_epoch
-        for x, y in loader:
+        t_epoch = t_step = time.perf_counter()
+        for batch in loader:
+            skipped = readable(batch, cfg.skip_bad, global_step)
+            x, y = batch.images, batch.labels
             torch.manual_seed(_seed_of(cfg.seed, global_step, dist.rank))  # drop-path etc.
             rng = np.random.default_rng(_seed_of(cfg.seed, global_step, dist.rank, 1))  # mixup/cutmix
             x, y = x.to(device, non_blocking=True), y.to(device)
@@ -577,7 +610,7 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
                 loss = soft_target_cross_entropy(logits, target)
             else:
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.smoothing)
-            loss_all = float(D.all_reduce_mean(loss.detach()))  # every rank sees a NaN anywhere and stops
+            loss_all, skipped = reduce_step(loss, skipped)  # every rank sees a NaN anywhere and stops
             if not math.isfinite(loss_all):
                 raise FloatingPointError(f"loss is {loss_all} at step {global_step}; stopping")
             opt.zero_grad(set_to_none=True)
@@ -595,7 +628,7 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
                         pe.lerp_(pm, 1.0 - cfg.ema_decay)
             global_step += 1
             step_in_epoch += 1
-            losses.append(loss_all)
+            tally.add(loss_all, skipped)
             log.write(
                 {
                     "kind": "step",
@@ -616,25 +649,19 @@ def train(cfg: TrainConfig, callback: Callable[[int, nn.Module, Tensor], None] |
                 epoch, step_in_epoch = epoch + 1, 0
             if dist.is_main and (at_end or stop or (cfg.save_every and global_step % cfg.save_every == 0)):
                 position = (epoch, step_in_epoch, global_step)
-                _save(out, _state(model, ema, opt, sched, scaler, cfg, *position, dist.world_size))
+                _save(out, _state(model, ema, opt, sched, scaler, cfg, tally, *position, dist.world_size))
             t_step = time.perf_counter()
             if stop:
                 break
         bar.close()
-        if losses and step_in_epoch == 0:  # an epoch finished
-            seconds = time.perf_counter() - t_epoch
-            log.write(
-                {
-                    "kind": "epoch",
-                    "epoch": epoch,
-                    "global_step": global_step,
-                    "seconds": seconds,
-                    "train_loss": float(np.mean(losses)),
-                    "steps": len(losses),
-                }
-            )
+        if tally.steps and step_in_epoch == 0:  # an epoch finished (its steps before a resume included)
+            log.write(tally.record(epoch, global_step, time.perf_counter() - t_epoch))
+            tally.report(epoch, dist.is_main)
             if cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-                run_eval(epoch, float(np.mean(losses)))
+                run_eval(epoch, tally.mean_loss, tally.skipped)
+            tally = EpochTally()
+    if stop and epoch < cfg.epochs:
+        say(f"stopped after {global_step} steps (--max-steps); resume with --resume", dist.is_main)
     if dist.enabled:
         torch.distributed.barrier()
     return {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "eval": last_eval}
