@@ -55,6 +55,18 @@ def test_renyi_row(ctx, alpha, heads, cls_key):
     np.testing.assert_allclose(fn(fresh(ctx)).numpy(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0, math.inf])
+def test_renyi_paper_is_the_patch_keys_only_row(ctx, alpha):
+    """``renyi_paper``: each patch query's row over the patch keys only (CLS column dropped, renormalized),
+    per-head entropies averaged; float64 reference from the definition."""
+    p = probs64(ctx.logits)[:, :, 1:, 1:]  # patch queries x patch keys
+    want = -h_naive(p / p.sum(-1, keepdims=True), alpha).mean(axis=1)
+    got = make_criterion("renyi_paper", alpha=alpha)(fresh(ctx)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # and it differs from the default reading (CLS key in) on the same attention
+    assert not np.allclose(got, make_criterion("renyi", alpha=alpha)(fresh(ctx)).numpy(), atol=1e-3)
+
+
 @pytest.mark.parametrize("alpha", [1.0, 2.0, math.inf])
 @pytest.mark.parametrize("heads", ["mean", "pooled"])
 @pytest.mark.parametrize("cls_key", ["include", "exclude"])

@@ -183,6 +183,14 @@ def shannon(ctx: AttentionContext, direction: str = "row", heads: str = "mean", 
     return renyi(ctx, alpha=1.0, direction=direction, heads=heads, cls_key=cls_key)
 
 
+@register_criterion("renyi_paper", needs=FULL)
+def renyi_paper(ctx: AttentionContext, alpha: float = 1.0, heads: str = "mean") -> Tensor:
+    """The paper's Definition 1 read literally: each patch's attention over the patch keys only (the CLS
+    key left out, the row renormalized), Rényi entropy per head, averaged (``renyi`` with
+    ``cls_key="exclude"``; docs/method.md)."""
+    return renyi(ctx, alpha=alpha, direction="row", heads=heads, cls_key="exclude")
+
+
 @register_criterion("evit", needs=Needs(cls_row=True))
 def evit(ctx: AttentionContext) -> Tensor:
     """EViT: the CLS query's attention to each patch, averaged over heads."""
