@@ -20,7 +20,7 @@ import torch
 
 from renyiprune.core.criteria import takes_alpha
 from renyiprune.core.entropy import parse_alpha
-from renyiprune.data.datasets import eval_transform
+from renyiprune.data.datasets import eval_transform, load_split
 from renyiprune.data.images import list_samples, load_image
 from renyiprune.models.model import create_model
 from renyiprune.models.weights import read_state_dict
@@ -32,6 +32,13 @@ from renyiprune.viz import plots
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "demo" / "weights" / "deit_tiny_patch16_224.safetensors"
 LOCS = (3, 6, 9)
+
+
+def shown_image(x: torch.Tensor, cfg) -> np.ndarray:
+    """The model's input (1, 3, H, W), un-normalized to an (H, W, 3) uint8 picture: what the model sees."""
+    mean = torch.tensor(cfg.mean).view(3, 1, 1)
+    std = torch.tensor(cfg.std).view(3, 1, 1)
+    return (((x[0] * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0)).numpy()
 
 
 def pick(samples, count: int, stride: int) -> list:
@@ -72,7 +79,14 @@ def finetuned_rows(runs: list[Path]) -> list[tuple[str, torch.nn.Module, ia.Mask
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--data", type=Path, default=None, help="a split folder with labels.tsv")
+    ap.add_argument("--dataset", default=None, help="or a named data set (flowers102, ...) under --data-root")
+    ap.add_argument("--data-root", type=Path, default=None)
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--transform", default="resize", help="resize (cars) or center-crop (flowers)")
+    ap.add_argument("--prefix", default="cars", help="file names: PREFIX_<image>[_tag]_masks.png")
+    ap.add_argument("--cls-readings", action="store_true",
+                    help="Rényi with the CLS key in and out: entropy maps and mask rows for both")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--count", type=int, default=3)
     ap.add_argument("--stride", type=int, default=40, help="take classes 0, stride, 2*stride, ...")
@@ -95,27 +109,39 @@ def main() -> None:
     if args.runs:
         rows = finetuned_rows(args.runs)
     else:
+        cls_in = " CLS in" if args.cls_readings else ""
         specs = (
             [ia.MaskSpec("EViT", "evit")]
-            + [ia.MaskSpec(f"Rényi α={plots.alpha_label(a)}", "renyi", a) for a in alphas]
+            + [ia.MaskSpec(f"Rényi α={plots.alpha_label(a)}{cls_in}", "renyi", a) for a in alphas]
+            + [ia.MaskSpec(f"Rényi α={plots.alpha_label(a)} CLS out", "renyi", a, (("cls_key", "exclude"),))
+               for a in (alphas if args.cls_readings else [])]
             + [ia.MaskSpec(c, c) for c in args.criterion.split(",") if c]
-        )
+        )  # fmt: skip
         rows = [(s.label, model, s, float(r)) for r in args.keep.split(",") for s in specs]
-    tf = eval_transform("resize", model.pretrained_cfg)
+    tf = eval_transform(args.transform, model.pretrained_cfg)
     grid, n = model.patch_embed.grid_size, model.patch_embed.num_patches
-    classes = [ln.strip() for ln in (args.data.parent / "classes.txt").read_text().splitlines() if ln.strip()]
+    if args.dataset:
+        samples = load_split(args.dataset, args.data_root, args.split).samples
+        names = args.data_root / "classes.txt"
+    else:
+        samples, names = list_samples(args.data), args.data.parent / "classes.txt"
+    classes = [ln.strip() for ln in names.read_text().splitlines() if ln.strip()]
     args.out.mkdir(parents=True, exist_ok=True)
-    for s in pick(list_samples(args.data), args.count, args.stride):
+    for s in pick(samples, args.count, args.stride):
         img = load_image(s.path)
-        shown = np.asarray(img.resize((224, 224)))
         x = tf(img)[None]
+        shown = shown_image(x, model.pretrained_cfg)
         name = f"{classes[s.label]} ({s.path.name})"
-        stem = f"cars_{s.path.stem}" + (f"_{args.tag}" if args.tag else "")
+        stem = f"{args.prefix}_{s.path.stem}" + (f"_{args.tag}" if args.tag else "")
         if not args.no_entropy:
             logits = ia.block_logits(model, x)
-            maps = {a: m.numpy() for a, m in ia.entropy_maps(logits, alphas, LOCS, grid).items()}
-            fig = plots.entropy_maps_figure(shown, maps, LOCS, f"Per-patch attention entropy: {name}")
-            plots.save_figure(fig, args.out / f"{stem}_entropy.png")
+            readings = [("", {})] + ([("_clsout", {"cls_key": "exclude"})] if args.cls_readings else [])
+            for suffix, opts in readings:
+                maps = {a: m.numpy() for a, m in ia.entropy_maps(logits, alphas, LOCS, grid, **opts).items()}
+                which = " (CLS key out)" if opts else (" (CLS key in)" if args.cls_readings else "")
+                title = f"Per-patch attention entropy{which}: {name}"
+                fig = plots.entropy_maps_figure(shown, maps, LOCS, title)
+                plots.save_figure(fig, args.out / f"{stem}_entropy{suffix}.png")
         drawn = []
         for label, m, spec, r in rows:
             kept, fused = ia.pruning_masks(m, x, spec, r, LOCS, fuse=True)

@@ -80,12 +80,12 @@ def test_bad_arguments_one_line_no_traceback(extra, needle, folder, weights):
     assert p.stdout == ""
 
 
-def test_empty_folder_and_mismatched_weights(tmp_path, weights, capsys):
+def test_empty_folder_and_mismatched_weights(tmp_path, weights, folder, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["eval", "--weights", str(weights), "--data", str(tmp_path / "empty"), "--no-progress"]) == 2
     assert "no images" in capsys.readouterr().err
     assert main(["eval", "--model", "deit_small_patch16_224", "--weights", str(weights),
-                 "--data", str(tmp_path), "--no-progress"]) == 2
+                 "--data", str(folder), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "mis-shaped" in err and "pos_embed" in err
 
