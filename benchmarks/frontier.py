@@ -5,11 +5,14 @@
 One interleaved run (``benchmark.benchmark_configs``) times the unpruned DeiT-Tiny and every method at
 the compute budgets 0.9 / 0.75 / 0.65 / 0.5 on one batch (64 images, 224 px, float32, random weights:
 the token counts, and so the speed, do not depend on the weights). The top-1 of each (method, budget) is
-read from the shipped results (docs/results.md §4, evaluation half, 488 images), so accuracy and speed
-refer to the same configurations. Writes ``benchmarks/results/frontier.json``, the plot
-``docs/figures/frontier.png`` and the tables in docs/performance.md between ``<!-- frontier:start -->``
-and ``<!-- frontier:end -->`` (``--device cuda``: ``gpu/`` results, ``frontier_gpu.png``,
-``frontier-gpu`` markers).
+read from the shipped results (docs/results.md §4) on both halves of the 1000 shared images: the
+fastest method per top-1 level is chosen with the calibration half (512 images) and the recorded speeds
+only, and reported on the evaluation half (488 images), against plain ToMe. Paired intervals need
+per-image outcomes; ``tune-budget`` kept them only for its choice per budget against plain ToMe at that
+budget (the shipped policy's ``evaluation_vs_tome``), so other differences are shown without one.
+Writes ``benchmarks/results/frontier.json``, the plot ``docs/figures/frontier.png`` and the tables in
+docs/performance.md between ``<!-- frontier:start -->`` and ``<!-- frontier:end -->`` (``--device
+cuda``: ``gpu/`` results, ``frontier_gpu.png``, ``frontier-gpu`` markers).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from perf_tables import add_run_args, load_average, update_doc, use_device  # no
 
 from renyiprune.experiments.benchmark import benchmark_configs, machine_info  # noqa: E402
 from renyiprune.models.model import create_model  # noqa: E402
-from renyiprune.planning.specs import PruneConfig  # noqa: E402
+from renyiprune.planning.specs import PruneConfig, config_from_dict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -39,6 +42,8 @@ SHIPPED = ROOT / "docs" / "results.md"
 BUDGETS = (0.9, 0.75, 0.65, 0.5)
 LOCS = (3, 6, 9)
 TABLE_HEAD = "| method (evaluation half"
+CAL_HEAD = "| method (calibration half"
+POLICY = ROOT / "src" / "renyiprune" / "planning" / "policies" / "deit_tiny_patch16_224.json"
 
 
 def _tome(**opts) -> Callable[[float], PruneConfig]:
@@ -69,33 +74,68 @@ METHODS: list[tuple[str, str, Callable[[float], PruneConfig]]] = [
     ("pagerank, merge", "pruning + merge", _prune("pagerank", "merge")),
 ]  # fmt: skip
 UNPRUNED = "unpruned (reference)"
+TOME = METHODS[0][0]  # plain ToMe, constant r: the reference
 
 
-def shipped_top1(path: Path = SHIPPED) -> dict[str, dict[float, tuple[float, float]]]:
-    """{method label: {budget: (top-1 %, GMACs)}} from the evaluation-half table of docs/results.md §4."""
+def _table(path: Path, head: str) -> dict[str, dict[float, list[float]]]:
+    """{row label: {budget: [numbers of the cell]}} of the table of ``path`` whose header starts with
+    ``head`` (cells like ``75.61 / 0.625`` or ``**75.98**``)."""
     lines = path.read_text().splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith(TABLE_HEAD)), None)
+    start = next((i for i, line in enumerate(lines) if line.startswith(head)), None)
     if start is None:
-        raise ValueError(f"no table starting with {TABLE_HEAD!r} in {path}")
+        raise ValueError(f"no table starting with {head!r} in {path}")
     budgets = [float(b) for b in re.findall(r"budget ([0-9.]+)", lines[start])]
-    table: dict[str, dict[float, tuple[float, float]]] = {}
+    table: dict[str, dict[float, list[float]]] = {}
     for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        values = {}
-        for b, cell in zip(budgets, cells[1:], strict=True):
-            top1, gmacs = (float(v.replace("*", "")) for v in cell.split("/"))
-            values[b] = (top1, gmacs)
-        table[cells[0]] = values
+        table[cells[0]] = {b: [float(v.replace("*", "")) for v in cell.split("/")]
+                           for b, cell in zip(budgets, cells[1:], strict=True)}  # fmt: skip
     return table
 
 
+def shipped_top1(path: Path = SHIPPED) -> dict[str, dict[float, tuple[float, float]]]:
+    """{method label: {budget: (top-1 %, GMACs)}} from the evaluation-half table of docs/results.md §4."""
+    return {m: {b: (v[0], v[1]) for b, v in row.items()} for m, row in _table(path, TABLE_HEAD).items()}
+
+
+def calibration_top1(path: Path = SHIPPED) -> dict[str, dict[float, float]]:
+    """{method label: {budget: top-1 %}} from the calibration-half table of docs/results.md §4."""
+    return {m: {b: v[0] for b, v in row.items()} for m, row in _table(path, CAL_HEAD).items()}
+
+
+def _key(c) -> tuple:
+    return c.criterion, float(c.alpha), tuple(sorted(c.options))
+
+
+def recorded_pairs(path: Path = POLICY) -> dict[tuple[str, float], dict]:
+    """{(method label, budget): paired difference to plain ToMe at that budget, evaluation half} for the
+    pairs whose per-image outcomes were compared when they were run: ``tune-budget``'s choice per budget
+    (the shipped policy's ``evaluation_vs_tome``). No other frontier pair has recorded outcomes."""
+    label_of = {_key(make(f)): label for label, _, make in METHODS for f in BUDGETS}
+    pairs = {}
+    for f, entry in json.loads(path.read_text()).get("budget", {}).items():
+        best = entry["best"]
+        label = label_of.get(_key(config_from_dict(best["config"])))
+        if label is not None and "evaluation_vs_tome" in best:
+            pairs[(label, float(f))] = best["evaluation_vs_tome"]
+    return pairs
+
+
+def with_halves(points: list[dict], calibration: dict[str, dict[float, float]]) -> list[dict]:
+    """The recorded points (``top1``: evaluation half) with ``calibration_top1`` and ``evaluation_top1``;
+    the unpruned reference has no calibration-half number in results §4 (None)."""
+    return [dict(p, evaluation_top1=p["top1"],
+                 calibration_top1=None if p["budget"] is None else calibration[p["method"]][p["budget"]])
+            for p in points]  # fmt: skip
+
+
 def run(reps: int, warmup: int, device: str, batch: int) -> dict:
-    shipped = shipped_top1()
-    missing = [label for label, _, _ in METHODS if label not in shipped]
+    shipped, calibration = shipped_top1(), calibration_top1()
+    missing = [label for label, _, _ in METHODS if label not in shipped or label not in calibration]
     if missing:
-        raise ValueError(f"methods not in the shipped table: {missing}")
+        raise ValueError(f"methods not in both shipped tables: {missing}")
     torch.manual_seed(0)
     model = create_model("deit_tiny_patch16_224").to(device)
     x = torch.randn(batch, 3, 224, 224, device=device)
@@ -131,93 +171,139 @@ def run(reps: int, warmup: int, device: str, batch: int) -> dict:
     )
 
 
-def fastest_by_level(points: list[dict], step: float = 0.5) -> list[dict]:
-    """For each top-1 level (every ``step`` points from the best down to the lowest ToMe point), the
-    fastest (method, budget) reaching it and the fastest ToMe reaching it."""
-    top = math.floor(max(p["top1"] for p in points) / step) * step
-    low = math.floor(min(p["top1"] for p in points if p["family"].startswith("ToMe")) / step) * step
-    levels, out = [], []
-    level = top
-    while level >= low - 1e-9:
-        levels.append(round(level, 2))
-        level -= step
-    for level in levels:
-        ok = [p for p in points if p["top1"] >= level]
+def _versus(a: dict, ref: dict | None, pairs: dict) -> dict | None:
+    """Evaluation-half top-1 of ``a`` minus ``ref``'s; ``ci95`` only where per-image outcomes of the pair
+    were recorded (or ``a`` is ``ref``)."""
+    if ref is None:
+        return None
+    if a is ref:
+        return dict(delta=0.0, ci95=(0.0, 0.0))
+    same_budget_tome = ref["method"] == TOME and ref["budget"] == a["budget"]
+    pair = pairs.get((a["method"], a["budget"])) if same_budget_tome else None
+    if pair is not None:
+        return dict(delta=pair["delta"], ci95=tuple(pair["ci95"]))
+    return dict(delta=a["evaluation_top1"] - ref["evaluation_top1"], ci95=None)
+
+
+def frontier_rows(points: list[dict], pairs: dict | None = None, step: float = 0.5) -> list[dict]:
+    """For each top-1 level (every ``step`` points of calibration-half top-1, from the best point down to
+    the lowest ToMe-family point): the fastest (method, budget) whose calibration top-1 reaches it, the
+    fastest plain ToMe that reaches it, and plain ToMe at the chosen budget, each with its difference on
+    the evaluation half. Only ``calibration_top1`` and ``images_per_s`` decide; ``evaluation_top1`` is
+    only reported. The unpruned reference (``budget`` None) is not a candidate."""
+    pairs = pairs or {}
+    pts = [p for p in points if p["budget"] is not None]
+    top = math.floor(max(p["calibration_top1"] for p in pts) / step) * step
+    low = math.floor(min(p["calibration_top1"] for p in pts if p["family"].startswith("ToMe")) / step) * step
+    rows = []
+    for i in range(round((top - low) / step) + 1):
+        level = round(top - i * step, 2)
+        ok = [p for p in pts if p["calibration_top1"] >= level]
         best = max(ok, key=lambda p: p["images_per_s"])
-        tome = [p for p in ok if p["method"] == METHODS[0][0]]
-        fastest_tome = max(tome, key=lambda p: p["images_per_s"]) if tome else None
-        out.append(dict(level=level, best=best, tome=fastest_tome))
-    return out
+        tome = max((p for p in ok if p["method"] == TOME), key=lambda p: p["images_per_s"], default=None)
+        equal = next(p for p in pts if p["method"] == TOME and p["budget"] == best["budget"])
+        rows.append(dict(level=level, best=best, tome=tome, equal=equal, vs_tome=_versus(best, tome, pairs),
+                         vs_equal=_versus(best, equal, pairs)))  # fmt: skip
+    return rows
 
 
 def _name(p: dict) -> str:
     return p["method"].replace("**", "") + ("" if p["budget"] is None else f" @ {p['budget']:g}")
 
 
-def render(res: dict) -> str:
+def _delta(d: dict | None) -> str:
+    if d is None:
+        return "—"
+    if d["ci95"] is None:
+        return f"{d['delta']:+.2f} [—]"
+    return f"{d['delta']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+
+
+def render(res: dict, calibration: dict | None = None, pairs: dict | None = None) -> str:
+    calibration = calibration_top1() if calibration is None else calibration
+    pairs = recorded_pairs() if pairs is None else pairs
+    points = with_halves(res["points"], calibration)
     m = res["machine"]
     cpu = f"{m['threads']} threads on {m['cpu_count']} cores ({m['cpu']}, {m['cpu_capability']})"
     where = m.get("gpu") or cpu
     load = ""
     if res.get("load_average_before"):
         load = f"; load average {res['load_average_before']} before, {res['load_average_after']} after"
+    spreads = [p["spread"] for p in points]
     out = [
-        f"DeiT-Tiny, 224 px, batch {res['batch_size']}, float32, median of {res['reps']} interleaved rounds, "
-        f"{where}, torch {m['torch']}{load}. Top-1 from {res['top1_source']}.\n",
-        "| top-1 at least | fastest method (budget) | images/s | its top-1 | fastest ToMe (budget) "
-        "| images/s |",
-        "|---:|---|---:|---:|---|---:|",
+        f"DeiT-Tiny, 224 px, batch {res['batch_size']}, float32, median of {res['reps']} interleaved rounds "
+        f"(spread over the rounds {min(spreads):.0%}-{max(spreads):.0%}), {where}, torch {m['torch']}{load}. "
+        "Top-1 from docs/results.md §4: the level and the choice use the **calibration half** (512 images) "
+        "and the speeds only; the **evaluation half** (488 other images) reports. Δ: evaluation-half top-1 "
+        "of the chosen method minus the ToMe point's; the paired 95 % interval where `tune-budget` "
+        "recorded the pair's per-image outcomes (its choice at that budget against plain ToMe), `[—]` "
+        "where none were recorded.\n",
+        "| cal. top-1 at least | fastest on calibration (budget) | images/s | cal. top-1 | **eval. top-1** "
+        "| fastest plain ToMe on cal. (budget) | images/s | its eval. top-1 | Δ vs it (eval.) "
+        "| eval. ToMe at equal budget | Δ vs it (eval.) [95 % CI] |",
+        "|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for row in fastest_by_level(res["points"]):
+    for row in frontier_rows(points, pairs):
         b, t = row["best"], row["tome"]
-        tome = f"{_name(t)} | {t['images_per_s']:.1f}" if t else "— | —"
-        speed = f"{b['images_per_s']:.1f}"
-        out.append(f"| {row['level']:.1f} | {_name(b)} | {speed} | {b['top1']:.2f} | {tome} |")
-    out += ["", "Every method (top-1 % / images/s):", "",
+        tome = f"{_name(t)} | {t['images_per_s']:.1f} | {t['evaluation_top1']:.2f}" if t else "none | — | —"
+        cells = [f"{row['level']:.1f}", _name(b), f"{b['images_per_s']:.1f}", f"{b['calibration_top1']:.2f}",
+                 f"**{b['evaluation_top1']:.2f}**", tome, _delta(row["vs_tome"]),
+                 f"{row['equal']['evaluation_top1']:.2f}", _delta(row["vs_equal"])]  # fmt: skip
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "Every method (calibration top-1 % / evaluation top-1 % / images/s; the evaluation column "
+            "chose nothing):", "",
             "| method | " + " | ".join(f"budget {f:g}" for f in BUDGETS) + " |",
             "|---|" + "---:|" * len(BUDGETS)]  # fmt: skip
-    by = {}
-    for p in res["points"]:
+    by: dict[str, dict] = {}
+    for p in points:
         by.setdefault(p["method"], {})[p["budget"]] = p
     unpruned = by[UNPRUNED][None]
-    out.append(f"| unpruned | {unpruned['top1']:.2f} / {unpruned['images_per_s']:.1f} (all budgets) |"
-               + " |" * (len(BUDGETS) - 1))  # fmt: skip
+    out.append(f"| unpruned | — / {unpruned['evaluation_top1']:.2f} / {unpruned['images_per_s']:.1f} "
+               "(all budgets) |" + " |" * (len(BUDGETS) - 1))  # fmt: skip
     for label, _, _ in METHODS:
-        cells = [f"{by[label][f]['top1']:.2f} / {by[label][f]['images_per_s']:.1f}" for f in BUDGETS]
+        cells = [f"{p['calibration_top1']:.2f} / {p['evaluation_top1']:.2f} / {p['images_per_s']:.1f}"
+                 for p in (by[label][f] for f in BUDGETS)]  # fmt: skip
         out.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
-def plot(res: dict, path: Path) -> None:
+def plot(res: dict, path: Path, calibration: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    points = with_halves(res["points"], calibration_top1() if calibration is None else calibration)
     fig, ax = plt.subplots(figsize=(8, 5.5))
     styles = {"ToMe": ("tab:blue", "o"), "ToMe + entropy": ("tab:cyan", "s"),
               "pruning + merge": ("tab:orange", "^"), "pruning + fuse": ("tab:red", "v")}  # fmt: skip
     seen = set()
-    for p in res["points"]:
+    for p in points:
         if p["family"] == "unpruned":
-            ax.scatter(p["images_per_s"], p["top1"], marker="*", s=180, color="black", label="unpruned",
-                       zorder=4)
+            ax.scatter(p["images_per_s"], p["evaluation_top1"], marker="*", s=180, color="black",
+                       label="unpruned", zorder=4)  # fmt: skip
             continue
         color, marker = styles[p["family"]]
         label = p["family"] if p["family"] not in seen else None
         seen.add(p["family"])
-        ax.scatter(p["images_per_s"], p["top1"], color=color, marker=marker, alpha=0.75, label=label)
-    # the frontier: points that no other point beats on both speed and top-1
-    pts = sorted(res["points"], key=lambda p: -p["images_per_s"])
+        ax.scatter(p["images_per_s"], p["evaluation_top1"], color=color, marker=marker, alpha=0.75,
+                   label=label)
+    # the frontier chosen on the calibration half (no point faster and better there), drawn at the
+    # evaluation-half top-1 of its points: where it dips, the calibration half misjudged a point
     front, best = [], -math.inf
-    for p in pts:
-        if p["top1"] > best:
+    for p in sorted((p for p in points if p["budget"] is not None), key=lambda p: -p["images_per_s"]):
+        if p["calibration_top1"] > best:
             front.append(p)
-            best = p["top1"]
-    ax.plot([p["images_per_s"] for p in front], [p["top1"] for p in front], "k--", lw=1, label="frontier")
-    for p in front:
-        ax.annotate(_name(p), (p["images_per_s"], p["top1"]), fontsize=7, xytext=(4, 3),
+            best = p["calibration_top1"]
+    ax.plot([p["images_per_s"] for p in front], [p["evaluation_top1"] for p in front], "k--", lw=1,
+            label="frontier chosen on the calibration half")  # fmt: skip
+    chosen = {id(row["best"]): row["best"] for row in frontier_rows(points)}  # the table's choices
+    for i, p in enumerate(chosen.values(), 1):
+        ax.annotate(str(i), (p["images_per_s"], p["evaluation_top1"]), fontsize=8, xytext=(3, 3),
                     textcoords="offset points")
+    key = "\n".join(f"{i}: {_name(p)}" for i, p in enumerate(chosen.values(), 1))
+    ax.text(0.98, 0.98, "chosen on the calibration half:\n" + key, transform=ax.transAxes, fontsize=7,
+            ha="right", va="top", bbox=dict(facecolor="white", alpha=0.8, edgecolor="grey"))
     ax.set_xlabel(f"images/s (batch {res['batch_size']}, {res['machine'].get('gpu') or 'CPU'})")
     ax.set_ylabel("top-1 % (evaluation half, 488 images)")
     ax.set_title("DeiT-Tiny: accuracy against measured speed, budgets 0.9 / 0.75 / 0.65 / 0.5")
