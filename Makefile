@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 VENV_TIMM ?= .venv-timm
 TIMM_BIN := $(VENV_TIMM)/bin
 
-.PHONY: demo test test-timm lint install clean
+.PHONY: demo test test-all test-timm lint install clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,9 +23,16 @@ demo: $(BIN)/.installed
 		--weights demo/weights/deit_tiny_patch16_224.safetensors --data demo/imagenet-100 \
 		--criterion none,evit,renyi --alpha 1,2,inf --keep 0.7
 
+# `make test`: lint and the quick tests (a few minutes on 2 cores); `make test-all`: the rest (real models
+# over many images, torchrun, torch.compile, fine-tuning). CI runs both.
+QUICK := not (heavy or slow or compile)
+
 test: $(BIN)/.installed
 	$(BIN)/ruff check src tests tests_timm benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "$(QUICK)"
+
+test-all: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m "not ($(QUICK))"
 
 # The project's torch<2.14 bound would make pip swap torch 2.14.1 for an older build, so the project goes
 # in with --no-deps after its other runtime dependencies (tests_timm/project_deps.py reads them).

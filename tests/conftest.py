@@ -52,3 +52,23 @@ def images_read(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(data, "load_image", spy)
     return read
+
+
+#: Test modules that run the real model over many images, real launchers (torchrun, subprocesses that
+#: train), torch.compile, ONNX export or fine-tuning. They carry the ``heavy`` marker: ``make test``
+#: leaves them out so that it finishes in a few minutes on 2 cores; ``make test-all`` (and CI) runs them.
+HEAVY_MODULES = frozenset({
+    "test_benchmark", "test_cars_finetune", "test_flowers_finetune", "test_hf_host", "test_linear_probe",
+    "test_onnx_export", "test_real_model", "test_reduced_precision", "test_torch_compile", "test_torchrun",
+    "test_training", "test_training_bookkeeping", "test_output_locks", "test_sweep_keys_and_lock",
+    "test_cli_datasets", "test_visualize",
+})  # fmt: skip
+#: Single tests elsewhere that launch torchrun.
+HEAVY_TESTS = frozenset({"test_eval_under_torchrun_shards_and_adds_up"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in HEAVY_MODULES or item.originalname in HEAVY_TESTS:
+            item.add_marker(pytest.mark.heavy)
