@@ -23,7 +23,7 @@ LAYERS: tuple[str, ...] = (
     "core.hosts",  # the host-model registry and model checks
     "core.plans",  # PrunePlan, Stage, MergePlan
     "core.blocks",  # the pruning/merging block mixins
-    "core.api",  # prune, merge, apply, share_parameters
+    "core.api",  # prune, merge, apply, share_parameters, unpatched_copy
     "adapters",  # Hugging Face and timm hosts (register into core.hosts)
     "models.weights",  # weight files: safetensors/.pth reading, verified downloads, pos-embed resampling
     "models.model",  # renyiprune's VisionTransformer and its registry of named variants

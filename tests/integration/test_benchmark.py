@@ -38,6 +38,24 @@ def test_bench_table_and_progress(capsys):
     cap = capsys.readouterr()
     assert "random" in cap.out and "efficiency" in cap.out and "renyi a=2 r=0.5" in cap.out
     assert "round 2/2" in cap.err
+    # unpruned ÷ pruned reads as "1.9x fewer GMACs" (the column was "GMACs ratio", which read backwards)
+    lines = cap.out.splitlines()
+    header = next(line for line in lines if line.startswith("config"))
+    assert "fewer GMACs" in header and "GMACs ratio" not in header
+    col = header.index("fewer GMACs") + len("fewer GMACs")  # right-aligned under its header
+    rows = [line for line in lines if line.startswith(("unpruned", "renyi"))]
+    cells = {line.split()[0]: line[:col].split()[-1] for line in rows}
+    assert cells["unpruned"] == "1.00x" and float(cells["renyi"].rstrip("x")) > 1
+
+
+def test_bench_defaults_to_deit_tiny_as_every_command():
+    import argparse
+
+    from renyiprune.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    defaults = {name: p.get_default("model") for name, p in sub.choices.items() if p.get_default("model")}
+    assert "bench" in defaults and set(defaults.values()) == {"deit_tiny_patch16_224"}, defaults
 
 
 @pytest.mark.parametrize(
@@ -46,7 +64,11 @@ def test_bench_table_and_progress(capsys):
 def test_bench_bad_arguments(extra, capsys):
     if extra[0] == "--device" and torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert main(["bench", *TINY, *extra]) == 2
+    try:
+        rc = main(["bench", *TINY, *extra])
+    except SystemExit as e:  # argparse rejects --batch-size 0 while parsing
+        rc = e.code
+    assert rc == 2
     assert "error" in capsys.readouterr().err
 
 

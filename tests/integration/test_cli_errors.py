@@ -62,8 +62,8 @@ def check(args: list[str], needle: str, capsys) -> None:
         rc = e.code
     err = capsys.readouterr().err
     assert rc == 2, (args, err)
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("usage:", " "))]
-    assert len(lines) == 1, err  # one error line (argparse adds its usage lines above it)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err  # one error line: argparse's usage block is not printed above it
     assert re.search(needle, lines[0], re.IGNORECASE), err
     assert "Traceback" not in err
 
@@ -153,6 +153,24 @@ def test_real_process_prints_only_the_message(args, needle):
     p = subprocess.run([sys.executable, "-m", "renyiprune", *args], capture_output=True, text=True)
     assert p.returncode == 2 and needle in p.stderr
     assert "Traceback" not in p.stderr and p.stdout == ""
+    assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith(f"renyiprune {args[0]}: error: ")
+
+
+def test_download_help_lists_every_named_data_set(capsys):
+    """The help lines come from data.datasets' registry: all four named data sets, none left out."""
+    from renyiprune.data.datasets import DOWNLOADS, NAMED_DATASETS
+
+    assert set(NAMED_DATASETS) == {"flowers102", "fgvc-aircraft", "imagenet100", "stanford-cars"}
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = " ".join(capsys.readouterr().out.split())
+    line = top[top.index("download ") :]
+    with pytest.raises(SystemExit):
+        main(["download", "--help"])
+    own = " ".join(capsys.readouterr().out.split())
+    for name in NAMED_DATASETS:
+        assert name in line.split(" export")[0] and name in own
+    assert all(name in DOWNLOADS for name in ("flowers102", "fgvc-aircraft"))
 
 
 def test_visualize_failing_midway_leaves_out_as_it_was(weights, tmp_path, capsys):

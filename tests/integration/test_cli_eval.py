@@ -64,6 +64,11 @@ def test_table_with_several_configs(folder, weights, capsys):
     out = capsys.readouterr().out
     for label in ("unpruned", "evit r=0.7", "renyi a=1 r=0.7", "renyi a=inf r=0.7"):
         assert label in out
+    # unpruned ÷ this configuration, read "1.4x fewer GMACs" (it was "GMACs ratio", which read backwards)
+    lines = [line for line in out.splitlines() if line.startswith(("unpruned", "evit"))]
+    rows = {line.split()[0]: line.split()[-1] for line in lines}
+    assert "fewer GMACs" in out and "GMACs ratio" not in out
+    assert rows["unpruned"] == "1.00x" and float(rows["evit"].rstrip("x")) > 1
 
 
 @pytest.mark.parametrize("extra,needle", [

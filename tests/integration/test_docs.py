@@ -1,4 +1,5 @@
-"""The examples of docs/api.md run as written, in order, and print what their comments say they print."""
+"""The Python blocks of README.md and docs/*.md run as written, in order per page, and print what their
+comments say they print; a block preceded by ``<!-- not-run: reason -->`` is skipped (README, Development)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,28 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 API_DOC = REPO / "docs" / "api.md"
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+# An optional "<!-- not-run: reason -->" line, then a fence tagged python, its code, the closing fence.
+BLOCK = re.compile(
+    r"^(?:<!--\s*not-run:(?P<reason>.*?)-->[ \t]*\n)?```python[ \t]*\n(?P<code>.*?)^```", re.S | re.M
+)
 
 
 def python_blocks(text: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    """The code of every python block of a page, in order, the ones marked not-run included."""
+    return [m.group("code") for m in BLOCK.finditer(text)]
+
+
+def runnable_blocks(text: str) -> list[tuple[int, str]]:
+    """(1-based block number, code) of the blocks to run; a not-run mark must give its reason."""
+    out = []
+    for i, m in enumerate(BLOCK.finditer(text), start=1):
+        if m.group("reason") is None:
+            out.append((i, m.group("code")))
+        elif not m.group("reason").strip():
+            raise ValueError(f"python block {i} is marked not-run without a reason")
+    return out
 
 
 def promised_output(block: str) -> list[str]:
@@ -23,22 +42,50 @@ def promised_output(block: str) -> list[str]:
     return [m.group(1).strip() for m in lines]
 
 
-def test_api_examples_run_and_print_what_they_promise(monkeypatch):
+def _name(page: Path) -> str:
+    return str(page.relative_to(REPO))
+
+
+WITH_BLOCKS = [p for p in PAGES if python_blocks(p.read_text(encoding="utf-8"))]
+
+
+@pytest.mark.parametrize("page", WITH_BLOCKS, ids=_name)
+def test_python_blocks_run_and_print_what_they_promise(page, tmp_path, monkeypatch):
+    """The page's blocks, in order and in one namespace, in a fresh folder holding the repository's demo/
+    (weights and images): relative paths read as from the repository root, and whatever a block writes
+    stays out of the repository."""
     if not (REPO / "demo" / "weights" / "deit_tiny_patch16_224.safetensors").is_file():
         pytest.fail("demo/weights/deit_tiny_patch16_224.safetensors is part of the repository")
-    monkeypatch.chdir(REPO)
-    blocks = python_blocks(API_DOC.read_text(encoding="utf-8"))
-    assert len(blocks) >= 5, "docs/api.md lost its examples"
-    namespace: dict = {"__name__": "docs_api"}
-    for i, block in enumerate(blocks):
+    (tmp_path / "demo").symlink_to(REPO / "demo", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    blocks = runnable_blocks(page.read_text(encoding="utf-8"))
+    namespace: dict = {"__name__": f"docs_{page.stem}"}
+    for i, block in blocks:
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            exec(compile(block, f"docs/api.md block {i + 1}", "exec"), namespace)
+            exec(compile(block, f"{_name(page)} block {i}", "exec"), namespace)
         printed = out.getvalue().splitlines()
         for want in promised_output(block):
             assert any(line.strip() == want for line in printed), (
-                f"block {i + 1} promises to print {want!r}; it printed {printed}"
+                f"{_name(page)} block {i} promises to print {want!r}; it printed {printed}"
             )
+
+
+def test_every_page_with_examples_is_found():
+    """The block pattern finds the examples (a changed fence would otherwise run nothing)."""
+    assert len(python_blocks(API_DOC.read_text(encoding="utf-8"))) >= 5, "docs/api.md lost its examples"
+    assert len(python_blocks((REPO / "README.md").read_text(encoding="utf-8"))) >= 1
+    marked = [p.name for p in PAGES if re.search(r"<!--\s*not-run:", p.read_text(encoding="utf-8"))]
+    assert len(marked) <= 1, f"not-run blocks are to stay rare: {marked}"
+
+
+def test_not_run_marks_skip_a_block_and_need_a_reason():
+    page = ("```python\na = 1\n```\n\n<!-- not-run: needs a GPU -->\n```python\nb = 2\n```\n"
+            "```python\nc = 3\n```\n")
+    assert python_blocks(page) == ["a = 1\n", "b = 2\n", "c = 3\n"]
+    assert runnable_blocks(page) == [(1, "a = 1\n"), (3, "c = 3\n")]
+    with pytest.raises(ValueError, match="without a reason"):
+        runnable_blocks("<!-- not-run: -->\n```python\nx = 1\n```\n")
 
 
 def test_promised_output_is_read_from_print_comments():

@@ -250,7 +250,10 @@ def test_evit_twin():
 
 
 def _probe(args, capsys):
-    code = main(["probe", "--weights", str(WEIGHTS), "--no-progress", *args])
+    try:
+        code = main(["probe", "--weights", str(WEIGHTS), "--no-progress", *args])
+    except SystemExit as e:  # argparse rejects a value while parsing (one line, status 2)
+        code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -308,8 +311,8 @@ def test_cli_best_with_a_policy_file_is_evals_configuration(tmp_path):
     "extra, message",
     [
         (["--criterion", "nonsense"], "unknown criterion"),
-        (["--l2", "0"], "--l2 values must be > 0"),
-        (["--limit", "0"], "--limit must be >= 1"),
+        (["--l2", "0"], "--l2: invalid number '0': must be a finite number > 0"),
+        (["--limit", "0"], "--limit: invalid integer '0': must be >= 1"),
         (["--dataset", "stanford-cars"], "needs --data-root"),
         (["--locations", "3,6,12"], "out of range"),
     ],

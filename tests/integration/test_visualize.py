@@ -217,6 +217,43 @@ def test_cli_writes_every_figure_with_its_size(rendered):
     assert not [p for p in rendered.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
+def test_locations_are_0_based_in_figures_json_and_named_both_ways_in_captions(rendered):
+    """--locations counts from 0: figures.json carries those indices, the captions say "block 4 (index 3)"."""
+    import json
+
+    manifest = json.loads((rendered / "figures.json").read_text())
+    assert manifest["locations"] == [3, 6, 9] and manifest["blocks"] == [3, 9]  # the defaults, --blocks 3,9
+    assert sorted(manifest["files"]) == sorted(f"{s}.{f}" for s in EXPECTED_PX for f in ("png", "svg"))
+    page = (rendered / "index.html").read_text()
+    assert "blocks 4, 7, 10 (indices 3, 6, 9)" in page and "1-based" not in page
+    fig = plots.histograms_figure({1.0: [(np.arange(4.0), np.array([1, 1, 0, 0], bool))]}, (3,), "t")
+    assert fig.axes[0].get_title().startswith("α = 1, block 4 (index 3)")
+    fig = plots.masks_figure(np.zeros((224, 224, 3), np.uint8), [("evit", np.ones((1, 196), bool), [0])],
+                             (3,), GRID, "t")  # fmt: skip
+    assert fig.axes[1].get_title().startswith("after block 4 (index 3)")
+
+
+def test_a_second_run_into_the_same_folder_leaves_none_of_the_first_runs_figures(
+    rendered, shared_assets, tmp_path
+):
+    """Rerun into --out: the first run's figures that the second does not draw (another image, svg) are
+    removed; a file visualize did not write stays."""
+    out = tmp_path / "out"
+    shutil.copytree(rendered, out)
+    (out / "notes.txt").write_text("mine")
+    weights = shared_assets / "weights" / "deit_tiny_patch16_224.safetensors"
+    rc, err = _cli(
+        "visualize", "--weights", str(weights), str(shared_assets / "photos" / "coffee.png"), "--alpha", "2",
+        "--criterion", "evit", "--locations", "3,6", "--blocks", "3", "--out", str(out), "--no-progress",
+    )  # fmt: skip
+    assert rc == 0, err
+    stems = ["000_coffee_entropy", "000_coffee_masks", "histograms", "distance"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*(f"{s}.png" for s in stems), "figures.json", "index.html", "notes.txt"]
+    )
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 def test_index_html_is_offline_and_lists_every_figure(rendered):
     page = (rendered / "index.html").read_text()
     assert not re.search(r"(src|href)=\"(https?:)?//", page)

@@ -100,6 +100,24 @@ def test_plan_for_budget_does_not_touch_the_model_and_meets_the_budget():
     assert isinstance(tome, MergePlan) and rp.count_gmacs(rp.merge(m, tome)) <= 0.7 * full * (1 + 1e-9)
 
 
+@pytest.mark.parametrize("patched", ["merged", "pruned"])
+def test_plan_for_budget_on_a_patched_model_plans_for_the_unpatched_one(patched):
+    """README: merge(model, ...) then plan_for_budget(model, ...) used to raise "share_parameters expects
+    an unpatched model"; now the plan is the unpatched model's, and the model keeps its own patching."""
+    m = tiny()
+    want = rp.plan_for_budget(m, "prune", 0.6, criterion="evit", locations=(1, 3))
+    if patched == "merged":
+        rp.merge(m, MergePlan(r=2))
+    else:
+        rp.prune(m, PrunePlan.uniform(0.5, "renyi", locations=(2,)))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before, y = m.renyiprune.describe(), m(x)
+        assert rp.plan_for_budget(m, "prune", 0.6, criterion="evit", locations=(1, 3)) == want
+        assert m.renyiprune.describe() == before and torch.equal(m(x), y)
+    assert rp.plan_for_budget(m, "tome", 0.6) == rp.plan_for_budget(rp.unpatch(m), "tome", 0.6)
+
+
 def test_policy_best_returns_the_shipped_choice_as_a_plan():
     entry = rp.policy.policy_entry(rp.policy.load_policy(), 0.7)
     plan = rp.policy.best("deit_tiny_patch16_224", keep_rate=0.7)

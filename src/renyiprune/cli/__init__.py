@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from ..utils.io import OutputInUse
 from . import bench as bench_cmd
@@ -23,8 +24,16 @@ COMMANDS = [bench_cmd, eval_cmd, sweep_cmd, tune_cmd, tune_budget_cmd, visualize
 COMMANDS += [export_cmd, convert_cmd, probe_cmd]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser (and, through ``add_subparsers``, every subcommand's) with one-line errors:
+    ``renyiprune eval: error: argument --keep: ...`` and status 2, without the usage block above it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {common.one_line(message)}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="renyiprune",
         description="Prune ViT patch tokens by the Rényi entropy of their attention, and measure it.",
     )

@@ -29,8 +29,9 @@ def add_parser(sub) -> None:
         "part (blocks from the first that removes tokens). Progress on stderr. The input is random "
         "(timing does not depend on the pixels), so bench reads no images and takes no data set.",
     )
-    p.add_argument("--model", type=common.model_name, default="deit_small_patch16_224")
-    p.add_argument("--weights", type=common.existing_path, default=None, help="weights (default: random)")
+    p.add_argument("--model", type=common.model_name, default="deit_tiny_patch16_224",
+                   help="model name (default: DeiT-Tiny, as every command)")
+    p.add_argument("--weights", type=common.existing_file, default=None, help="weights (default: random)")
     p.add_argument("--keep", type=common.keep_rates, default=[0.9, 0.7, 0.5], help="keep rate(s) in (0, 1]")
     arg = p.add_argument
     arg("--criterion", type=common.names, default=["evit", "renyi"],
@@ -45,28 +46,28 @@ def add_parser(sub) -> None:
     arg("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
     arg("--budget", type=common.budgets, default=None,
         help="compute budget(s) F in (0, 1] instead of --keep: keep rate / ToMe r solved for GMACs <= F")
-    counts = common._typed(lambda t: tuple(int(v) for v in t.split(",")), "token counts")
-    arg("--tokens", type=counts, default=None, help="patches kept at each location, instead of --keep")
+    arg("--tokens", type=common.token_counts, default=None,
+        help="patches kept at each location, instead of --keep")
     arg("--method", choices=["prune", "tome"], default="prune", help="tome: same as --criterion tome")
-    arg("--tome-r", type=common._typed(lambda t: [int(v) for v in t.split(",")], "r list"), default=[16],
+    arg("--tome-r", type=common.tome_rs, default=[16],
         help="tome: tokens merged after every block (comma list)")
     arg("--schedule", choices=["constant", "decreasing"], default="constant", help="tome: r schedule")
-    arg("--entropy-weight", type=float, default=0.0,
+    arg("--entropy-weight", type=common.real(), default=0.0,
         help="tome: weight of the z-scored Rényi row entropy (order: first --alpha) in the merge order")
     arg("--merge-order", choices=list_merge_orders(), default="entropy", help="tome: merge order")
-    arg("--policy", type=common.existing_path, default=None, help="tuned policy JSON for best")
+    arg("--policy", type=common.policy_file, default=None, help="tuned policy JSON for best")
     arg("--direction", choices=["row", "column"], default=None, help="renyi: row or column")
     arg("--heads", choices=["mean", "pooled"], default=None, help="renyi: head aggregation")
     arg("--cls-key", choices=["include", "exclude"], default=None, help="renyi: CLS key")
-    arg("--seed", type=int, default=None, help="random criterion seed")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=224)
+    arg("--seed", type=common.integer(0, 2**32 - 1), default=None, help="random criterion seed")
+    p.add_argument("--batch-size", type=common.integer(1), default=64)
+    p.add_argument("--image-size", type=common.integer(1), default=224)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype below float32")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=common.integer(1), default=None, help="torch CPU threads")
     p.add_argument("--compile", action="store_true", help="also measure each configuration via torch.compile")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds")
-    p.add_argument("--reps", type=int, default=5, help="timed interleaved rounds")
+    p.add_argument("--warmup", type=common.integer(0), default=2, help="untimed rounds")
+    p.add_argument("--reps", type=common.integer(1), default=5, help="timed interleaved rounds")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(run=run)
 
@@ -102,7 +103,8 @@ def configs_from_args(args: argparse.Namespace) -> list[PruneConfig]:
             continue
         if crit not in list_criteria():
             known = ", ".join(list_criteria())
-            raise ValueError(f"unknown criterion {crit!r}; choose from tome, best, {known}")
+            raise ValueError(f"--criterion {spec!r}: unknown criterion {crit!r}; choose from tome, best, "
+                             f"{known}")
         opts: tuple = ()
         if crit in ("renyi", "shannon", "hybrid"):
             opts = tuple((k, get(k)) for k in ("direction", "heads", "cls_key") if get(k) is not None)
@@ -193,9 +195,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_rows(rows) -> str:
-    """The bench table: one line per configuration. ``peak MB`` / ``mem ratio``: the whole forward;
-    ``pruned MB`` / ``pruned ratio``: the blocks from the first that removes tokens, against the
-    unpruned model's same blocks."""
+    """The bench table: one line per configuration. ``fewer GMACs``: the unpruned model's GMACs ÷ this
+    configuration's (1.54x: 1.54 times fewer; ``efficiency`` = speedup ÷ that). ``peak MB`` / ``mem ratio``:
+    the whole forward; ``pruned MB`` / ``pruned ratio``: the blocks from the first that removes tokens,
+    against the unpruned model's same blocks."""
     headers = [
         "config",
         "images/s",
@@ -203,7 +206,7 @@ def format_rows(rows) -> str:
         "spread",
         "speedup",
         "GMACs",
-        "GMACs ratio",
+        "fewer GMACs",
         "efficiency",
         "peak MB",
         "mem ratio",
@@ -219,7 +222,7 @@ def format_rows(rows) -> str:
             f"{100 * r.spread:.0f}%",
             f"{r.speedup:.2f}",
             f"{r.gmacs:.2f}",
-            f"{r.gmacs_ratio:.2f}",
+            f"{r.gmacs_ratio:.2f}x",
             f"{r.efficiency:.2f}",
             f"{r.peak_mb:.0f}",
             _fmt_ratio(r.memory_ratio),

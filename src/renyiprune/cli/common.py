@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,6 +19,7 @@ from ..data.datasets import DATASETS, DEFAULT_SPLITS, BannerCropped, load_split
 from ..data.images import DataError, Sample, list_samples
 from ..models.model import create_model, get_spec, list_models
 from ..models.weights import WeightsError, read_state_dict
+from ..planning.policy import load_policy
 from ..planning.specs import check_options, split_criterion
 
 # Errors a user can cause with what they typed or pointed at: one line, exit 2, no traceback.
@@ -24,6 +28,7 @@ USER_ERRORS = (
     TypeError,
     FileNotFoundError,
     NotADirectoryError,
+    IsADirectoryError,
     PermissionError,
     WeightsError,
     DataError,
@@ -40,6 +45,18 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+@contextmanager
+def naming(flag: str, value: str) -> Iterator[None]:
+    """A ValueError raised in the block is raised again as one line that starts with ``flag`` and the
+    ``value`` given to it (unless it names ``flag`` already)."""
+    try:
+        yield
+    except ValueError as e:
+        if flag in str(e):
+            raise
+        raise ValueError(f"{flag} {value!r}: {one_line(e)}") from e
+
+
 def _typed(fn, what: str):
     def parse(text: str):
         try:
@@ -52,7 +69,15 @@ def _typed(fn, what: str):
 
 
 def _list(item):
-    return lambda text: [item(t) for t in text.split(",") if t.strip()]
+    """A comma list of ``item`` values; an empty list (``''``, ``','``) is an error, not "nothing to do"."""
+
+    def parse(text: str) -> list:
+        values = [item(t) for t in text.split(",") if t.strip()]
+        if not values:
+            raise ValueError("give at least one value (a comma list)")
+        return values
+
+    return parse
 
 
 def _budget(text: str) -> float:
@@ -68,11 +93,21 @@ budgets = _typed(_list(_budget), "budgets")
 alpha = _typed(parse_alpha, "alpha")
 alphas = _typed(_list(parse_alpha), "alphas")
 names = _typed(_list(str.strip), "list")
+#: ``--tokens``: patches kept at each location, one count or one per location.
+token_counts = _typed(lambda text: tuple(_list(lambda t: _at_least(int(t), 1))(text)), "token counts")
+#: ``--tome-r``: ToMe's tokens merged after every block, one r per run.
+tome_rs = _typed(_list(lambda t: _at_least(int(t), 0)), "r list")
+
+
+def _at_least(n: int, low: int) -> int:
+    if n < low:
+        raise ValueError(f"each value must be >= {low}")
+    return n
 
 
 def _locations(text: str) -> tuple[int, ...]:
-    if text.strip().lower() in {"", "none"}:
-        return ()
+    if text.strip().lower() in {"", "none"}:  # no block: the unpruned model under a pruned config's label
+        raise ValueError("give at least one 0-based block, e.g. 3,6,9 (the unpruned model: --criterion none)")
     locs = tuple(int(t) for t in text.split(","))
     if list(locs) != sorted(set(locs)) or any(i < 0 for i in locs):
         raise ValueError("block indices must be non-negative, increasing and distinct (0-based), e.g. 3,6,9")
@@ -80,6 +115,38 @@ def _locations(text: str) -> tuple[int, ...]:
 
 
 locations = _typed(_locations, "locations")
+
+
+def integer(low: int = 0, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number in [``low``, ``high``] (no upper limit when ``high`` is None)."""
+
+    def parse(text: str) -> int:
+        n = int(text)
+        if n < low or (high is not None and n > high):
+            raise ValueError(f"must be in [{low}, {high}]" if high is not None else f"must be >= {low}")
+        return n
+
+    return _typed(parse, "integer")
+
+
+def real(low: float = -math.inf, high: float = math.inf, *, open_low: bool = False,
+         open_high: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in the interval given (``open_*``: that end excluded)."""
+    if math.isinf(low) and math.isinf(high):
+        wanted = "a finite number"
+    elif math.isinf(high):
+        wanted = f"a finite number {'>' if open_low else '>='} {low:g}"
+    else:
+        wanted = f"a number in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+
+    def parse(text: str) -> float:
+        x = float(text)
+        inside = (low < x if open_low else low <= x) and (x < high if open_high else x <= high)
+        if not (math.isfinite(x) and inside):  # NaN is neither finite nor inside
+            raise ValueError(f"must be {wanted}")
+        return x
+
+    return _typed(parse, "number")
 
 
 def _model_name(text: str) -> str:
@@ -90,10 +157,45 @@ def _model_name(text: str) -> str:
 model_name = _typed(_model_name, "model")
 
 
+def output_path(text: str) -> Path:
+    """An argparse type: a path to write to; an empty one is refused (it would mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("give a path ('' would mean the current folder)")
+    return Path(text).expanduser()
+
+
 def existing_path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("give a path ('' would mean the current folder)")
     p = Path(text).expanduser()
     if not p.exists():
         raise argparse.ArgumentTypeError(f"{text}: no such file or directory")
+    return p
+
+
+def existing_file(text: str) -> Path:
+    """An argparse type: a path that exists and is a file (not a folder)."""
+    p = existing_path(text)
+    if not p.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: not a file")
+    return p
+
+
+def _policy_file(text: str) -> Path:
+    p = existing_file(text)
+    load_policy(p)  # read and checked now, also where no configuration asks it
+    return p
+
+
+#: An argparse type: a policy JSON file that reads (``planning.policy.load_policy``).
+policy_file = _typed(_policy_file, "policy")
+
+
+def existing_dir(text: str) -> Path:
+    """An argparse type: a path that exists and is a folder."""
+    p = existing_path(text)
+    if not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: not a folder")
     return p
 
 
@@ -112,20 +214,21 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--weights",
-        type=existing_path,
+        type=existing_file,
         default=None,
         help="local .safetensors/.pth weights; without it the official file is downloaded",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=integer(1), default=None, help="torch CPU threads")
 
 
 def criterion_spec(text: str) -> tuple[str, dict]:
     """'renyi[cls_key=exclude]' -> ('renyi', {'cls_key': 'exclude'}): the one bracket grammar
     (``planning.specs.split_criterion``), the criterion's options checked at once
     (``specs.check_options``)."""
-    name, options = split_criterion(text)
-    check_options(name, options)
+    with naming("--criterion", text):
+        name, options = split_criterion(text)
+        check_options(name, options)
     return name, options
 
 
@@ -145,12 +248,12 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     (``--data``) or one split of a named data set in its official layout (``--dataset``, ``--split``,
     ``--data-root``)."""
     g = p.add_argument_group("images: --data DIR, or --dataset NAME --data-root DIR [--split SPLIT]")
-    g.add_argument("--data", type=existing_path, default=None,
+    g.add_argument("--data", type=existing_dir, default=None,
                    help="folder with labels.tsv (file, class_index, ...) or an ImageFolder tree")
     g.add_argument("--dataset", choices=DATASETS, default=None,
                    help="a named data set read from --data-root in its official layout")
     g.add_argument("--split", default=None, help=f"split of --dataset (default: {_eval_splits()})")
-    g.add_argument("--data-root", type=existing_path, default=None, help="the folder holding --dataset")
+    g.add_argument("--data-root", type=existing_dir, default=None, help="the folder holding --dataset")
 
 
 class ImageSource(NamedTuple):
@@ -206,7 +309,12 @@ def load_model(args: argparse.Namespace, **kwargs) -> torch.nn.Module:
         head = weights.get("head.weight")
         if head is not None:
             kwargs["num_classes"] = int(head.shape[0])
-    model = create_model(args.model, weights=weights, pretrained=weights is None, **kwargs)
+    try:
+        model = create_model(args.model, weights=weights, pretrained=weights is None, **kwargs)
+    except WeightsError as e:  # weights of another architecture: say which file and which --model
+        if args.weights is None:
+            raise
+        raise WeightsError(f"--weights {args.weights} do not fit --model {args.model}: {one_line(e)}") from e
     return model.to(args.device)
 
 

@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
         "against --model and written atomically.",
     )
     p.add_argument("input", type=common.existing_path, help="weights file, or a Hugging Face model folder")
-    p.add_argument("output", type=Path, help="--to hf: output folder; --to renyiprune: .safetensors file")
+    p.add_argument("output", type=common.output_path,
+                   help="--to hf: output folder; --to renyiprune: .safetensors file")
     p.add_argument("--to", choices=["hf", "renyiprune"], required=True)
     p.add_argument("--model", type=common.model_name, default="deit_tiny_patch16_224",
                    help="architecture of the weights (checked strictly)")  # fmt: skip
@@ -38,13 +39,17 @@ def _hf_weights(path: Path) -> Path:
     raise WeightsError(f"{path} holds no Hugging Face weights ({' or '.join(_HF_FILES)})")
 
 
-def _check_ours(model: str, sd: dict) -> int:
-    """Load into our model strictly (WeightsError lists every mismatch); returns the class count."""
+def _check_ours(model: str, sd: dict, source: Path) -> int:
+    """Load into our model strictly (WeightsError lists every mismatch, naming ``source`` and --model);
+    returns the class count."""
     from ..models.model import create_model
 
     head = sd.get("head.weight")
     classes = int(head.shape[0]) if head is not None else 0
-    create_model(model, weights=sd, num_classes=classes)
+    try:
+        create_model(model, weights=sd, num_classes=classes)
+    except WeightsError as e:
+        raise WeightsError(f"{source} does not fit --model {model}: {common.one_line(e)}") from e
     return classes
 
 
@@ -55,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.to == "hf":
         sd = read_state_dict(args.input)
-        classes = _check_ours(args.model, sd)
+        classes = _check_ours(args.model, sd, args.input)
         if args.output.exists() and not args.output.is_dir():
             raise NotADirectoryError(f"--to hf writes a folder; {args.output} is a file")
         save_safetensors(to_hf(sd, "v4"), args.output / "model.safetensors", metadata={"format": "pt"})
@@ -68,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         sd = from_hf(hf_sd)
     except ValueError as e:
         raise WeightsError(f"{args.input}: {e}") from e
-    _check_ours(args.model, sd)
+    _check_ours(args.model, sd, args.input)
     if args.output.suffix != ".safetensors":
         raise ValueError(f"--to renyiprune writes a .safetensors file; got {args.output}")
     save_safetensors(sd, args.output)

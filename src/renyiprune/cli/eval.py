@@ -25,8 +25,7 @@ UNPRUNED = {"none", "unpruned", "baseline"}
 
 def _alphas_or_auto(text: str) -> list:
     """Comma list of Rényi orders; 'auto' takes the tuned order from the policy."""
-    items = [t.strip().lower() for t in text.split(",") if t.strip()]
-    return [t if t == "auto" else parse_alpha(t) for t in items]
+    return common._list(lambda t: "auto" if t.strip().lower() == "auto" else parse_alpha(t))(text)
 
 
 def _criteria(values: list[str]) -> list[str]:
@@ -51,9 +50,10 @@ def add_parser(sub) -> None:
     p.add_argument("--transform", choices=TRANSFORMS, default="center-crop",
                    help="center-crop: the model's ImageNet view (default); resize: the whole image squashed "
                    "to the input size (fine-grained data, as probe and train --transform resize)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images in listing order")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    p.add_argument("--limit", type=common.integer(1), default=None,
+                   help="evaluate the first N images in listing order")
+    p.add_argument("--batch-size", type=common.integer(1), default=64)
+    p.add_argument("--workers", type=common.integer(0), default=2, help="DataLoader worker processes")
     p.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable images (counted) instead of stopping"
     )
@@ -80,12 +80,11 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         default=[1.0],
         help="Rényi order(s): 0.5,1,2,inf, or auto (from --policy)",
     )
-    p.add_argument("--policy", type=common.existing_path, default=None,
+    p.add_argument("--policy", type=common.policy_file, default=None,
                    help="tuned policy JSON for --alpha auto / --criterion best (default: the one shipped)")
     p.add_argument("--keep", type=common.keep_rates, default=[0.7], help="keep rate(s) in (0, 1]")
     p.add_argument("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
-    counts = common._typed(lambda t: tuple(int(v) for v in t.split(",")), "token counts")
-    p.add_argument("--tokens", type=counts, default=None,
+    p.add_argument("--tokens", type=common.token_counts, default=None,
                    help="patches kept at each location (one count, or one per location), instead of --keep")
     p.add_argument("--fuse", action="store_true", help="fuse pruned tokens into one extra token (EViT)")
     p.add_argument("--removed", choices=["drop", "fuse", "merge"], default=None,
@@ -94,13 +93,13 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fusion", choices=list(FUSIONS), default=None,
                    help="with --fuse: evit (default; EViT's rule: raw CLS-attention weights, the fused token "
                    "ranked like a patch at later locations) or renorm (renormalized weights, never ranked)")
-    p.add_argument("--tome-r", type=common._typed(lambda t: [int(v) for v in t.split(",")], "r list"),
-                   default=[16], help="criterion tome: tokens merged after every block (comma list)")
+    p.add_argument("--tome-r", type=common.tome_rs, default=[16],
+                   help="criterion tome: tokens merged after every block (comma list)")
     p.add_argument("--schedule", choices=["constant", "decreasing"], default="constant",
                    help="criterion tome: constant r, or 2r at the first block down to 0")
     p.add_argument("--method", choices=["prune", "tome"], default="prune",
                    help="tome: evaluate token merging (same as adding tome to --criterion)")
-    p.add_argument("--entropy-weight", type=float, default=0.0,
+    p.add_argument("--entropy-weight", type=common.real(), default=0.0,
                    help="tome: weight of the z-scored Rényi row entropy (order --alpha) in the merge order")
     p.add_argument("--merge-order", choices=list_merge_orders(), default="entropy",
                    help="tome with --entropy-weight: which tokens merge first (entropy: diffuse attention; "
@@ -110,7 +109,7 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direction", choices=["row", "column"], default=None, help="renyi: row or column")
     p.add_argument("--heads", choices=["mean", "pooled"], default=None, help="renyi: head aggregation")
     p.add_argument("--cls-key", choices=["include", "exclude"], default=None, help="renyi: CLS key")
-    p.add_argument("--seed", type=int, default=None, help="random criterion seed")
+    p.add_argument("--seed", type=common.integer(0, 2**32 - 1), default=None, help="random criterion seed")
 
 
 def with_options(options: tuple, given: dict) -> tuple:
@@ -161,7 +160,7 @@ def _configs(args: argparse.Namespace) -> list[PruneConfig]:
         crit, given = common.criterion_spec(spec)  # 'renyi[cls_key=exclude]': options over the flags
         if crit in UNPRUNED or crit == "best":
             if given:
-                raise ValueError(f"criterion {crit} takes no options in brackets, got {spec!r}")
+                raise ValueError(f"--criterion {spec!r}: criterion {crit} takes no options in brackets")
             if crit in UNPRUNED:
                 configs.append(PruneConfig(criterion=None))
                 continue
@@ -172,7 +171,9 @@ def _configs(args: argparse.Namespace) -> list[PruneConfig]:
             configs.extend(_tome_configs(args, given))
             continue
         if crit not in list_criteria():
-            raise ValueError(f"unknown criterion {crit!r}; choose from none, {', '.join(list_criteria())}")
+            known = ", ".join(list_criteria())
+            raise ValueError(f"--criterion {spec!r}: unknown criterion {crit!r}; choose from none, tome, "
+                             f"best, {known}")
         opts: tuple = ()
         if crit in ("renyi", "shannon"):
             opts = renyi_opts
@@ -247,7 +248,8 @@ def _policy_or_stage_configs(args: argparse.Namespace, crit: str, given: dict) -
         return [budget_config(policy, f) for f in args.budget]
     if crit == "best":
         return [entry_config(policy_entry(_policy(args), r), r, args.locations, args.fuse) for r in args.keep]
-    locs = parse_stages(crit)[2]
+    with common.naming("--criterion", crit):
+        locs = parse_stages(crit)[2]
     return [PruneConfig(crit, r, 1.0, locs, args.fuse, tuple(given.items())) for r in args.keep]
 
 
@@ -299,7 +301,7 @@ def _run(args: argparse.Namespace, configs: list[PruneConfig], source: common.Im
     base = next((r for r in results if r.config == "unpruned"), None)
     headers = ["config", "top-1 %", "top-5 %", "GMACs", "images/s"]
     if base:
-        headers += ["Δtop-1", "95 % CI", "GMACs ratio"]
+        headers += ["Δtop-1", "95 % CI", "fewer GMACs"]  # unpruned ÷ this config: 1.54x fewer GMACs
     rows = []
     for r in results:
         row = [r.config, f"{r.top1:.2f}", f"{r.top5:.2f}", f"{r.gmacs:.3f}", f"{r.images_per_s:.1f}"]

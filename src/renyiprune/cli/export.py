@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -22,7 +21,7 @@ def add_parser(sub) -> None:
         "compared with torch. Needs pip install 'renyiprune[export]'.",
     )
     common.add_model_args(p)
-    p.add_argument("--onnx", type=Path, required=True, metavar="FILE", help="output .onnx file")
+    p.add_argument("--onnx", type=common.output_path, required=True, metavar="FILE", help="output .onnx file")
     p.add_argument("--criterion", default="renyi",
                    help=f"none, best (the tuned policy's choice for --keep) or {', '.join(list_criteria())}; "
                    "options in brackets: renyi[cls_key=exclude;heads=pooled]")
@@ -31,7 +30,8 @@ def add_parser(sub) -> None:
     p.add_argument("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
     p.add_argument("--fuse", action="store_true", help="fuse pruned tokens into one extra token")
     p.add_argument("--check", action="store_true", help="compare onnxruntime with torch (max |diff|)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="--check fails above this difference")
+    p.add_argument("--tolerance", type=common.real(0), default=1e-4,
+                   help="--check fails above this difference")
     p.set_defaults(run=run)
 
 
@@ -40,9 +40,10 @@ def run(args: argparse.Namespace) -> int:
 
     crit, options = common.criterion_spec(args.criterion)  # 'renyi[cls_key=exclude]'
     if crit not in ("none", "best") and crit not in list_criteria():
-        raise ValueError(f"unknown criterion {crit!r}; choose none, best or {', '.join(list_criteria())}")
+        raise ValueError(f"--criterion {args.criterion!r}: unknown criterion {crit!r}; choose none, best or "
+                         f"{', '.join(list_criteria())}")
     if crit in ("none", "best") and options:
-        raise ValueError(f"criterion {crit} takes no options in brackets, got {args.criterion!r}")
+        raise ValueError(f"--criterion {args.criterion!r}: criterion {crit} takes no options in brackets")
     alpha = parse_alpha(str(options.pop("alpha"))) if "alpha" in options else args.alpha
     if args.onnx.suffix != ".onnx":
         raise ValueError(f"--onnx must name a .onnx file, got {args.onnx}")

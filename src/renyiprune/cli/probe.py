@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..data.datasets import DATASETS, TRANSFORMS, eval_transform, load_split
+from ..data.datasets import NAMED_DATASETS, TRANSFORMS, eval_transform, load_split
 from ..data.images import list_samples
 from ..experiments.probe import DEFAULT_L2_GRID, HEADS, FeatureCache, ImageSet, run_probe
 from ..models.model import weights_id
@@ -40,22 +40,24 @@ def add_parser(sub) -> None:
     p.add_argument("--eval", nargs="+", default=None, help="evaluation folder(s) (or split names)")
     p.add_argument("--split", default=None,
                    help="with --dataset: an evaluation split, as the other commands name it (= --eval SPLIT)")
-    p.add_argument("--dataset", choices=["folder", *DATASETS[2:]], default="folder",
+    p.add_argument("--dataset", choices=["folder", *NAMED_DATASETS], default="folder",
                    help="folder: --train/--eval are folders; otherwise a named layout under --data-root")
-    p.add_argument("--data-root", type=common.existing_path, default=None, help="root of --dataset")
+    p.add_argument("--data-root", type=common.existing_dir, default=None, help="root of --dataset")
     p.add_argument("--transform", choices=TRANSFORMS, default=DEFAULT_TRANSFORM,
                    help="resize: the whole image to the input size; center-crop: the model's ImageNet one")
     p.add_argument("--head", choices=HEADS, default="per-config",
                    help="per-config: a head fitted on each configuration's own pruned --train features; "
                    "unpruned: one head fitted on the unpruned features, pruning at inference only (cheaper: "
                    "--train runs unpruned only)")
-    p.add_argument("--cache", type=Path, default=None, help="folder keeping features between runs")
-    l2_values = common._typed(common._list(float), "l2 values")
+    p.add_argument("--cache", type=common.output_path, default=None,
+                   help="folder keeping features between runs")
+    l2_values = common._typed(common._list(common.real(0, open_low=True)), "l2 values")
     p.add_argument("--l2", type=l2_values, default=list(DEFAULT_L2_GRID),
                    help="L2 strength(s) of the head; several: chosen on a held-out fifth of --train")
-    p.add_argument("--limit", type=int, default=None, help="first N images of every set")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=1, help="DataLoader worker processes (decoding)")
+    p.add_argument("--limit", type=common.integer(1), default=None, help="first N images of every set")
+    p.add_argument("--batch-size", type=common.integer(1), default=64)
+    p.add_argument("--workers", type=common.integer(0), default=1,
+                   help="DataLoader worker processes (decoding)")
     p.add_argument("--json", action="store_true", help='print {"results": [...]} on stdout')
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
@@ -89,6 +91,9 @@ def _image_sets(args: argparse.Namespace) -> tuple[ImageSet, list[ImageSet], int
 
 
 def check_args(args: argparse.Namespace) -> None:
+    for flag, values in (("--train", [args.train]), ("--eval", args.eval or [])):
+        if any(not str(v).strip() for v in values):  # '' would be the current folder
+            raise ValueError(f"{flag} needs a folder (or, with --dataset, a split name); got ''")
     if not args.eval and args.split is None:
         raise ValueError("give --eval FOLDER... (or, with --dataset, --eval SPLIT... or --split SPLIT)")
     if args.limit is not None and args.limit < 1:

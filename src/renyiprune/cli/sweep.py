@@ -40,9 +40,10 @@ def add_image_args(p: argparse.ArgumentParser) -> None:
     common.add_model_args(p)
     common.add_data_args(p)
     p.add_argument("--locations", type=common.locations, default=(3, 6, 9), help="0-based pruning blocks")
-    p.add_argument("--limit", type=int, default=None, help="first N images in listing order")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (decoding)")
+    p.add_argument("--limit", type=common.integer(1), default=None, help="first N images in listing order")
+    p.add_argument("--batch-size", type=common.integer(1), default=64)
+    p.add_argument("--workers", type=common.integer(0), default=2,
+                   help="DataLoader worker processes (decoding)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
     p.add_argument("--no-progress", action="store_true")
 
@@ -55,7 +56,7 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=common.alphas, default=[0.5, 1.0, 2.0, 3.0, float("inf")],
                    help="Rényi order(s) of the criteria that take one, e.g. 1,2,inf")
     common.add_old_spelling(p, "--alphas", "alpha", type=common.alphas)
-    lambdas = common._typed(common._list(float), "lambdas")
+    lambdas = common._typed(common._list(common.real(0, 1)), "lambdas")
     p.add_argument("--lambda", dest="lambdas", metavar="LAMBDA", type=lambdas, default=[0.5],
                    help="hybrid: weight(s) of EViT's CLS attention, in [0, 1]")
     common.add_old_spelling(p, "--lambdas", "lambdas", type=lambdas)
@@ -113,7 +114,8 @@ def add_parser(sub) -> None:
     p.add_argument("--adaptive", type=common.names, default=[],
                    help="criteria also run in per-image adaptive keep mode (keep rates calibrated per image)")
     p.add_argument("--no-unpruned", action="store_true", help="leave out the unpruned reference")
-    p.add_argument("--out", type=Path, required=True, help="output folder (results.jsonl is resumed)")
+    p.add_argument("--out", type=common.output_path, required=True,
+                   help="output folder (results.jsonl is resumed)")
     p.set_defaults(run=run)
 
 
@@ -151,7 +153,8 @@ def build_configs(args: argparse.Namespace, criteria, adaptive=()) -> list[Sweep
     for fuse, (spec, is_budget) in itertools.product(
         args.fuse, [(c, False) for c in criteria] + [(c, True) for c in adaptive]
     ):
-        crit, alphas, extra = parse_spec(spec, args.alpha)
+        with common.naming("--adaptive" if is_budget else "--criterion", spec):
+            crit, alphas, extra = parse_spec(spec, args.alpha)
         if crit == "tome":
             if budgets:  # ToMe does not fuse: one config per budget whatever --fuse says
                 configs += [SweepConfig("tome", 1.0, 1.0, (), False,
@@ -250,6 +253,9 @@ def write_outputs(out: Path, records: list[dict], title: str) -> None:
 
 
 def check_image_args(args) -> None:
+    policy_out = getattr(args, "policy_out", None)  # tune-alpha, tune-budget: written last, checked first
+    if policy_out is not None and policy_out.is_dir():
+        raise IsADirectoryError(f"--policy-out {policy_out} is a folder; give the policy file's name")
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be >= 1")
     if args.batch_size < 1:
@@ -270,10 +276,14 @@ def read_source(args: argparse.Namespace) -> list:
 
 
 def load_checked_model(args: argparse.Namespace, samples: list):
-    """``common.load_model``, after which every label of ``samples`` must be a class of its head
-    (before the first forward, and before anything is written)."""
+    """``common.load_model``, after which every label of ``samples`` must be a class of its head and every
+    ``--locations`` block one of its blocks (before the first forward, and before anything is written)."""
     model = common.load_model(args)
     check_labels(samples, model.num_classes)
+    depth = len(model.blocks)
+    if any(i >= depth for i in args.locations):
+        raise ValueError(f"--locations {args.locations} out of range for {args.model} ({depth} blocks, "
+                         "0-based)")
     return model
 
 
@@ -292,17 +302,14 @@ def run(args: argparse.Namespace) -> int:
     info = D.init_distributed(args.device)  # under torchrun: one share of the images per process
     args.device = info.device
     try:
+        model = load_checked_model(args, samples)  # bad weights, labels or --locations: OUT is not touched
         with output_lock(args.out, collective=True):  # a second sweep on OUT stops here (exit 2)
-            return _run(args, configs, samples, info.is_main)
+            return _run(args, configs, samples, info.is_main, model)
     finally:
         D.cleanup()
 
 
-def _run(args: argparse.Namespace, configs: list[SweepConfig], samples: list, is_main: bool) -> int:
-    model = load_checked_model(args, samples)
-    depth = len(model.blocks)
-    if any(i >= depth for i in args.locations):
-        raise ValueError(f"--locations {args.locations} out of range ({depth} blocks, 0-based)")
+def _run(args: argparse.Namespace, configs: list[SweepConfig], samples: list, is_main: bool, model) -> int:
     t0 = time.perf_counter()
     records, timing = sweep_samples(args, samples, configs, args.out / "results.jsonl", "all", model)
     timing["total_s"] = time.perf_counter() - t0

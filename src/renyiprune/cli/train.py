@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ..core.criteria import list_criteria, make_criterion, takes_alpha
 from ..data.datasets import DATASETS
+from ..models.model import get_spec
+from ..models.weights import read_state_dict
 from ..planning.specs import split_criterion
 from ..training.head_init import HEAD_INITS
 from ..training.train import TrainConfig, train
@@ -17,7 +19,10 @@ from . import common
 
 
 def _optional_float(text: str) -> float | None:
-    return None if text.strip().lower() in ("", "none", "0") else float(text)
+    """'none', '0' or '': off; otherwise a finite number > 0."""
+    if text.strip().lower() in ("", "none", "0"):
+        return None
+    return common.real(0, open_low=True)(text)
 
 
 def add_parser(sub) -> None:
@@ -31,11 +36,12 @@ def add_parser(sub) -> None:
     )
     common.add_model_args(p)
     p.add_argument("--dataset", choices=DATASETS, default="imagefolder", help="on-disk layout of --data-root")
-    p.add_argument("--data-root", type=common.existing_path, required=True)
-    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, metrics)")
+    p.add_argument("--data-root", type=common.existing_dir, required=True)
+    p.add_argument("--out", type=common.output_path, required=True, help="run folder (checkpoints, metrics)")
     p.add_argument("--train-split", default=None, help="default: trainval (flowers, aircraft) or train")
     p.add_argument("--eval-split", default=None, help="default: test (flowers, aircraft) or val")
-    p.add_argument("--num-classes", type=int, default=None, help="default: the data set's class count")
+    p.add_argument("--num-classes", type=common.integer(1), default=None,
+                   help="default: the data set's class count")
     p.add_argument(
         "--keep-head",
         action=argparse.BooleanOptionalAction,
@@ -53,11 +59,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--head-cache",
-        type=Path,
+        type=common.output_path,
         default=None,
         help="folder keeping --head-init probe's features and head (a probe --cache folder)",
     )
-    p.add_argument("--limit", type=int, default=None, help="use the first N images of each split")
+    p.add_argument("--limit", type=common.integer(1), default=None,
+                   help="use the first N images of each split")
     g = p.add_argument_group("pruning while training")
     g.add_argument("--keep", type=common.keep_rate, default=0.7)
     g.add_argument("--criterion", default="renyi",
@@ -71,7 +78,7 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("cost and input")
     g.add_argument(
         "--freeze-blocks",
-        type=int,
+        type=common.integer(0),
         default=0,
         metavar="N",
         help="keep the patch/position embedding, CLS token and blocks 0..N-1 fixed, run without autograd "
@@ -87,38 +94,42 @@ def add_parser(sub) -> None:
     )
     g.add_argument(
         "--crop-scale",
-        type=float,
+        type=common.real(0, 1, open_low=True),
         default=0.08,
         metavar="S",
         help="smallest share of the image area a training crop covers (1: the whole image)",
     )
     g = p.add_argument_group("recipe (EViT/DeiT fine-tuning defaults)")
-    g.add_argument("--epochs", type=int, default=30)
-    g.add_argument("--batch-size", type=int, default=64, help="per process")
-    g.add_argument("--lr", type=float, default=2e-5, help="for a global batch of 512 (see --no-lr-scale)")
+    g.add_argument("--epochs", type=common.integer(1), default=30)
+    g.add_argument("--batch-size", type=common.integer(1), default=64, help="per process")
+    g.add_argument("--lr", type=common.real(0, open_low=True), default=2e-5,
+                   help="for a global batch of 512 (see --no-lr-scale)")
     g.add_argument("--no-lr-scale", action="store_true", help="use --lr as given, not lr * batch / 512")
-    g.add_argument("--min-lr", type=float, default=2e-6)
-    g.add_argument("--warmup-lr", type=float, default=1e-6)
-    g.add_argument("--warmup-epochs", type=float, default=5.0)
-    g.add_argument("--weight-decay", type=float, default=1e-6)
+    g.add_argument("--min-lr", type=common.real(0), default=2e-6)
+    g.add_argument("--warmup-lr", type=common.real(0), default=1e-6)
+    g.add_argument("--warmup-epochs", type=common.real(0), default=5.0)
+    g.add_argument("--weight-decay", type=common.real(0), default=1e-6)
     g.add_argument("--clip-grad", type=_optional_float, default=None, help="max gradient norm (off)")
-    g.add_argument("--smoothing", type=float, default=0.1)
-    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
-    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
-    g.add_argument("--randaug-n", type=int, default=2, help="RandAugment operations (0: off)")
-    g.add_argument("--randaug-m", type=float, default=9.0, help="RandAugment magnitude out of 10")
-    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
-    g.add_argument("--drop-path", type=float, default=0.1)
+    g.add_argument("--smoothing", type=common.real(0, 1, open_high=True), default=0.1)
+    g.add_argument("--mixup", type=common.real(0), default=0.8, help="mixup alpha (0: off)")
+    g.add_argument("--cutmix", type=common.real(0), default=1.0, help="cutmix alpha (0: off)")
+    g.add_argument("--randaug-n", type=common.integer(0), default=2, help="RandAugment operations (0: off)")
+    g.add_argument("--randaug-m", type=common.real(0, 10), default=9.0,
+                   help="RandAugment magnitude out of 10")
+    g.add_argument("--reprob", type=common.real(0, 1), default=0.25, help="random erasing probability")
+    g.add_argument("--drop-path", type=common.real(0, 1, open_high=True), default=0.1)
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision (CUDA)")
-    g.add_argument("--ema-decay", type=float, default=0.0, help="keep an EMA of the weights (0: off)")
+    g.add_argument("--ema-decay", type=common.real(0, 1, open_high=True), default=0.0,
+                   help="keep an EMA of the weights (0: off)")
     g = p.add_argument_group("operations")
-    g.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
-    g.add_argument("--max-steps", type=int, default=None,
+    g.add_argument("--save-every", type=common.integer(0), default=0, help="also checkpoint every N steps")
+    g.add_argument("--max-steps", type=common.integer(1), default=None,
                    help="stop (with a checkpoint) after N steps in total; continue with --resume")
     g.add_argument("--skip-bad", action="store_true",
                    help="skip unreadable training (and evaluation) images, counted per epoch, instead of "
                    "stopping at the first")  # fmt: skip
-    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: never)")
+    g.add_argument("--eval-every", type=common.integer(0), default=1,
+                   help="evaluate every N epochs (0: never)")
     g.add_argument("--no-eval-before", action="store_true", help="skip the evaluation before training")
     g.add_argument(
         "--resume",
@@ -126,11 +137,11 @@ def add_parser(sub) -> None:
         help="continue OUT/last.pt exactly (refused when a setting differs from the checkpoint's; a larger "
         "--epochs extends the run, the cosine schedule recomputed over the new length)",
     )
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    g.add_argument("--seed", type=common.integer(0, 2**32 - 1), default=0)
+    g.add_argument("--workers", type=common.integer(0), default=2, help="DataLoader worker processes")
     g.add_argument(
         "--dist-timeout",
-        type=float,
+        type=common.real(0, open_low=True),
         default=None,
         help="torchrun: seconds a collective waits for the other processes before it fails "
         f"(default: ${TIMEOUT_ENV} or {DEFAULT_TIMEOUT_S:.0f})",
@@ -140,13 +151,14 @@ def add_parser(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    crit, opts = split_criterion(args.criterion)
-    if "alpha" in opts:
-        raise ValueError(f"--criterion {args.criterion}: train takes the Rényi order from --alpha")
-    if crit != "none" and crit not in list_criteria():
-        raise ValueError(f"unknown criterion {crit!r}; choose none or {', '.join(list_criteria())}")
-    if crit != "none":
-        make_criterion(crit, **({"alpha": args.alpha} if takes_alpha(crit, opts) else {}), **opts)
+    with common.naming("--criterion", args.criterion):
+        crit, opts = split_criterion(args.criterion)
+        if "alpha" in opts:
+            raise ValueError("train takes the Rényi order from --alpha")
+        if crit != "none" and crit not in list_criteria():
+            raise ValueError(f"unknown criterion {crit!r}; choose none or {', '.join(list_criteria())}")
+        if crit != "none":
+            make_criterion(crit, **({"alpha": args.alpha} if takes_alpha(crit, opts) else {}), **opts)
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -177,8 +189,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )  # fmt: skip
 
 
+def check_before_out(args: argparse.Namespace) -> None:
+    """What ``train`` would find wrong only after creating --out: weights that do not read, --locations
+    beyond the model's blocks."""
+    depth = int(get_spec(args.model).kwargs.get("depth", 12))
+    if any(i >= depth for i in args.locations):
+        raise ValueError(f"--locations {args.locations} out of range for {args.model} ({depth} blocks, "
+                         "0-based)")
+    if args.weights is not None:
+        read_state_dict(args.weights)  # WeightsError names the file
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    check_before_out(args)
     try:
         result = train(cfg)
     finally:

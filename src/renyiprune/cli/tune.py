@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from ..experiments.stats import compare_records, format_difference
 from ..experiments.tune import choose, policy_document, split_samples
@@ -39,8 +38,10 @@ def add_parser(sub) -> None:
         default=["renyi"],
         help="candidate criteria, comma list (renyi, hybrid, headvar, ...); the best overall is 'best'",
     )
-    p.add_argument("--out", type=Path, required=True, help="work folder (calibration/evaluation jsonl)")
-    p.add_argument("--policy-out", type=Path, default=None, help="policy JSON (default OUT/policy.json)")
+    p.add_argument("--out", type=common.output_path, required=True,
+                   help="work folder (calibration/evaluation jsonl)")
+    p.add_argument("--policy-out", type=common.output_path, default=None,
+                   help="policy JSON (default OUT/policy.json)")
     p.set_defaults(run=run)
 
 

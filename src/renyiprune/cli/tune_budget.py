@@ -52,10 +52,12 @@ def add_parser(sub) -> None:
     p.add_argument("--report-all", action="store_true",
                    help="also run every candidate on the evaluation half (for reports; the choice is made "
                    "before, on the calibration half)")
-    p.add_argument("--base-policy", type=common.existing_path, default=None,
+    p.add_argument("--base-policy", type=common.policy_file, default=None,
                    help="policy whose keep-rate section is kept (default: the one shipped for --model)")
-    p.add_argument("--out", type=Path, required=True, help="work folder (calibration/evaluation jsonl)")
-    p.add_argument("--policy-out", type=Path, default=None, help="policy JSON (default OUT/policy.json)")
+    p.add_argument("--out", type=common.output_path, required=True,
+                   help="work folder (calibration/evaluation jsonl)")
+    p.add_argument("--policy-out", type=common.output_path, default=None,
+                   help="policy JSON (default OUT/policy.json)")
     p.set_defaults(run=run)
 
 

@@ -2,7 +2,8 @@
 
 Every figure is rendered into a private scratch folder first; only when all of them and ``index.html``
 are complete are they written into ``--out``, each file atomically (``utils.io.atomic_write``), index.html
-last. A failed run leaves ``--out`` as it was.
+last. A failed run leaves ``--out`` as it was. ``figures.json`` lists the files a run wrote; a later run
+into the same folder removes those of them it did not write again (and nothing else).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def add_parser(sub) -> None:
     common.add_model_args(p)
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (or use --data or --dataset)")
     common.add_data_args(p)
-    p.add_argument("--limit", type=int, default=None, help="use the first N images of --data / --dataset")
+    p.add_argument("--limit", type=common.integer(1), default=None,
+                   help="use the first N images of --data / --dataset")
     p.add_argument("--alpha", default="1,2,inf", help="Rényi order(s), e.g. 1,2,inf")
     common.add_old_spelling(p, "--alphas", "alpha")
     p.add_argument("--keep", default="0.7", help="one keep rate in (0, 1]")
@@ -57,11 +59,13 @@ def add_parser(sub) -> None:
     p.add_argument("--direction", choices=["row", "column"], default=None, help="renyi: row or column")
     p.add_argument("--heads", choices=["mean", "pooled"], default=None, help="renyi: head aggregation")
     p.add_argument("--cls-key", choices=["include", "exclude"], default=None, help="renyi: CLS key")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=common.integer(0, 2**32 - 1), default=0,
+                   help="seed of the random criterion")
+    p.add_argument("--out", type=common.output_path, required=True, help="output folder")
     p.add_argument("--format", default="png", help="comma list of png, svg, pdf")
-    p.add_argument("--image-figures", type=int, default=8, help="per-image figures for at most N images")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--image-figures", type=common.integer(0), default=8,
+                   help="per-image figures for at most N images")
+    p.add_argument("--batch-size", type=common.integer(1), default=16)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=run)
 
@@ -93,7 +97,8 @@ def _mask_specs(names: list[str], alphas: list[float], renyi_opts: dict, seed: i
     for text in names:
         name, given = common.criterion_spec(text)  # 'renyi[cls_key=exclude]': options over the flags
         if name not in known:
-            raise ValueError(f"unknown criterion {name!r}; choose from {', '.join(known)}")
+            raise ValueError(f"--criterion {text!r}: unknown criterion {name!r}; choose from "
+                             f"{', '.join(known)}")
         fixed_alpha = given.pop("alpha", None)  # 'renyi[alpha=2]': one row, at that order
         base = {"renyi": renyi_opts, "shannon": renyi_opts, "random": {"seed": seed}}.get(name, {})
         opts = tuple({**base, **given}.items())
@@ -118,6 +123,8 @@ def _image_paths(args: argparse.Namespace) -> tuple[list[Path], int]:
     if data_flags:
         source = common.read_images(args)
         return [s.path for s in source.samples], source.crop_bottom
+    if any(not p.strip() for p in args.images):  # '' would be the current folder
+        raise ValueError("an IMAGE argument is empty: give image files")
     paths = [Path(p).expanduser() for p in args.images]
     for p in paths:
         if not p.is_file():
@@ -127,7 +134,8 @@ def _image_paths(args: argparse.Namespace) -> tuple[list[Path], int]:
 
 def parse_options(args: argparse.Namespace) -> Options:
     """Check every argument before any work is done; ValueError/DataError name the bad one."""
-    alphas = [parse_alpha(a) for a in _split(args.alpha)]
+    with common.naming("--alpha", args.alpha):
+        alphas = [parse_alpha(a) for a in _split(args.alpha)]
     if not alphas:
         raise ValueError("--alpha needs at least one order")
     alphas = list(dict.fromkeys(alphas))
@@ -154,6 +162,13 @@ def parse_options(args: argparse.Namespace) -> Options:
         raise ValueError(f"--out {out} exists and is not a folder")
     paths, crop_bottom = _image_paths(args)
     return Options(alphas, keep, formats, specs, renyi_opts, paths, out, crop_bottom=crop_bottom)
+
+
+def _blocks_text(locs: tuple[int, ...]) -> str:
+    """``(3, 6, 9)`` -> ``blocks 4, 7, 10 (indices 3, 6, 9)``: counted as people do, with the 0-based
+    indices --locations takes."""
+    return (f"blocks {', '.join(str(i + 1) for i in locs)} "
+            f"(indices {', '.join(str(i) for i in locs)})")  # fmt: skip
 
 
 def _safe(name: str) -> str:
@@ -211,24 +226,42 @@ def run(args: argparse.Namespace) -> int:
         "images": len(opt.paths),
         "alphas": a_txt,
         "keep rate": opt.keep,
-        "pruning blocks (1-based)": ", ".join(str(i + 1) for i in locs),
+        "pruning locations (0-based, --locations)": _blocks_text(locs),
         "fuse": args.fuse,
         "criteria": ", ".join(s.label for s in opt.specs),
         "renyi options": ", ".join(f"{k}={v}" for k, v in opt.renyi_opts.items()) or "row, mean, include",
         "seed": args.seed,
     }
 
+    earlier = owned_files(opt.out)  # what an earlier run into --out wrote (its figures.json)
     with tempfile.TemporaryDirectory(prefix="renyiprune-visualize-") as scratch:
         writer = _Writer(Path(scratch), opt.formats, args.seed)
         _render(args, opt, model, tf, grid, ps, blocks, locs, writer)
-        sizes = json.dumps({"config": opt.config, "sizes_px": writer.sizes}, indent=2, default=str) + "\n"
+        names = sorted(p.name for p in Path(scratch).iterdir())
+        manifest = {"config": opt.config, "locations": list(locs), "blocks": blocks, "files": names,
+                    "sizes_px": writer.sizes}  # fmt: skip
         index = render_index("renyiprune visualize", opt.config, writer.entries)
-        for name in sorted(p.name for p in Path(scratch).iterdir()):
+        for name in names:
             atomic_write(opt.out / name, partial(shutil.copyfile, Path(scratch) / name))
-    atomic_write_text(opt.out / "figures.json", sizes)
+    atomic_write_text(opt.out / "figures.json", json.dumps(manifest, indent=2, default=str) + "\n")
     atomic_write_text(opt.out / "index.html", index)  # last: it shows the files written before it
+    for name in sorted(earlier - set(names)):  # the earlier run's figures that this run did not redraw
+        (opt.out / name).unlink(missing_ok=True)
     print(f"wrote {len(writer.entries)} figures and index.html to {opt.out}")
     return 0
+
+
+def owned_files(out: Path) -> set[str]:
+    """The figure files an earlier visualize run wrote into ``out``, as its figures.json lists them (from
+    its ``files``, or for older runs its figure stems in every format); empty when there is none."""
+    try:
+        manifest = json.loads((out / "figures.json").read_text(encoding="utf-8"))
+        names = manifest.get("files") or [f"{s}.{f}" for s in manifest.get("sizes_px", {}) for f in FORMATS]
+    except (OSError, ValueError, AttributeError, TypeError):  # none, or not a manifest visualize wrote
+        return set()
+    # plain names of figure files only: never a path elsewhere, never figures.json or index.html
+    suffixes = tuple(f".{f}" for f in FORMATS)
+    return {n for n in names if isinstance(n, str) and n == Path(n).name and n.endswith(suffixes)}
 
 
 ENTROPY_CAPTION = (
@@ -281,7 +314,7 @@ class _Totals:
 def _render(args, opt: Options, model, tf, grid, ps, blocks, locs, writer: _Writer) -> None:
     from ..viz import plots
 
-    cfg_txt = f"{args.model}, keep {opt.keep:g} at blocks {', '.join(str(i + 1) for i in locs)}"
+    cfg_txt = f"{args.model}, keep {opt.keep:g} after {_blocks_text(locs)}"
     cfg_txt += ", fused" if args.fuse else ""
     n_patches = grid[0] * grid[1]
     totals = _Totals(len(model.blocks), model.blocks[0].attn.num_heads, opt.alphas, len(locs))

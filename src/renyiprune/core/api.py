@@ -19,7 +19,7 @@ from .hosts import check_model, find_host
 from .plans import MergePlan, PrunePlan
 from .state import PruneState, StageConfig, is_patched, unpatch
 
-__all__ = ["prune", "merge", "apply", "unpatch", "is_patched", "share_parameters"]
+__all__ = ["prune", "merge", "apply", "unpatch", "is_patched", "share_parameters", "unpatched_copy"]
 
 
 def prune(model: nn.Module, plan: PrunePlan) -> nn.Module:
@@ -53,8 +53,27 @@ def share_parameters(model: nn.Module) -> nn.Module:
     """
     if is_patched(model):
         raise ValueError("share_parameters expects an unpatched model")
-    clone = copy.copy(model)  # new __dict__; _parameters/_buffers dicts stay shared
-    clone._modules = {name: share_parameters(child) for name, child in model._modules.items()}
+    return _shared_copy(model, {})
+
+
+def unpatched_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` as ``unpatch`` would leave it, sharing its parameters and buffers; ``model``
+    keeps its pruning or merging. For an unpatched model, the same as ``share_parameters``."""
+    classes = model.renyiprune.original_classes if is_patched(model) else {}
+    return _shared_copy(model, classes)
+
+
+def _shared_copy(module: nn.Module, classes: dict[int, type]) -> nn.Module:
+    """``module``'s tree copied module by module (new ``__dict__``s; the ``_parameters``/``_buffers`` dicts
+    stay shared), each module's class replaced by ``classes[id(module)]`` where given and the pruning
+    state left out, as ``unpatch`` does in place."""
+    clone = copy.copy(module)
+    cls = classes.get(id(module))
+    if cls is not None:
+        clone.__class__ = cls
+    for attr in ("renyiprune", "_renyiprune", "_renyiprune_stage", "_renyiprune_block"):
+        clone.__dict__.pop(attr, None)
+    clone._modules = {name: _shared_copy(child, classes) for name, child in module._modules.items()}
     return clone
 
 

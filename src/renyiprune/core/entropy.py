@@ -30,12 +30,22 @@ def check_alpha(alpha: float) -> float:
     return a
 
 
+#: The largest finite order ``parse_alpha`` accepts: above it a·logits overflows float32 (1e38 gave NaN
+#: entropies) long before the entropy differs from the min-entropy (``inf``) at float32 precision.
+MAX_FINITE_ALPHA = 1e6
+
+
 def parse_alpha(text: str) -> float:
-    """Parse a user-typed order: '2', '0.5', 'inf', 'infinity' or '∞'."""
+    """Parse a user-typed order: '2', '0.5', 'inf', 'infinity' or '∞'; finite orders above
+    ``MAX_FINITE_ALPHA`` are refused (type inf)."""
     t = text.strip().lower()
     if t in {"inf", "infinity", "∞", "+inf"}:
         return math.inf
-    return check_alpha(t)
+    a = check_alpha(t)
+    if math.isfinite(a) and a > MAX_FINITE_ALPHA:
+        raise ValueError(f"alpha {text.strip()} is above {MAX_FINITE_ALPHA:.0f}: type inf (the min-entropy, "
+                         "which such an order equals to float32 precision)")
+    return a
 
 
 def renyi_entropy(logits: Tensor, alpha: float, dim: int = -1) -> Tensor:

@@ -40,6 +40,8 @@ from .images import LABELS_FILE, DataError, Sample, check_files, list_samples, l
 
 __all__ = [
     "DATASETS",
+    "FOLDER_LAYOUTS",
+    "NAMED_DATASETS",
     "DEFAULT_SPLITS",
     "AIRCRAFT_BANNER_PX",
     "DatasetSplit",
@@ -54,6 +56,10 @@ __all__ = [
 ]
 
 DATASETS = ("imagefolder", "labels-tsv", "flowers102", "fgvc-aircraft", "imagenet100", "stanford-cars")
+#: Layouts of any folder (not a data set one can fetch): DIR/labels.tsv or an ImageFolder tree.
+FOLDER_LAYOUTS = ("imagefolder", "labels-tsv")
+#: The named data sets, each in its official layout: what ``renyiprune download`` knows about.
+NAMED_DATASETS = tuple(d for d in DATASETS if d not in FOLDER_LAYOUTS)
 #: (training split, evaluation split) used when the command line names none.
 DEFAULT_SPLITS = {
     "imagefolder": ("train", "val"),

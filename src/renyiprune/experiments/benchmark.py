@@ -297,7 +297,7 @@ class BenchRow:
     images_per_s: float
     speedup: float
     gmacs: float
-    gmacs_ratio: float
+    gmacs_ratio: float  # the unpruned model's GMACs ÷ this one's: 1.54 = 1.54x fewer GMACs
     efficiency: float
     peak_mb: float
     memory_ratio: float

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..core.api import prune, share_parameters
+from ..core.api import prune, unpatched_copy
 from ..core.plans import MergePlan, PrunePlan, Stage, per_stage, stage_options, tome_schedule
 from ..core.selection import check_fusion, keep_count
 from .flops import count_gmacs
@@ -199,7 +199,8 @@ def plan_for_budget(
     which also sees a criterion's own products, e.g. Shannon's p @ K) fit; ``options`` go to the
     criterion, and ``alpha`` (one, or one per location like ``criterion``) to those that take it. "tome":
     the smallest r of ``schedule``, ``alpha`` the merge order's; ``options`` may hold ``entropy_weight``
-    and ``merge_order``. ``model`` itself is not changed.
+    and ``merge_order``. ``model`` itself is not changed, and may be pruned or merged already (the plan is
+    made for the unpatched model).
     """
     shape = VitShape.of(model)
     if method == "tome":
@@ -221,7 +222,7 @@ def plan_for_budget(
         return plan
     target = budget * shape.gmacs(shape.unpruned()) * (1 + 1e-9)
     step = 1.0 / model.patch_embed.num_patches
-    view = share_parameters(model)
+    view = unpatched_copy(model)  # a pruned or merged model is planned for as if unpatched
     while count_gmacs(prune(view, plan)) > target:
         rate -= step
         if rate <= 0:

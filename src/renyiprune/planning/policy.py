@@ -39,7 +39,12 @@ def load_policy(path: str | Path | None = None, model: str = "deit_tiny_patch16_
     if not p.is_file():
         shipped = ", ".join(sorted(f.stem for f in POLICY_DIR.glob("*.json"))) or "none"
         raise FileNotFoundError(f"no pruning policy {p} (shipped: {shipped}); run renyiprune tune-alpha")
-    policy = json.loads(p.read_text())
+    try:
+        policy = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"policy {p} is not a JSON file: {e}") from None
+    if not isinstance(policy, dict):
+        raise ValueError(f"policy {p} holds a JSON {type(policy).__name__}, not an object")
     if not policy.get("keep") and not policy.get("budget"):
         raise ValueError(f"policy {p} has neither keep rates nor budgets")
     return policy

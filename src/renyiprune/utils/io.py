@@ -148,6 +148,8 @@ def _acquire(folder: Path, flag: str) -> OutputInUse | None:
         import fcntl
     except ImportError:  # not POSIX: no lock
         fcntl = None
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{flag} {folder} is a file, not a folder")
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()
     with _HELD_GUARD:

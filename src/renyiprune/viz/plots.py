@@ -18,6 +18,7 @@ from ..utils.optional import require
 __all__ = [
     "DPI",
     "alpha_label",
+    "block_label",
     "entropy_maps_figure",
     "masks_figure",
     "histograms_figure",
@@ -36,6 +37,11 @@ def _mpl():
     if matplotlib.get_backend().lower() != "agg":
         matplotlib.use("Agg", force=True)
     return matplotlib, require("matplotlib.figure", "drawing figures", "plots").Figure
+
+
+def block_label(index: int) -> str:
+    """A 0-based block index as people count and as ``--locations`` names it: ``block 4 (index 3)``."""
+    return f"block {index + 1} (index {index})"
 
 
 def alpha_label(alpha: float) -> str:
@@ -110,7 +116,7 @@ def entropy_maps_figure(
                 interpolation="nearest",
             )
             im.set_gid(f"entropy a={alpha_label(a)} block={b}")
-            ax.set_title(f"α = {alpha_label(a)}, block {b + 1}", fontsize=8, pad=3)
+            ax.set_title(f"α = {alpha_label(a)}, {block_label(b)}", fontsize=8, pad=3)
         cax = _side_axes(fig, left + cols * (PANEL + gap[0]) + 0.05, top + r * (PANEL + gap[1]), 0.15, PANEL)
         cb = fig.colorbar(im, cax=cax)
         cb.set_label(f"H$_{{{alpha_label(a)}}}$ (nats)", fontsize=8)
@@ -149,7 +155,7 @@ def masks_figure(
             overlay[~k] = GREY
             im = ax.imshow(overlay, extent=(0, w, h, 0), interpolation="nearest")
             im.set_gid(f"mask {label} stage={s}")
-            text = f"after block {loc + 1}: {int(k.sum())}/{n} kept"
+            text = f"after {block_label(loc)}:\n{int(k.sum())}/{n} kept"
             if fused[s]:
                 text += f"\nfused token ← {fused[s]} ({fused[s] / n:.0%})"
             ax.set_title(text, fontsize=7, pad=3)
@@ -190,7 +196,7 @@ def histograms_figure(
                         label=f"{name} ({sel.sum()})",
                     )
             ax.set_title(
-                f"α = {alpha_label(a)}, block {loc + 1}: mean {mu:.2f}, std {sd:.2f} nats", fontsize=8
+                f"α = {alpha_label(a)}, {block_label(loc)}\nmean {mu:.2f}, std {sd:.2f} nats", fontsize=8
             )
             ax.set_xlabel(f"(H$_{{{alpha_label(a)}}}$ − mean) / std", fontsize=8, labelpad=1)
             if s == 0:
@@ -216,7 +222,7 @@ def distance_figure(
     width = left + len(alphas) * (cell[0] + gap[0]) + 0.6
     fig = _new_figure(width, top + cell[1] + 0.6)
     axes = _grid(fig, 1, len(alphas), cell, left, top, gap)[0]
-    color = np.repeat(np.arange(1, blocks + 1), heads)
+    color = np.repeat(np.arange(blocks), heads)  # 0-based block index, as --locations and --blocks
     matplotlib, _ = _mpl()
     cmap = matplotlib.colormaps["viridis"].resampled(blocks)  # one colour per block
     sc = None
@@ -227,8 +233,8 @@ def distance_figure(
             c=color,
             cmap=cmap,
             s=22,
-            vmin=0.5,
-            vmax=blocks + 0.5,
+            vmin=-0.5,
+            vmax=blocks - 0.5,
         )
         sc.set_gid(f"distance a={alpha_label(a)}")
         ax.set_xlabel("mean attention distance (px)", fontsize=8)
@@ -238,8 +244,8 @@ def distance_figure(
         ax.grid(alpha=0.3)
     cax = _side_axes(fig, width - 0.95, top, 0.15, cell[1])
     cb = fig.colorbar(sc, cax=cax)
-    cb.set_label("block", fontsize=8)
-    cb.set_ticks(range(1, blocks + 1, max(1, blocks // 12)))
+    cb.set_label("block index (0-based)", fontsize=8)
+    cb.set_ticks(range(0, blocks, max(1, blocks // 12)))
     cb.ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=11, y=1 - 0.15 / fig.get_size_inches()[1], va="top")
     return fig
