@@ -56,7 +56,8 @@ def test_checkpoints_with_one_name_have_two_fingerprints(assets, tmp_path):
     samples = list_samples(data)[:4]
 
     def key(weights):
-        args = argparse.Namespace(model="deit_tiny_patch16_224", weights=weights, data=data)
+        args = argparse.Namespace(model="deit_tiny_patch16_224", weights=weights, data=data, dataset=None,
+                                  split=None, data_root=None)
         return fingerprint(args, samples)
 
     assert key(a) != key(b)
