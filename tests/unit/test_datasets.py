@@ -187,3 +187,32 @@ def test_mixup_cutmix_targets(mixup, cutmix):
         assert torch.equal(xm, x) and torch.isclose(lam, torch.tensor(1.0))
     else:  # pixels are lam * own + (1 - lam) * reversed partner, on average
         assert torch.allclose(xm[0].mean(), lam * 0 + (1 - lam) * 3, atol=1e-5)
+
+
+def test_the_shipped_flowers102_splits_load_as_the_official_ones(shared_assets):
+    """The real files in ../shared/assets/flowers102: the official trnid/valid splits, 10 images of each of
+    the 102 classes in each, disjoint; their images decode; the held-back test split fails in one line."""
+    import hashlib
+    from collections import Counter
+
+    from renyiprune.data.images import DataError, load_image
+
+    root = shared_assets / "flowers102"
+    if not (root / "setid.mat").is_file():
+        pytest.skip(f"Oxford Flowers-102 not found at {root}")
+    # the official split files, as the assets README records them
+    assert hashlib.sha256((root / "setid.mat").read_bytes()).hexdigest().startswith("46b8678f")
+    assert hashlib.sha256((root / "imagelabels.mat").read_bytes()).hexdigest().startswith("4903e942")
+    train, val = ds.load_split("flowers102", root, "train"), ds.load_split("flowers102", root, "val")
+    for split in (train, val):
+        counts = Counter(s.label for s in split.samples)
+        assert len(split.samples) == 1020 and sorted(counts) == list(range(102))
+        assert set(counts.values()) == {10}
+    assert not {s.path for s in train.samples} & {s.path for s in val.samples}
+    assert len(ds.load_split("flowers102", root, "trainval").samples) == 2040
+    names = (root / "classes.txt").read_text().splitlines()
+    assert len([n for n in names if n.strip()]) == 102
+    for s in train.samples[:: 204]:
+        assert min(load_image(s.path).size) == 224  # shorter side resized to 224 (assets README)
+    with pytest.raises(DataError, match="6149 of 6149"):
+        ds.load_split("flowers102", root, "test")
