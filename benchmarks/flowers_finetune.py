@@ -10,6 +10,7 @@ recipe.
 
     python benchmarks/flowers_finetune.py --data-root FLOWERS --out runs/flowers-ft [--device cuda]
     python benchmarks/flowers_finetune.py --data-root FLOWERS --out runs/flowers-ft --only unpruned evit-k0.7
+    python benchmarks/flowers_finetune.py ... --cls-out-runs --only renyi-exclude-a2-k0.7   # CLS key out
     python benchmarks/flowers_finetune.py --data-root FLOWERS --out runs/flowers-ft --report \\
         --policy-out src/renyiprune/planning/policies/deit_tiny_patch16_224-flowers102-finetuned.json
 """
@@ -27,8 +28,8 @@ KEEPS = (0.9, 0.7, 0.5)
 ALPHAS = (1.0, 2.0, float("inf"))  # α = 1 is Shannon
 #: The Rényi reading every entropy run uses (docs/method.md): the library's default (each patch's row over
 #: all keys, CLS included; entropy per head, then averaged), the best reading on the calibration half of
-#: val in the training-free probe (benchmarks/results/flowers_probe). The CLS-excluded reading, the
-#: paper's literal one, is fine-tuned too at α = 2 (EXTRA) to measure the reading after training.
+#: val in the training-free probe (benchmarks/results/readings). ``--cls-out-runs`` adds the CLS-excluded
+#: reading, the paper's literal one, at α = 2 (EXTRA), to measure that reading after training.
 READING = ""
 EXTRA = tuple(ft.Run("renyi", k, 2.0, "cls_key=exclude") for k in (0.7, 0.5))
 BEST = "pagerank"
@@ -46,15 +47,16 @@ RECIPE = (
 )  # fmt: skip
 
 
-def grid(best: str | None, keeps=KEEPS, reading: str = READING) -> list[ft.Run]:
-    """The unpruned run, then per keep rate EViT, Rényi at each α (in ``reading``) and ``best``."""
+def grid(best: str | None, keeps=KEEPS, reading: str = READING, extra: bool = False) -> list[ft.Run]:
+    """The unpruned run, then per keep rate EViT, Rényi at each α (in ``reading``) and ``best``; ``extra``:
+    the CLS-excluded Rényi runs too."""
     runs = [ft.Run("none", 1.0)]
     for k in keeps:
         runs.append(ft.Run("evit", k))
         runs += [ft.Run("renyi", k, a, reading) for a in ALPHAS]
         if best and best not in ("evit", "renyi"):
             runs.append(ft.Run(best, k))
-    return runs + [r for r in EXTRA if r.keep in keeps]
+    return runs + [r for r in EXTRA if extra and r.keep in keeps]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in defaults.items():
         if flag not in argv:
             argv += [flag, value]
-    args = ft.parse_args(argv)
+    extra = "--cls-out-runs" in argv
+    args = ft.parse_args([a for a in argv if a != "--cls-out-runs"])
     args.recipe = RECIPE
     args.script = "benchmarks/flowers_finetune.py"
-    return ft.run_grid(args, grid(args.best, KEEPS if args.keeps == ft.KEEPS else args.keeps))
+    return ft.run_grid(args, grid(args.best, KEEPS if args.keeps == ft.KEEPS else args.keeps, extra=extra))
 
 if __name__ == "__main__":
     raise SystemExit(main())

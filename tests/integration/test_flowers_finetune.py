@@ -38,9 +38,10 @@ def test_grid_is_the_issue_grid():
     for k in ("0.9", "0.7", "0.5"):
         for n in ("evit", "renyi-a1", "renyi-a2", "renyi-ainf", "pagerank"):
             assert f"{n}-k{k}" in names
-    assert names[-2:] == ["renyi-exclude-a2-k0.7", "renyi-exclude-a2-k0.5"]
-    assert len(names) == len(set(names)) == 1 + 3 * 5 + 2
-    run = next(r for r in ff.grid("pagerank") if r.name == "renyi-exclude-a2-k0.7")
+    assert len(names) == len(set(names)) == 1 + 3 * 5
+    extra = [r.name for r in ff.grid("pagerank", extra=True)]
+    assert extra == names + ["renyi-exclude-a2-k0.7", "renyi-exclude-a2-k0.5"]
+    run = next(r for r in ff.grid("pagerank", extra=True) if r.name == "renyi-exclude-a2-k0.7")
     assert run.flags()[:2] == ["--criterion", "renyi[cls_key=exclude]"]
     assert ff.grid("pagerank")[0].flags() == ["--criterion", "none"]
 
@@ -51,7 +52,8 @@ def test_tiny_real_runs_report_and_eval_reproduces_them(flowers, tmp_path, capsy
     from renyiprune.cli import main as cli
 
     names = ["unpruned", "renyi-exclude-a2-k0.7"]
-    common = ["--data-root", str(flowers), "--out", str(tmp_path), "--only", *names, "--epochs", "1",
+    common = ["--data-root", str(flowers), "--out", str(tmp_path), "--cls-out-runs", "--only", *names,
+              "--epochs", "1",
               "--batch-size", "16", "--limit", "32", "--threads", "1", "--workers", "0",
               "--no-progress"]  # fmt: skip
     assert ff.main(common) == 0
