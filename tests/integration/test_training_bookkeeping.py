@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_training import config  # the tiny-model training settings both files use
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from renyiprune.cli import main
 from renyiprune.training.checkpoint import load_checkpoint
 from renyiprune.training.train import CHECKPOINT, METRICS, TrainConfig, WarmupCosine, train
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
 
 
 def photos(shared_assets, root: Path, n: int, start: int = 0) -> Path:
@@ -32,16 +32,6 @@ def photos(shared_assets, root: Path, n: int, start: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def data(shared_assets, tmp_path_factory):
     return photos(shared_assets, tmp_path_factory.mktemp("train_data"), 12)
-
-
-def config(data: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(
-        model_kwargs=TINY, locations=(1, 2), keep=0.5, fuse=True, epochs=2, batch_size=4, lr=1e-3,
-        lr_scale=False, warmup_epochs=0.5, workers=0, threads=1, progress=False, eval_keep=(0.5,),
-        eval_every=0,
-    )  # fmt: skip
-    base.update(kw)
-    return TrainConfig(str(data), str(out), **base)
 
 
 def log(out: Path, kind: str) -> list[dict]:
