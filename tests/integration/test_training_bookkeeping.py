@@ -17,7 +17,6 @@ from renyiprune.training.checkpoint import load_checkpoint
 from renyiprune.training.train import CHECKPOINT, METRICS, TrainConfig, WarmupCosine, train
 
 
-
 def photos(shared_assets, root: Path, n: int, start: int = 0) -> Path:
     """An ImageFolder of ``n`` real photos (shrunk to 64 px) in 3 classes."""
     src = sorted((shared_assets / "imagenet-sample-1000" / "images").glob("*.JPEG"))[start : start + n]
