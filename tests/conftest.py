@@ -72,3 +72,17 @@ def pytest_collection_modifyitems(config, items):
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if module in HEAVY_MODULES or item.originalname in HEAVY_TESTS:
             item.add_marker(pytest.mark.heavy)
+
+
+@pytest.fixture(scope="session")
+def bf16_attention() -> None:
+    """Skip when torch cannot run bfloat16 attention on this CPU at the selected ATen capability: its
+    fused CPU attention kernel packs bfloat16 with AVX-512 instructions, and with
+    ATEN_CPU_CAPABILITY=default on an AVX-512 CPU it raises "pack_vnni2 is only supported when avx512 is
+    supported" (torch 2.13). The same tests run unskipped at the CPU's own capability."""
+    q = torch.randn(2, 3, 197, 64, dtype=torch.bfloat16)  # DeiT-Tiny's attention shape
+    try:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    except RuntimeError as e:
+        capability = os.environ.get("ATEN_CPU_CAPABILITY", "the CPU's own")
+        pytest.skip(f"torch cannot run bfloat16 attention here (ATEN_CPU_CAPABILITY={capability}): {e}")

@@ -65,7 +65,7 @@ MIN_AGREEMENT = (0.98, 0.97, 0.95)
 
 
 @pytest.mark.parametrize("how", ["weights", "autocast"])
-def test_bfloat16_keeps_what_float32_keeps_on_real_images(shared_assets, how):
+def test_bfloat16_keeps_what_float32_keeps_on_real_images(shared_assets, how, bf16_attention):
     """24 shared images, renyi α=2, keep 0.7: kept sets agree per stage (and on >= 98 % of all kept
     tokens under autocast), top-1 on all but one image."""
     samples = list_samples(shared_assets / "imagenet-sample-1000")[:24]

@@ -166,7 +166,7 @@ def test_pruning_block_holds_one_attention_matrix(criterion, alpha):
     assert nn_bytes <= tracker.peak < 1.5 * nn_bytes
 
 
-def test_bfloat16_autocast_on_cpu_runs():
+def test_bfloat16_autocast_on_cpu_runs(bf16_attention):
     m = small_vit(torch.float32)
     torch.manual_seed(3)
     x = torch.randn(4, 3, 64, 64)
@@ -192,7 +192,7 @@ def test_bfloat16_entropy_from_in_place_probabilities(alpha):
     torch.testing.assert_close(got, want, atol=0.03, rtol=0.03)  # bf16 probabilities: 8-bit mantissa
 
 
-def test_bfloat16_weights_run():
+def test_bfloat16_weights_run(bf16_attention):
     m = small_vit(torch.bfloat16)
     rp.patch(m, keep_rate=0.5, criterion="renyi", alpha=1.0, locations=(2,), fuse=True)
     with torch.inference_mode():
