@@ -151,6 +151,7 @@ def add_parser(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    # ranges (epochs, batch size, crop scale, frozen blocks, timeout) are checked by the parser's types
     with common.naming("--criterion", args.criterion):
         crit, opts = split_criterion(args.criterion)
         if "alpha" in opts:
@@ -159,15 +160,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             raise ValueError(f"unknown criterion {crit!r}; choose none or {', '.join(list_criteria())}")
         if crit != "none":
             make_criterion(crit, **({"alpha": args.alpha} if takes_alpha(crit, opts) else {}), **opts)
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.dist_timeout is not None and not 0 < args.dist_timeout < float("inf"):
-        raise ValueError("--dist-timeout must be a finite number of seconds > 0")
-    if args.freeze_blocks < 0:
-        raise ValueError("--freeze-blocks must be >= 0")
-    if not 0 < args.crop_scale <= 1:
-        raise ValueError("--crop-scale must be in (0, 1]")
     return TrainConfig(
         data_root=str(args.data_root), out=str(args.out), dataset=args.dataset, model=args.model,
         weights=str(args.weights) if args.weights else None, pretrained=args.weights is None,
