@@ -25,14 +25,14 @@ demo: $(BIN)/.installed
 
 # `make test`: lint and the quick tests (a few minutes on 2 cores); `make test-all`: the rest (real models
 # over many images, torchrun, torch.compile, fine-tuning). CI runs both.
-QUICK := not (heavy or slow or compile)
+SLOW := heavy or slow or compile
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check src tests tests_timm benchmarks
-	$(BIN)/python -m pytest -q -m "$(QUICK)"
+	$(BIN)/python -m pytest -q -m "not ($(SLOW))"
 
 test-all: $(BIN)/.installed
-	$(BIN)/python -m pytest -q -m "not ($(QUICK))"
+	$(BIN)/python -m pytest -q -m "$(SLOW)"
 
 # The project's torch<2.14 bound would make pip swap torch 2.14.1 for an older build, so the project goes
 # in with --no-deps after its other runtime dependencies (tests_timm/project_deps.py reads them).
