@@ -23,7 +23,15 @@ import torch
 from torch import nn
 
 from ..data.datasets import DatasetSplit
-from ..experiments.probe import FeatureCache, ImageSet, LinearHead, extract_features, fit_probe, is_holdout
+from ..experiments.probe import (
+    FeatureCache,
+    ImageSet,
+    LinearHead,
+    ProbeConfig,
+    extract_features,
+    fit_probe,
+    is_holdout,
+)
 from ..planning.specs import PruneConfig
 from ..utils import distributed as D
 from ..utils.io import atomic_path
@@ -77,9 +85,9 @@ def _fit_head(
     training = model.training
     model.eval()  # a fixed feature extractor: no drop-path while the probe's features are computed
     try:
-        got, timing = extract_features(model, [UNPRUNED], [images], transform, cache=cache,
-                                       batch_size=batch_size, workers=workers, device=device,
-                                       progress=progress)  # fmt: skip
+        options = ProbeConfig(cache=cache, batch_size=batch_size, workers=workers, device=device,
+                              progress=progress)  # fmt: skip
+        got, timing = extract_features(model, [UNPRUNED], [images], transform, options)
     finally:
         model.train(training)
     feats = got[(0, 0)]
