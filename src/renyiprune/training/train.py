@@ -44,6 +44,7 @@ from ..data.augment import mixup_cutmix, soft_target_cross_entropy
 from ..data.datasets import DEFAULT_SPLITS, DatasetSplit, load_split, open_sample
 from ..data.images import ImageDataset, Item, collate
 from ..experiments.evaluate import evaluate, pruned_view
+from ..experiments.probe import FeatureCache, ProbeConfig
 from ..models.model import create_model, get_spec, weights_id
 from ..models.weights import download, read_state_dict
 from ..planning.specs import PruneConfig, split_criterion
@@ -395,11 +396,10 @@ def _build_model(cfg: TrainConfig, train_ds: DatasetSplit, device: torch.device,
         weights = weights_id(cfg.model, cfg.weights) if start is not None else None
         weights = weights or f"random:{cfg.seed}:{cfg.model_kwargs}"
         context = {"model": cfg.model, "weights": weights, "transform": repr(tf)}
-        head = probe_head(
-            model, train_ds, tf, num_classes,
-            cache_dir=cfg.head_cache, cache_context=context, batch_size=cfg.batch_size, workers=cfg.workers,
-            device=device, progress=cfg.progress and main,
-        )  # fmt: skip
+        cache = FeatureCache(cfg.head_cache, context, "--head-cache") if cfg.head_cache is not None else None
+        options = ProbeConfig(cache=cache, batch_size=cfg.batch_size, workers=cfg.workers, device=device,
+                              progress=cfg.progress and main)  # fmt: skip
+        head = probe_head(model, train_ds, tf, num_classes, options)
         init_head_from_probe(model, head)
     return model
 
