@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,3 +105,10 @@ def test_load_policy_reads_a_shipped_policy_by_name_or_a_file_by_path(tmp_path, 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "deit_tiny_patch16_224").write_text(shipped.read_text(encoding="utf-8"), encoding="utf-8")
     assert rp.load_policy("deit_tiny_patch16_224") == by_name
+
+
+def test_every_public_name_has_an_example_in_docs_api():
+    """Each of the 15 names is called or used in a python block of docs/api.md (executed by test_docs)."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text(encoding="utf-8")
+    code = "\n".join(re.findall(r"^```python[ \t]*\n(.*?)^```", text, flags=re.S | re.M))
+    assert [n for n in sorted(PUBLIC) if not re.search(rf"\brp\.{n}\b", code)] == []
