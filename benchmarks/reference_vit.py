@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 
 class ReferenceViT(nn.Module):
-    """Same math as ``renyiprune.VisionTransformer.forward``, written as straight-line tensor code."""
+    """Same math as ``models.model.VisionTransformer.forward``, written as straight-line tensor code."""
 
     def __init__(self, model: nn.Module):
         super().__init__()

@@ -23,6 +23,7 @@ from timm_models import DEMO, DEMO_WEIGHTS, MODELS, build_timm, ours_like, struc
 
 import renyiprune as rp
 from renyiprune.core.hosts import UnsupportedModelError
+from renyiprune.core.selection import keep_count
 from renyiprune.data.images import EvalTransform, list_samples, load_image
 from renyiprune.models.weights import read_state_dict
 
@@ -126,7 +127,7 @@ def _assert_same_pruning(host, ours, out, ref, keep: float) -> None:
         # Pruning happened: without fusion at exactly the documented rate (how a fused token is counted
         # at later stages is the fusion rule's business; both models went through the same one).
         if a.num_fused == 0:
-            assert a.patch_index.shape == (out.shape[0], rp.keep_count(n, keep))
+            assert a.patch_index.shape == (out.shape[0], keep_count(n, keep))
         assert a.patch_index.shape[1] < n
         n = a.patch_index.shape[1]
 
@@ -179,7 +180,7 @@ def test_forward_features_starts_the_pruning_state(images):
         with torch.no_grad():
             full = host(images)
             feats = host.forward_features(images[:1])  # a different batch: the state starts afresh
-            assert feats.shape == (1, 1 + rp.keep_count(rp.keep_count(rp.keep_count(196, 0.5), 0.5), 0.5),
+            assert feats.shape == (1, 1 + keep_count(keep_count(keep_count(196, 0.5), 0.5), 0.5),
                                    host.embed_dim)  # fmt: skip
             assert host.renyiprune.records[0].patch_index.shape[0] == 1
             assert torch.equal(host.forward_head(host.forward_features(images)), full)

@@ -21,6 +21,7 @@ from renyiprune.experiments.tune import is_calibration, split_samples
 from renyiprune.models.model import VisionTransformer
 from renyiprune.planning import policy as policy_mod
 from renyiprune.planning.budget import VitShape, solve_tome_r, tome_counts
+from renyiprune.planning.flops import count_gmacs
 from renyiprune.planning.policy import load_policy, resolve_budget
 from renyiprune.planning.specs import PruneConfig, patch_kwargs
 
@@ -75,7 +76,7 @@ def test_decreasing_tome_budget_is_the_smallest_r_that_fits():
     m = rp.create_model("deit_tiny_patch16_224")
     rp.patch(m, method="tome", schedule="decreasing", budget=0.5)
     assert m.renyiprune.merge_r[0] > m.renyiprune.merge_r[-1]
-    assert rp.count_gmacs(m) <= 0.505 * full
+    assert count_gmacs(m) <= 0.505 * full
 
 
 def test_sweep_budgets_build_tome_and_pruning_configs():
@@ -131,16 +132,16 @@ def test_patch_best_with_budget_follows_the_policys_method(tmp_path, monkeypatch
     assert resolve_budget(0.55) == {"criterion": "evit", "alpha": 1.0, "locations": (3, 6, 9), "fuse": False,
                                     "removed": "merge"}  # fmt: skip
     m = rp.create_model("deit_tiny_patch16_224")
-    full = rp.count_gmacs(m)
+    full = count_gmacs(m)
     rp.patch(m, criterion="best", budget=0.5)
     st = m.renyiprune
     assert st.method == "prune" and st.removed == "merge" and st.stages[0].name == "evit"
-    assert 0.49 * full <= rp.count_gmacs(m) <= 0.505 * full
+    assert 0.49 * full <= count_gmacs(m) <= 0.505 * full
     rp.patch(m, criterion="best", budget=0.8)  # nearest tuned budget: 0.75's method, solved for 0.8
     st = m.renyiprune
     assert st.method == "tome" and st.entropy_weight == 0.05 and st.entropy_alpha == float("inf")
     assert st.merge_r[0] > st.merge_r[-1]  # the decreasing schedule
-    assert 0.78 * full <= rp.count_gmacs(m) <= 0.805 * full
+    assert 0.78 * full <= count_gmacs(m) <= 0.805 * full
     kw = patch_kwargs(PruneConfig("best", 1.0, 1.0, (3, 6, 9), False, (("budget", 0.5),)))
     assert kw["criterion"] == "best" and kw["budget"] == 0.5
 
@@ -209,7 +210,7 @@ def test_every_method_stays_within_its_budget_in_counted_gmacs():
     fitted by counting, so the counted GMACs of every method (as FlopCounterMode sees the forward)
     never exceed F x unpruned, and come close to it."""
     m = rp.create_model("deit_tiny_patch16_224")
-    full = rp.count_gmacs(m)
+    full = count_gmacs(m)
     methods = [dict(method="tome"), dict(method="tome", schedule="decreasing"),
                dict(criterion="evit"), dict(criterion="evit", removed="fuse"),
                dict(criterion="evit", removed="merge"),
@@ -218,7 +219,7 @@ def test_every_method_stays_within_its_budget_in_counted_gmacs():
                dict(criterion="diverse", removed="fuse")]  # fmt: skip
     for kw in methods:
         for f in (0.9, 0.75, 0.65, 0.5):
-            g = rp.count_gmacs(rp.patch(m, budget=f, **kw)) / full
+            g = count_gmacs(rp.patch(m, budget=f, **kw)) / full
             # r steps are coarse (one more merge per block = 12 blocks' worth); 2r -> 0 even more so
             slack = {None: 0.02, "tome": 0.035}[kw.get("method")] if "schedule" not in kw else 0.06
             assert f - slack <= g <= f, (kw, f, g)

@@ -9,6 +9,7 @@ from renyiprune.cli import main
 from renyiprune.core.hosts import UnsupportedModelError
 from renyiprune.data.images import EvalTransform, list_samples, load_image
 from renyiprune.models.hf import load_into_hf
+from renyiprune.models.model import VisionTransformer
 from renyiprune.models.weights import read_state_dict
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (renyiprune[hf])")
@@ -40,7 +41,7 @@ def images(shared_assets):
 
 
 def tiny_hf(**kw):
-    """A 4-layer HF ViT shaped like rp.VisionTransformer(32 px, patch 8, dim 32, 2 heads, 5 classes)."""
+    """A 4-layer HF ViT shaped like VisionTransformer(32 px, patch 8, dim 32, 2 heads, 5 classes)."""
     cfg = transformers.ViTConfig(
         hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128, image_size=32,
         patch_size=8, num_labels=5, layer_norm_eps=1e-6, hidden_act="gelu", **kw,
@@ -77,7 +78,7 @@ def test_hf_model_equals_ours_unpruned_and_pruned(hf_dir, weights, images):
 
 
 def test_load_into_instance_and_base_model():
-    ours = rp.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
+    ours = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
     base = transformers.ViTModel(tiny_hf().config, add_pooling_layer=False).eval()
     load_into_hf(base, ours.state_dict())
     x = torch.randn(2, 3, 32, 32)
@@ -140,7 +141,7 @@ MERGING = [dict(removed="merge", keep_rate=0.5, locations=(1,)), dict(method="to
 @pytest.mark.parametrize("kw", MERGING)
 def test_merging_methods_match_ours(kw):
     """Prune-then-merge (proportional attention in later layers) and ToMe run on HF layers like on ours."""
-    ours = rp.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
+    ours = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
     model = tiny_hf()
     load_into_hf(model, ours.state_dict())
     rp.patch(ours.eval(), **kw)

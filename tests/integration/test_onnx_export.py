@@ -5,6 +5,7 @@ import torch
 from tolerances import vit_rtol
 
 import renyiprune as rp
+from renyiprune.models.model import VisionTransformer
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (renyiprune[export])")
 pytest.importorskip("onnxscript", reason="onnxscript is not installed (renyiprune[export])")
@@ -25,7 +26,7 @@ def agrees_with_torch(path, model, x) -> bool:
 
 def test_pruned_tiny_model_exports_with_dynamic_batch(tmp_path):
     torch.manual_seed(0)
-    m = rp.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
     crits = ["renyi", "evit"]
     rp.patch(m.eval(), keep_rate=(0.6, 0.5), criterion=crits, alpha=2.0, locations=(1, 2), fuse=True)
     path = export_onnx(m, tmp_path / "tiny.onnx", image_size=32)
@@ -50,7 +51,7 @@ def test_failed_export_leaves_no_file(tmp_path):
 @pytest.mark.parametrize("criterion", ["cls_value", "pagerank", "evit_renyi", "diverse"])
 def test_criteria_that_read_keys_and_values_export(tmp_path, criterion):
     torch.manual_seed(0)
-    m = rp.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
     rp.patch(m.eval(), keep_rate=0.5, criterion=criterion, locations=(1, 2), fuse=True)
     path = export_onnx(m, tmp_path / "tiny.onnx", image_size=32)
     assert agrees_with_torch(path, m, torch.randn(2, 3, 32, 32))

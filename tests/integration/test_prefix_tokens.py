@@ -19,6 +19,7 @@ from renyiprune.core.entropy import renyi_entropy
 from renyiprune.core.hosts import UnsupportedModelError, check_token_layout
 from renyiprune.core.merging import bipartite_matching, merge_into_kept
 from renyiprune.core.selection import select_tokens
+from renyiprune.models.model import VisionTransformer
 from renyiprune.planning.budget import VitShape, prune_counts, tome_counts
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (renyiprune[hf])")
@@ -383,11 +384,11 @@ def test_budget_counts_include_every_prefix_token():
 
 
 def test_refusals_stay_clear():
-    m = rp.VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2)
+    m = VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2)
     m.cls_token = None
     with pytest.raises(UnsupportedModelError, match="no CLS token"):
         rp.patch(m)
-    m = rp.VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2)
+    m = VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2)
     m.num_prefix_tokens = 0
     with pytest.raises(UnsupportedModelError, match="num_prefix_tokens is 0"):
         rp.patch(m)
@@ -407,7 +408,7 @@ class _TimmAttention(nn.Module):
 
 
 def test_timm_with_register_tokens_is_refused_clearly():
-    m = rp.VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2)
+    m = VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2)
     for b in m.blocks:
         b.attn = _TimmAttention()
     m.num_prefix_tokens = 5  # CLS + 4 register tokens

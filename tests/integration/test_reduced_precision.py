@@ -6,6 +6,7 @@ import torch
 
 import renyiprune as rp
 from renyiprune.data.images import EvalTransform, list_samples, load_image
+from renyiprune.models.model import VisionTransformer
 
 pytestmark = pytest.mark.numerics
 
@@ -28,7 +29,7 @@ CONFIGS = [
 
 def tiny():
     torch.manual_seed(0)
-    return rp.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
 
 
 def devices_and_dtypes():

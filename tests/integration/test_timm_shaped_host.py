@@ -9,6 +9,7 @@ from torch import nn
 
 import renyiprune as rp
 from renyiprune.core.hosts import UnsupportedModelError
+from renyiprune.models.model import VisionTransformer
 
 #: timm_like()'s shape (4 blocks, width 32, 2 heads, 16 patches + CLS) for tests/tolerances.py.
 RTOL = vit_rtol(torch.float32, depth=4, dim=32, heads=2, tokens=17)
@@ -56,8 +57,8 @@ class TimmBlock(nn.Module):
 
 def timm_like(gamma: float = 1.0):
     torch.manual_seed(0)
-    ours = rp.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
-    host = rp.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
+    ours = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
+    host = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=5)
     host.load_state_dict(ours.state_dict())
     host.blocks = nn.Sequential(*(TimmBlock(b, gamma) for b in host.blocks))
     return ours.eval(), host.eval()
@@ -120,12 +121,12 @@ def test_unsupported_models_name_what_is_missing(make, needle):
 
 
 def _without_cls():
-    m = rp.VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2)
+    m = VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2)
     m.cls_token = None
     return m
 
 
 def _with_blocks(blocks):
-    m = rp.VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2)
+    m = VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=2, num_heads=2)
     m.blocks = blocks
     return m

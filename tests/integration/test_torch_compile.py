@@ -5,15 +5,16 @@ import torch
 from tolerances import assert_close_normwise, vit_rtol
 
 import renyiprune as rp
+from renyiprune.models.model import VisionTransformer
 
 pytestmark = [pytest.mark.compile, pytest.mark.numerics]
 #: Inductor's generated kernels against eager ones: tiny()'s shape for tests/tolerances.py.
 RTOL = vit_rtol(torch.float32, depth=3, dim=16, heads=2, tokens=17)
 
 
-def tiny(seed: int = 0) -> rp.VisionTransformer:
+def tiny(seed: int = 0) -> VisionTransformer:
     torch.manual_seed(seed)
-    m = rp.VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=3, num_heads=2, num_classes=5)
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=3, num_heads=2, num_classes=5)
     for b in m.blocks:  # peaked attention: the init's near-uniform attention ties the scores to 1e-7
         b.attn.qkv.weight.data.normal_(0, 0.5)
     return m.eval()

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from renyiprune import AttentionContext, list_criteria, make_criterion
+from renyiprune import list_criteria
+from renyiprune.core.attention import AttentionContext
+from renyiprune.core.criteria import make_criterion
 
 pytestmark = pytest.mark.numerics
 

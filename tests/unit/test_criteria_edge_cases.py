@@ -7,8 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import renyiprune as rp
-from renyiprune import AttentionContext, make_criterion
+from renyiprune.core.attention import AttentionContext
+from renyiprune.core.criteria import make_criterion
 from renyiprune.core.selection import keep_count, select_tokens
+from renyiprune.models.model import VisionTransformer
 
 SPECIAL = st.sampled_from([math.nan, math.inf, -math.inf, 0.0, 1.0, 1e4, -1e4])
 
@@ -73,7 +75,7 @@ def test_every_criterion_keeps_exactly_k_valid_tokens(att, r, fuse):
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 2), st.floats(1e-3, 1.0), st.sampled_from(["renyi", "evit", "random", "shannon"]))
 def test_tiny_model_two_tokens_batch_one(batch, r, criterion):
-    m = rp.VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=3, num_heads=2, num_classes=3)
+    m = VisionTransformer(img_size=16, patch_size=8, embed_dim=8, depth=3, num_heads=2, num_classes=3)
     m.eval()
     rp.patch(m, keep_rate=r, criterion=criterion, locations=(0, 1, 2), fuse=True)
     with torch.no_grad():

@@ -8,8 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from renyiprune import renyi_entropy
-from renyiprune.core.entropy import parse_alpha
+from renyiprune.core.entropy import parse_alpha, renyi_entropy
 
 pytestmark = pytest.mark.numerics
 

@@ -5,8 +5,13 @@ import pytest
 import torch
 
 import renyiprune as rp
-from renyiprune import MergePlan, PrunePlan, Stage
+from renyiprune import MergePlan, PrunePlan
+from renyiprune.core.api import apply
+from renyiprune.core.plans import Stage
+from renyiprune.core.state import is_patched
 from renyiprune.models.model import VisionTransformer
+from renyiprune.planning import policy
+from renyiprune.planning.flops import count_gmacs
 
 
 def tiny(depth: int = 6) -> VisionTransformer:
@@ -42,7 +47,7 @@ def test_prune_and_merge_check_the_plan_against_the_model():
     m = tiny(depth=6)
     with pytest.raises(ValueError, match="out of range for a model with 6 blocks"):
         rp.prune(m, PrunePlan.uniform(0.5, locations=(2, 6)))
-    assert not rp.is_patched(m)
+    assert not is_patched(m)
     with pytest.raises(TypeError, match="prune takes a PrunePlan"):
         rp.prune(m, MergePlan(r=2))
     with pytest.raises(TypeError, match="merge takes a MergePlan"):
@@ -68,7 +73,7 @@ def test_patch_is_the_plan_it_builds(kwargs, plan):
     x = torch.randn(3, 3, 32, 32)
     a, b = tiny(), tiny()
     rp.patch(a, **kwargs)
-    rp.apply(b, plan)
+    apply(b, plan)
     assert a.renyiprune.describe() == b.renyiprune.describe()
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
@@ -83,21 +88,21 @@ def test_tome_refuses_pruning_arguments_instead_of_ignoring_them(pruning_only):
     m = tiny()
     with pytest.raises(ValueError, match="method='tome' merges r tokens after every block"):
         rp.patch(m, method="tome", r=2, **pruning_only)
-    assert not rp.is_patched(m)
+    assert not is_patched(m)
 
 
 def test_plan_for_budget_does_not_touch_the_model_and_meets_the_budget():
     m = tiny()
-    full = rp.count_gmacs(m)
+    full = count_gmacs(m)
     plan = rp.plan_for_budget(m, "prune", 0.7, criterion="shannon", locations=(1, 3))
-    assert not rp.is_patched(m)
-    assert rp.count_gmacs(rp.prune(m, plan)) <= 0.7 * full * (1 + 1e-9)
+    assert not is_patched(m)
+    assert count_gmacs(rp.prune(m, plan)) <= 0.7 * full * (1 + 1e-9)
     # the largest such rate: one more first-location patch would exceed the budget
     step = 1.0 / m.patch_embed.num_patches
     looser = plan.with_keep_rate(plan.stages[0].keep_rate + step)
-    assert rp.count_gmacs(rp.prune(m, looser)) > 0.7 * full
+    assert count_gmacs(rp.prune(m, looser)) > 0.7 * full
     tome = rp.plan_for_budget(rp.unpatch(m), "tome", 0.7)
-    assert isinstance(tome, MergePlan) and rp.count_gmacs(rp.merge(m, tome)) <= 0.7 * full * (1 + 1e-9)
+    assert isinstance(tome, MergePlan) and count_gmacs(rp.merge(m, tome)) <= 0.7 * full * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("patched", ["merged", "pruned"])
@@ -119,9 +124,9 @@ def test_plan_for_budget_on_a_patched_model_plans_for_the_unpatched_one(patched)
 
 
 def test_policy_best_returns_the_shipped_choice_as_a_plan():
-    entry = rp.policy.policy_entry(rp.policy.load_policy(), 0.7)
-    plan = rp.policy.best("deit_tiny_patch16_224", keep_rate=0.7)
+    entry = policy.policy_entry(policy.load_policy(), 0.7)
+    plan = policy.best("deit_tiny_patch16_224", keep_rate=0.7)
     assert isinstance(plan, PrunePlan)
     assert plan.stages[0].criterion == entry["criterion"].split("@")[0].split(":")[0]
     with pytest.raises(ValueError, match="either keep_rate or budget"):
-        rp.policy.best("deit_tiny_patch16_224")
+        policy.best("deit_tiny_patch16_224")

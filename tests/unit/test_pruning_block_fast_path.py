@@ -10,6 +10,7 @@ import renyiprune as rp
 from renyiprune.core.blocks import _scored_attention
 from renyiprune.core.criteria import AttentionContext, attention_logits
 from renyiprune.core.entropy import renyi_entropy
+from renyiprune.core.selection import keep_count
 from renyiprune.experiments.benchmark import PeakTensorMemory
 from renyiprune.models.model import VisionTransformer
 
@@ -54,7 +55,7 @@ def straightforward_forward(m, x, keep_rate, locations, criterion, alpha, fuse):
                 else:
                     ent = torch.log((rows**alpha).sum(-1)) / (1 - alpha)
                 score = -ent.mean(1)
-            kk = rp.keep_count(n, keep_rate)
+            kk = keep_count(n, keep_rate)
             kept = score.topk(kk, dim=1).indices.sort(dim=1).values
             parts = [t[:, :1], t[:, 1:].gather(1, kept[..., None].expand(-1, -1, C))]
             if fuse:

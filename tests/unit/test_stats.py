@@ -61,14 +61,14 @@ def test_counts_form_equals_the_outcome_form_and_checks_its_input():
 def test_evaluate_pairs_every_config_with_the_reference_image_by_image():
     import torch
 
-    import renyiprune as rp
     from renyiprune.data.images import Batch
     from renyiprune.experiments.evaluate import evaluate, pruned_view
+    from renyiprune.models.model import VisionTransformer
     from renyiprune.planning.specs import PruneConfig
 
     torch.manual_seed(0)
     cfg = dict(img_size=32, patch_size=8, embed_dim=24, depth=4, num_heads=3, num_classes=3)
-    m = rp.VisionTransformer(**cfg).eval()
+    m = VisionTransformer(**cfg).eval()
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 3, 32, 32, generator=g), torch.randint(0, 3, (40,), generator=g)
     batches = [Batch(x[i : i + 8], y[i : i + 8], torch.arange(i, i + 8), []) for i in range(0, 40, 8)]

@@ -11,6 +11,7 @@ import renyiprune as rp
 from renyiprune.core.merging import bipartite_matching
 from renyiprune.models.model import VisionTransformer
 from renyiprune.planning.budget import VitShape, tome_counts
+from renyiprune.planning.flops import count_gmacs
 
 #: small_vit()'s shape for the tolerance policy: 6 blocks, width 48, 3 heads, 8 x 8 patches + CLS.
 SMALL_VIT = dict(depth=6, dim=48, heads=3, tokens=65)
@@ -101,15 +102,15 @@ def test_prune_then_merge_matches_naive():
 def test_tome_gmacs_and_budgets():
     m = rp.create_model("deit_tiny_patch16_224")
     shape = VitShape.of(m)
-    full = rp.count_gmacs(m)
+    full = count_gmacs(m)
     rp.patch(m, method="tome", r=16)
     # the counter also sees the matching's similarity products (about 0.5 %)
-    assert rp.count_gmacs(m) == pytest.approx(shape.gmacs(tome_counts(shape, [16] * 12)), rel=0.01)
-    assert rp.count_gmacs(m) == pytest.approx(0.622, abs=0.01)  # method notes: ToMe r=16 on DeiT-Tiny
+    assert count_gmacs(m) == pytest.approx(shape.gmacs(tome_counts(shape, [16] * 12)), rel=0.01)
+    assert count_gmacs(m) == pytest.approx(0.622, abs=0.01)  # method notes: ToMe r=16 on DeiT-Tiny
     for method, kw in (("tome", {}), ("prune", dict(criterion="evit", removed="fuse"))):
         for budget in (0.75, 0.5):
             rp.patch(m, method=method, budget=budget, **kw)
-            g = rp.count_gmacs(m)
+            g = count_gmacs(m)
             assert budget * full * 0.95 <= g <= budget * full * 1.01
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .criteria import Criterion
 from .selection import keep_count
 
-__all__ = ["StageConfig", "StageRecord", "PruneState", "is_patched", "unpatch"]
+__all__ = ["StageConfig", "StageRecord", "PruneState", "is_patched", "records", "unpatch"]
 
 
 @dataclass
@@ -135,3 +135,14 @@ def unpatch(model: nn.Module) -> nn.Module:
             m.__dict__.pop(attr, None)
     del model.renyiprune
     return model
+
+
+def records(model: nn.Module) -> list[StageRecord]:
+    """What each pruning location did in ``model``'s last forward, in order (``model.renyiprune.records``;
+    empty for ToMe merging and before the first forward)."""
+    if not is_patched(model):
+        raise ValueError(
+            f"{type(model).__name__} is not patched by renyiprune, so it keeps no records; "
+            "call prune, merge or patch on it first"
+        )
+    return list(model.renyiprune.records)

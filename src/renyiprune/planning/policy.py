@@ -34,8 +34,12 @@ __all__ = [
 POLICY_DIR = Path(__file__).resolve().parent / "policies"
 
 def load_policy(path: str | Path | None = None, model: str = "deit_tiny_patch16_224") -> dict:
-    """Read a policy file; without ``path`` the one shipped for ``model``."""
+    """Read a policy file, or the shipped policy named ``path`` (e.g. ``"deit_tiny_patch16_224"``);
+    without ``path`` the one shipped for ``model``."""
     p = Path(path) if path is not None else POLICY_DIR / f"{model}.json"
+    shipped = POLICY_DIR / f"{path}.json"
+    if isinstance(path, str) and p.name == path and not p.is_file() and shipped.is_file():
+        p = shipped  # a shipped policy's name
     if not p.is_file():
         shipped = ", ".join(sorted(f.stem for f in POLICY_DIR.glob("*.json"))) or "none"
         raise FileNotFoundError(f"no pruning policy {p} (shipped: {shipped}); run renyiprune tune-alpha")
