@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import itertools
 import json
 import sys
 import time
 from pathlib import Path
 
-import torch
-
-from ..core.criteria import list_criteria, takes_alpha
-from ..core.entropy import parse_alpha
+from ..core.criteria import list_criteria
+from ..core.plans import UNPRUNED
 from ..data.images import EvalTransform, check_labels
-from ..experiments.sweep import ResultLog, run_sweep
+from ..experiments.grid import Grid, grid_points
+from ..experiments.sweep import ResultLog, SweepSettings, fingerprint, sweep_samples
 from ..experiments.tables import markdown_tables, to_csv
-from ..experiments.tune import is_calibration
 from ..models.model import weights_id
-from ..planning.specs import SweepConfig, check_options, parse_stages, split_criterion
+from ..planning.points import Point
 from ..utils import distributed as D
 from ..utils.io import atomic_write_text, output_lock
 from . import common
@@ -119,73 +115,17 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def parse_spec(spec: str, alphas) -> tuple[str, list[float], dict]:
-    """'renyi:2[removed=merge]' -> ('renyi', [2.0], {'removed': 'merge'}): the criterion (or tome, or a
-    per-stage spec), the orders it is crossed with (``alphas`` where it takes one), fixed options."""
-    crit, extra = split_criterion(spec)  # 'hybrid[base=headvar]': fixed criterion options
-    # crossed with --alpha: criteria with an order (hybrid only while its base is the Rényi score)
-    tuned = takes_alpha(crit, extra)
-    alphas = list(alphas) if tuned else [1.0]
-    if tuned and "alpha" in extra:  # 'evit_renyi[alpha=inf]' is 'evit_renyi:inf'
-        alphas = [parse_alpha(str(extra.pop("alpha")))]
-    if "@" in crit:
-        parse_stages(crit)
-    elif ":" in crit:  # 'hybrid:2': this criterion at one alpha only
-        crit, a = crit.split(":", 1)
-        alphas = [parse_alpha(a)]
-    if crit == "tome":
-        if "alpha" in extra:  # entropy-aware ToMe: its order is an option
-            extra["alpha"] = float(parse_alpha(str(extra["alpha"])))
-        return crit, [1.0], extra
-    if "@" not in crit and crit not in list_criteria():
-        raise ValueError(f"unknown criterion {crit!r}; known: tome, {', '.join(list_criteria())}")
-    check_options(crit, extra)  # a misspelt option fails now, before the model is loaded
-    return crit, alphas, extra
+def grid_of(args: argparse.Namespace) -> Grid:
+    """The values the grid flags cross (``--keep``, ``--alpha``, ``--lambda``, ``--fuse``, ``--locations``,
+    ``--budget``)."""
+    return Grid(keep=tuple(args.keep), alpha=tuple(args.alpha), lambdas=tuple(args.lambdas),
+                fuse=tuple(args.fuse), locations=tuple(args.locations),
+                budget=tuple(getattr(args, "budget", None) or ()))  # fmt: skip
 
 
-def build_configs(args: argparse.Namespace, criteria, adaptive=()) -> list[SweepConfig]:
-    """Cross criteria (alphas, lambdas where they apply) with keep rates (or compute budgets) and fusion;
-    the ``adaptive`` criteria also in per-image adaptive keep mode. Reads ``args.keep``, ``fuse``,
-    ``locations``, ``lambdas``, ``alpha`` and ``budget`` (absent: keep rates)."""
-    configs = []
-    locs = tuple(args.locations)
-    budgets = getattr(args, "budget", None) or []
-    for fuse, (spec, is_budget) in itertools.product(
-        args.fuse, [(c, False) for c in criteria] + [(c, True) for c in adaptive]
-    ):
-        with common.naming("--adaptive" if is_budget else "--criterion", spec):
-            crit, alphas, extra = parse_spec(spec, args.alpha)
-        if crit == "tome":
-            if budgets:  # ToMe does not fuse: one config per budget whatever --fuse says
-                configs += [SweepConfig("tome", 1.0, 1.0, (), False,
-                                        tuple(sorted({**extra, "budget": f}.items()))) for f in budgets]
-            elif "r" in extra:
-                configs.append(SweepConfig("tome", 1.0, 1.0, (), False, tuple(sorted(extra.items()))))
-            else:
-                raise ValueError("tome in a sweep needs --budget or an r: tome[r=16]")
-            continue
-        lams = args.lambdas if crit == "hybrid" else [None]
-        points = [(r, None) for r in args.keep] if not budgets or is_budget else [(1.0, f) for f in budgets]
-        for a, lam, (r, f) in itertools.product(alphas, lams, points):
-            opts = {**extra, **({"lam": float(lam)} if lam is not None else {})}
-            if f is not None:
-                opts["budget"] = f
-            configs.append(SweepConfig(crit, r, a, locs, fuse, tuple(sorted(opts.items())), budget=is_budget))
-    return list(dict.fromkeys(configs))
-
-
-def fingerprint(args: argparse.Namespace, samples: list, part: str = "all") -> dict:
-    """What makes results comparable: model, weights (the SHA-256 of their bytes), data folder (or data
-    set, split and root), image list, which part of it."""
-    names = "\n".join(s.path.name for s in samples).encode()
-    return {
-        "model": args.model,
-        "weights": weights_id(args.model, args.weights),
-        "data": image_source(args).key,
-        "images": len(samples),
-        "part": part,
-        "list_sha256": hashlib.sha256(names).hexdigest()[:16],
-    }
+def settings_of(args: argparse.Namespace) -> SweepSettings:
+    return SweepSettings(batch_size=args.batch_size, workers=args.workers, device=args.device,
+                         skip_bad=args.skip_bad, progress=not args.no_progress and D.rank() == 0)  # fmt: skip
 
 
 def transform_of(model) -> EvalTransform:
@@ -193,54 +133,13 @@ def transform_of(model) -> EvalTransform:
     return EvalTransform(c.img_size, c.crop_pct, c.interpolation, c.mean, c.std)
 
 
-def loader_of(samples, transform, args):
-    from torch.utils.data import DataLoader
-
-    from ..data.images import ImageDataset, collate
-
-    return DataLoader(
-        ImageDataset(samples, transform), batch_size=args.batch_size, shuffle=False,
-        num_workers=args.workers, collate_fn=collate,
-    )  # fmt: skip
-
-
-def _global_batches(loader, positions: torch.Tensor):
-    """The loader's batches with ``indices`` mapped from positions in a shard to the whole sample list."""
-    for batch in loader:
-        yield batch._replace(indices=positions[batch.indices])
-
-
-def sweep_samples(args, samples, configs, log_path: Path, part: str, model) -> tuple[list[dict], dict]:
-    """Run ``configs`` on ``samples`` (resuming ``log_path``); returns records and timing.
-
-    Under torchrun (a joined process group) this process decodes and runs only its share of the
-    images (``distributed.batch_shard``); the records are gathered as one process makes them. The log's
-    folder is locked meanwhile (``output_lock``: one writer per folder; re-entrant for ``run``).
-    """
-    with output_lock(log_path.parent, collective=True):
-        return _sweep_samples(args, samples, configs, log_path, part, model)
-
-
-def _sweep_samples(args, samples, configs, log_path: Path, part: str, model) -> tuple[list[dict], dict]:
-    log = ResultLog(log_path, fingerprint(args, samples, part))
-    transform = image_source(args).view(transform_of(model))
-    world = torch.distributed.get_world_size() if D.is_distributed() else 1
-    positions = torch.tensor(D.batch_shard(len(samples), args.batch_size, D.rank(), world), dtype=torch.int64)
-    mine = [samples[int(i)] for i in positions]
-    return run_sweep(
-        model,
-        configs,
-        lambda: _global_batches(loader_of(mine, transform, args), positions),
-        total=len(mine),
-        log=log,
-        batch_size=args.batch_size,
-        device=args.device,
-        skip_bad=args.skip_bad,
-        calibration=lambda idx: torch.tensor(
-            [is_calibration(samples[int(i)].path) for i in idx], dtype=torch.bool
-        ),  # dtype: a process may hold no image
-        progress=not args.no_progress and D.rank() == 0,
-    )
+def sweep(args: argparse.Namespace, model, samples: list, points: list[Point], log_path: Path, part: str):
+    """``experiments.sweep.sweep_samples`` with what the flags say: the run's fingerprint (model, weights,
+    data source, ``part`` of the images), the image transform and the settings; records, timing."""
+    source = image_source(args)
+    fp = fingerprint(args.model, weights_id(args.model, args.weights), source.key, samples, part)
+    transform = source.view(transform_of(model))
+    return sweep_samples(model, points, samples, ResultLog(log_path, fp), transform, settings_of(args))
 
 
 def write_outputs(out: Path, records: list[dict], title: str) -> None:
@@ -264,7 +163,7 @@ def check_image_args(args) -> None:
 
 def image_source(args: argparse.Namespace) -> common.ImageSource:
     """The images the data flags name (``common.read_images``), read once and kept as ``args.source``: the
-    fingerprint and the bottom crop of every ``sweep_samples`` call of a command come from it."""
+    fingerprint and the bottom crop of every ``sweep`` call of a command come from it."""
     if getattr(args, "source", None) is None:
         args.source = common.read_images(args)
     return args.source
@@ -295,9 +194,9 @@ def check_args(args) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
-    configs = build_configs(args, args.criterion, args.adaptive)
+    configs = grid_points(grid_of(args), args.criterion, args.adaptive)
     if not args.no_unpruned:
-        configs.insert(0, SweepConfig(None, 1.0, 1.0, (), False))
+        configs.insert(0, Point(UNPRUNED))
     samples = read_source(args)
     info = D.init_distributed(args.device)  # under torchrun: one share of the images per process
     args.device = info.device
@@ -309,9 +208,9 @@ def run(args: argparse.Namespace) -> int:
         D.cleanup()
 
 
-def _run(args: argparse.Namespace, configs: list[SweepConfig], samples: list, is_main: bool, model) -> int:
+def _run(args: argparse.Namespace, configs: list[Point], samples: list, is_main: bool, model) -> int:
     t0 = time.perf_counter()
-    records, timing = sweep_samples(args, samples, configs, args.out / "results.jsonl", "all", model)
+    records, timing = sweep(args, model, samples, configs, args.out / "results.jsonl", "all")
     timing["total_s"] = time.perf_counter() - t0
     if not is_main:  # rank 0 writes the outputs and reports
         return 0

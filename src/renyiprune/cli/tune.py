@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
+from ..experiments.grid import grid_points
 from ..experiments.stats import compare_records, format_difference
 from ..experiments.tune import choose, policy_document, split_samples
-from ..planning.policy import entry_config
-from ..planning.specs import SweepConfig
+from ..planning.build import PatchArgs, build_plan
+from ..planning.points import Point
+from ..planning.policy import entry_plan
 from ..utils.io import atomic_write_text
 from . import common
-from .sweep import add_grid_args, build_configs, check_args, load_checked_model, read_source, sweep_samples
+from .sweep import add_grid_args, check_args, grid_of, load_checked_model, read_source, sweep
 
 REFERENCES = ("evit", "shannon")
 
@@ -49,19 +52,19 @@ def calibrate(args: argparse.Namespace, model, calib: list) -> dict[float, dict]
     """Sweep the candidates and references on the calibration images; choose per keep rate."""
     if len(args.fuse) != 1:
         raise ValueError("tune-alpha tunes for one fusion setting: --fuse on or --fuse off")
-    candidates = build_configs(args, args.criterion)
-    refs = build_configs(argparse.Namespace(**{**vars(args), "alpha": [1.0]}), REFERENCES)
+    candidates = grid_points(grid_of(args), args.criterion)
+    refs = grid_points(replace(grid_of(args), alpha=(1.0,)), REFERENCES)
     configs = list(dict.fromkeys(candidates + refs))
-    records, _ = sweep_samples(args, calib, configs, args.out / "calibration.jsonl", "calibration", model)
+    records, _ = sweep(args, model, calib, configs, args.out / "calibration.jsonl", "calibration")
     rec = dict(zip(configs, records, strict=True))
     chosen = {}
     for r in args.keep:
-        cands = [rec[c] for c in candidates if c.keep_rate == r]
+        cands = [rec[c] for c in candidates if c.plan.stages[0].keep_rate == r]
         entry = choose(cands)
         entry["reference"] = {
-            c.criterion: {"calibration_top1": rec[c]["top1"], "gmacs": rec[c]["gmacs"]}
+            c.plan.stages[0].criterion: {"calibration_top1": rec[c]["top1"], "gmacs": rec[c]["gmacs"]}
             for c in refs
-            if c.keep_rate == r
+            if c.plan.stages[0].keep_rate == r
         }
         chosen[r] = entry
     return chosen
@@ -69,7 +72,7 @@ def calibrate(args: argparse.Namespace, model, calib: list) -> dict[float, dict]
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
-    build_configs(args, args.criterion)  # a bad criterion spec fails here, before any image is read
+    grid_points(grid_of(args), args.criterion)  # a bad criterion spec fails here, before any image is read
     samples = read_source(args)
     calib, evals = split_samples(samples)
     if not calib or not evals:
@@ -78,14 +81,14 @@ def run(args: argparse.Namespace) -> int:
     chosen = calibrate(args, model, calib)
     # Only now is the evaluation half read: the chosen settings and the references, per keep rate.
     fuse, locs = args.fuse[0], tuple(args.locations)
-    configs: dict[tuple, SweepConfig] = {}
+    configs: dict[tuple, Point] = {}
     for r, entry in chosen.items():
         for name, setting in [("best", entry["best"]), *entry["by_criterion"].items()]:
-            configs[(r, name)] = SweepConfig(**vars(entry_config(setting, r, locs, fuse)))
+            configs[(r, name)] = Point(entry_plan(setting, r, locs, fuse))
         for ref in REFERENCES:
-            configs[(r, ref + "_ref")] = SweepConfig(ref, r, 1.0, locs, fuse)
+            configs[(r, ref + "_ref")] = Point(build_plan(None, PatchArgs(r, ref, locations=locs, fuse=fuse)))
     uniq = list(dict.fromkeys(configs.values()))
-    records, _ = sweep_samples(args, evals, uniq, args.out / "evaluation.jsonl", "evaluation", model)
+    records, _ = sweep(args, model, evals, uniq, args.out / "evaluation.jsonl", "evaluation")
     ev = dict(zip(uniq, records, strict=True))
     rows = []
     for r, entry in chosen.items():

@@ -14,21 +14,15 @@ import argparse
 import json
 from pathlib import Path
 
+from ..core.plans import UNPRUNED
+from ..experiments.grid import Grid, grid_points
 from ..experiments.stats import compare_records, format_difference
 from ..experiments.tune import DEFAULT_BUDGET_CANDIDATES, choose, split_samples
+from ..planning.points import Point
 from ..planning.policy import POLICY_DIR
-from ..planning.specs import SweepConfig, config_from_dict
 from ..utils.io import atomic_write_text
 from . import common
-from .sweep import (
-    add_image_args,
-    build_configs,
-    check_image_args,
-    load_checked_model,
-    read_source,
-    sweep_samples,
-    write_outputs,
-)
+from .sweep import add_image_args, check_image_args, load_checked_model, read_source, sweep, write_outputs
 
 REFERENCE = "tome"  # ToMe, constant r: what users pick today
 
@@ -61,14 +55,13 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _configs(args: argparse.Namespace, specs) -> list[SweepConfig]:
-    ns = argparse.Namespace(fuse=[False], locations=args.locations, budget=args.budget, keep=[1.0],
-                            alpha=[1.0], lambdas=[0.5])  # fmt: skip
-    return build_configs(ns, specs)
+def _configs(args: argparse.Namespace, specs) -> list[Point]:
+    return grid_points(Grid(keep=(1.0,), alpha=(1.0,), locations=tuple(args.locations),
+                            budget=tuple(args.budget)), specs)  # fmt: skip
 
 
-def _budget(c: SweepConfig) -> float:
-    return float(dict(c.options)["budget"])
+def _budget(c: Point) -> float:
+    return float(c.budget)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_checked_model(args, samples)
 
     configs = list(dict.fromkeys(candidates + refs))
-    records, _ = sweep_samples(args, calib, configs, args.out / "calibration.jsonl", "calibration", model)
+    records, _ = sweep(args, model, calib, configs, args.out / "calibration.jsonl", "calibration")
     cal = dict(zip(configs, records, strict=True))
     chosen = {}
     for f in args.budget:
@@ -94,11 +87,11 @@ def run(args: argparse.Namespace) -> int:
         chosen[f] = entry
 
     # Only now is the evaluation half read.
-    picked = {f: config_from_dict(e["best"]["config"]) for f, e in chosen.items()}
-    unpruned = SweepConfig(None, 1.0, 1.0, (), False)
+    picked = {f: Point.from_dict(e["best"]["config"]) for f, e in chosen.items()}
+    unpruned = Point(UNPRUNED)
     todo = [unpruned, *picked.values(), *refs, *(candidates if args.report_all else [])]
     todo = list(dict.fromkeys(todo))
-    records, _ = sweep_samples(args, evals, todo, args.out / "evaluation.jsonl", "evaluation", model)
+    records, _ = sweep(args, model, evals, todo, args.out / "evaluation.jsonl", "evaluation")
     ev = dict(zip(todo, records, strict=True))
     write_outputs(args.out, records, f"{args.model}, evaluation half ({len(evals)} images)")
     rows = []

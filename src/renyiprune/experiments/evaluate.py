@@ -14,11 +14,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..api import patch
-from ..core.api import share_parameters
+from ..core.api import apply, share_parameters
+from ..core.plans import UNPRUNED, MergePlan, PrunePlan
 from ..data.images import Batch, check_bad
 from ..planning.flops import count_gmacs
-from ..planning.specs import PruneConfig, patch_kwargs
+from ..planning.points import Point
 from ..utils.distributed import all_reduce_sum
 from .stats import paired_counts
 
@@ -44,13 +44,12 @@ class EvalResult:
         return asdict(self)
 
 
-def pruned_view(model: nn.Module, config: PruneConfig) -> nn.Module:
-    """A weight-sharing copy of ``model`` that prunes as ``config`` says; the original is untouched."""
+def pruned_view(model: nn.Module, plan: PrunePlan | MergePlan | Point) -> nn.Module:
+    """A weight-sharing copy of ``model`` that prunes as ``plan`` says (a ``Point``'s budget solved on
+    ``model``); the original is untouched, and the unpruned plan leaves the copy unpatched."""
     view = share_parameters(model)
-    kwargs = patch_kwargs(config)
-    if kwargs:
-        patch(view, **kwargs)
-    return view
+    plan = (plan if isinstance(plan, Point) else Point(plan)).resolve(model)
+    return view if plan == UNPRUNED else apply(view, plan)
 
 
 def top1_top5(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
