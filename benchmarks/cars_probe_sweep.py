@@ -33,6 +33,7 @@ from renyiprune.experiments.probe import (
     HEADS,
     FeatureCache,
     ImageSet,
+    ProbeConfig,
     extract_features,
     run_probe,
     with_references,
@@ -319,9 +320,7 @@ def main(argv: list[str] | None = None, dataset: str = "stanford-cars", transfor
             wanted,
             sets,
             tf,
-            cache=cache,
-            batch_size=args.batch_size,
-            workers=1,
+            ProbeConfig(cache=cache, batch_size=args.batch_size, workers=1),
             needed={i: [1] if args.val_only else needed(c) for i, c in enumerate(wanted)},
         )
         timing["wall_s"] = time.perf_counter() - t0
@@ -343,7 +342,7 @@ def main(argv: list[str] | None = None, dataset: str = "stanford-cars", transfor
     missing = [c.label for c in wanted if c not in done]
     t0 = time.perf_counter()
     records, timing = run_probe(
-        model, done, train, [val], tf, cache=cache, batch_size=args.batch_size, head=args.head
+        model, done, train, [val], tf, ProbeConfig(cache=cache, batch_size=args.batch_size, head=args.head)
     )
     timing["report_s"] = time.perf_counter() - t0
     timing["missing"] = missing

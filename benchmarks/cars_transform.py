@@ -18,7 +18,14 @@ import torch
 
 from renyiprune.data.datasets import eval_transform
 from renyiprune.data.images import list_samples
-from renyiprune.experiments.probe import FeatureCache, ImageSet, extract_features, fit_probe, is_holdout
+from renyiprune.experiments.probe import (
+    FeatureCache,
+    ImageSet,
+    ProbeConfig,
+    extract_features,
+    fit_probe,
+    is_holdout,
+)
 from renyiprune.experiments.tune import is_calibration
 from renyiprune.models.model import create_model
 from renyiprune.models.weights import sha256_file
@@ -49,7 +56,7 @@ def main() -> None:
         context = {"model": "deit_tiny_patch16_224", "weights": weights, "transform": repr(tf)}
         cache = FeatureCache(args.cache, context)
         t0 = time.perf_counter()
-        feats, timing = extract_features(model, configs, [train], tf, cache=cache, workers=1)
+        feats, timing = extract_features(model, configs, [train], tf, ProbeConfig(cache=cache, workers=1))
         for ci, c in enumerate(configs):
             x = feats[(ci, 0)]
             head = fit_probe(x[fit], y[fit], 196, hold[fit])

@@ -44,6 +44,8 @@ LAYERS: tuple[str, ...] = (
     "experiments.evaluate",  # top-1/top-5, GMACs, images/s of pruning configurations
     "experiments.sweep",  # resumable sweeps over configurations on decoded images
     "experiments.benchmark",  # interleaved timing and peak memory
+    "experiments.probe_fit",  # the probe's logistic head: L-BFGS fit, L2 chosen on a held-out part
+    "experiments.probe_cache",  # the probe's disk feature cache and the hash of the feature code
     "experiments.probe",  # linear probes under pruning
     "experiments.pareto",  # Pareto plots
     "training",  # fine-tuning with pruning, checkpoints

@@ -134,7 +134,8 @@ def test_cached_prefix_features_equal_a_full_pruned_forward(model, cars):
     x = torch.stack([tf(load_image(s.path)) for s in images.samples])
     configs = [PruneConfig("renyi", 0.5, 2.0, (3, 6, 9), True), PruneConfig("evit", 0.7, 1.0, (3, 6, 9)),
                PruneConfig("diverse", 0.7, 1.0, (4, 7, 10), True), PruneConfig(None)]
-    feats, timing = pr.extract_features(model, configs, [images], tf, batch_size=len(x), progress=False)
+    opts = pr.ProbeConfig(batch_size=len(x), progress=False)
+    feats, timing = pr.extract_features(model, configs, [images], tf, opts)
     assert timing["computed"] == len(configs) and timing["images"] == len(x)
     loader = pr._loader([images], tf, len(x), 0)
     cache = sw.build_cache(model, loader, 3, total=len(x), progress=False)
@@ -181,7 +182,7 @@ def test_prefix_runs_once_per_image_and_images_are_decoded_once(model, cars, ima
     configs = [PruneConfig("renyi", 0.7, a, (3, 6, 9), True) for a in (1.0, 2.0, float("inf"))]
     configs.append(PruneConfig("evit", 0.5, 1.0, (3, 6, 9), True))
     tf = ResizeTransform(224)
-    records, _ = pr.run_probe(model, configs, train, evals, tf, progress=False, batch_size=8)
+    records, _ = pr.run_probe(model, configs, train, evals, tf, pr.ProbeConfig(progress=False, batch_size=8))
     total = sum(len(s.samples) for s in [train, *evals])
     assert sum(seen) == total  # blocks[:3] ran once per image, not once per configuration
     assert sorted(images_read) == sorted(str(s.path) for s in [*train.samples, *evals[0].samples,
@@ -194,12 +195,13 @@ def test_feature_cache_is_reused_and_keyed(model, cars, images_read, tmp_path):
     train, val = _set(cars["train"]), _set(cars["val"])
     configs = [PruneConfig("renyi", 0.7, 2.0, (3, 6, 9), True)]
     cache = pr.FeatureCache(tmp_path / "c", {"model": "deit_tiny", "weights": "w1", "transform": "resize"})
-    first, t1 = pr.run_probe(model, configs, train, [val], ResizeTransform(224), cache=cache, progress=False)
+    opts = pr.ProbeConfig(cache=cache, progress=False)
+    first, t1 = pr.run_probe(model, configs, train, [val], ResizeTransform(224), opts)
     assert t1["computed"] == 6 and t1["cached"] == 0  # 3 configs (renyi, unpruned, EViT) x 2 sets
     files = sorted(f for f in (tmp_path / "c").iterdir() if f.name != LOCK_FILE)  # the writers' lock
     assert len(files) == 6 and all(f.suffix == ".pt" for f in files)  # no temporary file left behind
     images_read.clear()
-    again, t2 = pr.run_probe(model, configs, train, [val], ResizeTransform(224), cache=cache, progress=False)
+    again, t2 = pr.run_probe(model, configs, train, [val], ResizeTransform(224), opts)
     assert t2["cached"] == 6 and t2["computed"] == 0 and images_read == []  # nothing decoded
     assert [r["correct"] for r in again] == [r["correct"] for r in first]
     assert [r["top1"] for r in again] == [r["top1"] for r in first]
@@ -223,7 +225,8 @@ def test_feature_cache_is_reused_and_keyed(model, cars, images_read, tmp_path):
 def test_paired_intervals_match_the_per_image_outcomes(model, cars):
     train, val = _set(cars["train"]), _set(cars["val"])
     configs = [PruneConfig("renyi", 0.5, 2.0, (3, 6, 9), True)]
-    records, _ = pr.run_probe(model, configs, train, [val], ResizeTransform(224), progress=False)
+    tf, opts = ResizeTransform(224), pr.ProbeConfig(progress=False)
+    records, _ = pr.run_probe(model, configs, train, [val], tf, opts)
     by = {r["config"]: r for r in records}
     r, base, evit = by["renyi a=2 r=0.5 +fuse"], by["unpruned"], by["evit r=0.5 +fuse"]
     assert evit["reference"] and base["reference"] and not r["reference"]
@@ -333,7 +336,8 @@ def test_unpruned_head_runs_train_unpruned_only_and_classifies_pruned_features(m
     configs = [PruneConfig("renyi", 0.5, float("inf"), (3, 6, 9), True)]
     cache = pr.FeatureCache(tmp_path / "c", {"model": "deit_tiny", "weights": "w", "transform": "resize"})
     tf = ResizeTransform(224)
-    shared, t = pr.run_probe(model, configs, train, [val], tf, cache=cache, progress=False, head="unpruned")
+    shared, t = pr.run_probe(model, configs, train, [val], tf,
+                             pr.ProbeConfig(cache=cache, progress=False, head="unpruned"))  # fmt: skip
     assert t["computed"] == 1 + 3  # train: the unpruned model only; val: renyi, unpruned, EViT
     assert {r["head"] for r in shared} == {"unpruned"} and len({r["l2"] for r in shared}) == 1
     # independent: fit the head on the cached unpruned train features, apply it to the cached renyi ones
@@ -344,16 +348,16 @@ def test_unpruned_head_runs_train_unpruned_only_and_classifies_pruned_features(m
     want = "".join("1" if p == t else "0" for p, t in zip(pred.tolist(), val.labels.tolist(), strict=True))
     assert shared[0]["correct"] == want
     # the unpruned record is the same under both protocols (its own features train the head either way)
-    own, _ = pr.run_probe(model, configs, train, [val], tf, cache=cache, progress=False)
+    own, _ = pr.run_probe(model, configs, train, [val], tf, pr.ProbeConfig(cache=cache, progress=False))
     assert own[1]["config"] == shared[1]["config"] == "unpruned" and own[1]["correct"] == shared[1]["correct"]
     with pytest.raises(ValueError, match="head must be"):
-        pr.run_probe(model, configs, train, [val], tf, cache=cache, progress=False, head="both")
+        pr.ProbeConfig(cache=cache, progress=False, head="both")
 
 
 def test_feature_cache_key_covers_the_pruning_code(monkeypatch):
     """The cache key hashes the code that computes pruned features: the files exist where the key looks
     (a moved module must not drop out of it) and an edit to one of them gives another key."""
-    from renyiprune.experiments import probe
+    from renyiprune.experiments import probe_cache as probe
 
     pkg = Path(probe.__file__).resolve().parents[1]
     names = {f.relative_to(pkg).as_posix() for f in probe.feature_code_files()}

@@ -73,13 +73,14 @@ def test_feature_cache_computes_only_under_its_lock(shared_assets, tmp_path, hel
     tf = EvalTransform(input_size=32)
     configs = [PruneConfig("evit", 0.5, 1.0, (1, 2), True)]
     cache = pr.FeatureCache(tmp_path / "cache", {"model": "tiny", "weights": "w", "transform": "32"})
-    first, timing = pr.extract_features(model, configs, [images], tf, cache=cache, progress=False)
+    opts = pr.ProbeConfig(cache=cache, progress=False)
+    first, timing = pr.extract_features(model, configs, [images], tf, opts)
     assert timing["computed"] == 1
     pid = held(tmp_path / "cache")
-    again, timing = pr.extract_features(model, configs, [images], tf, cache=cache, progress=False)
+    again, timing = pr.extract_features(model, configs, [images], tf, opts)
     assert timing["cached"] == 1 and torch.equal(again[(0, 0)], first[(0, 0)])  # reading needs no lock
     other = [PruneConfig("renyi", 0.5, 2.0, (1, 2), True)]
     with pytest.raises(OutputInUse) as info:  # computing (and writing) does
-        pr.extract_features(model, other, [images], tf, cache=cache, progress=False)
+        pr.extract_features(model, other, [images], tf, opts)
     assert info.value.pid == pid and str(info.value).endswith("wait for it or choose another --cache")
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..data.datasets import NAMED_DATASETS, TRANSFORMS, eval_transform, load_split
 from ..data.images import list_samples
-from ..experiments.probe import DEFAULT_L2_GRID, HEADS, FeatureCache, ImageSet, run_probe
+from ..experiments.probe import DEFAULT_L2_GRID, HEADS, FeatureCache, ImageSet, ProbeConfig, run_probe
 from ..models.model import weights_id
 from . import common
 from . import eval as eval_cmd
@@ -120,11 +120,10 @@ def run(args: argparse.Namespace) -> int:
                    "transform": repr(transform)}  # fmt: skip
         cache = FeatureCache(args.cache, context)
     t0 = time.perf_counter()
-    records, timing = run_probe(
-        model, configs, train, list(evals), transform, num_classes=num_classes, cache=cache, l2_grid=args.l2,
-        batch_size=args.batch_size, workers=args.workers, device=args.device, progress=not args.no_progress,
-        head=args.head,
-    )  # fmt: skip
+    options = ProbeConfig(num_classes=num_classes, cache=cache, l2_grid=args.l2, batch_size=args.batch_size,
+                          workers=args.workers, device=args.device, progress=not args.no_progress,
+                          head=args.head)  # fmt: skip
+    records, timing = run_probe(model, configs, train, list(evals), transform, options)
     timing["wall_s"] = time.perf_counter() - t0
     if args.json:
         common.print_json({"results": records, "train_images": len(train.samples), "timing": timing})

@@ -35,6 +35,16 @@ def add_parser(sub) -> None:
         "torchrun --nproc_per_node K -m renyiprune train ... (--batch-size is per process).",
     )
     common.add_model_args(p)
+    _add_data_args(p)
+    _add_pruning_args(p.add_argument_group("pruning while training"))
+    _add_cost_args(p.add_argument_group("cost and input"))
+    _add_recipe_args(p.add_argument_group("recipe (EViT/DeiT fine-tuning defaults)"))
+    _add_operations_args(p.add_argument_group("operations"))
+    p.set_defaults(run=run)
+
+
+def _add_data_args(p) -> None:
+    """The data, the run folder and the classifier head."""
     p.add_argument("--dataset", choices=DATASETS, default="imagefolder", help="on-disk layout of --data-root")
     p.add_argument("--data-root", type=common.existing_dir, required=True)
     p.add_argument("--out", type=common.output_path, required=True, help="run folder (checkpoints, metrics)")
@@ -65,7 +75,10 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--limit", type=common.integer(1), default=None,
                    help="use the first N images of each split")
-    g = p.add_argument_group("pruning while training")
+
+
+def _add_pruning_args(g) -> None:
+    """The pruning the model trains with, and the keep rates it is evaluated at."""
     g.add_argument("--keep", type=common.keep_rate, default=0.7)
     g.add_argument("--criterion", default="renyi",
                    help=f"none or one of {', '.join(list_criteria())}; options in brackets: "
@@ -75,7 +88,10 @@ def add_parser(sub) -> None:
     g.add_argument("--fuse", action="store_true", help="fuse pruned tokens into one extra token")
     g.add_argument("--eval-keep", type=common.keep_rates, default=[0.5, 0.7, 0.9],
                    help="keep rates evaluated after each epoch (plus the unpruned model)")  # fmt: skip
-    g = p.add_argument_group("cost and input")
+
+
+def _add_cost_args(g) -> None:
+    """Frozen blocks and the training view: the cost levers."""
     g.add_argument(
         "--freeze-blocks",
         type=common.integer(0),
@@ -99,7 +115,10 @@ def add_parser(sub) -> None:
         metavar="S",
         help="smallest share of the image area a training crop covers (1: the whole image)",
     )
-    g = p.add_argument_group("recipe (EViT/DeiT fine-tuning defaults)")
+
+
+def _add_recipe_args(g) -> None:
+    """Schedule, optimiser and regularisation (EViT/DeiT fine-tuning defaults)."""
     g.add_argument("--epochs", type=common.integer(1), default=30)
     g.add_argument("--batch-size", type=common.integer(1), default=64, help="per process")
     g.add_argument("--lr", type=common.real(0, open_low=True), default=2e-5,
@@ -121,7 +140,10 @@ def add_parser(sub) -> None:
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="mixed precision (CUDA)")
     g.add_argument("--ema-decay", type=common.real(0, 1, open_high=True), default=0.0,
                    help="keep an EMA of the weights (0: off)")
-    g = p.add_argument_group("operations")
+
+
+def _add_operations_args(g) -> None:
+    """Checkpoints, stopping, evaluation, resuming, seeds, workers and timeouts."""
     g.add_argument("--save-every", type=common.integer(0), default=0, help="also checkpoint every N steps")
     g.add_argument("--max-steps", type=common.integer(1), default=None,
                    help="stop (with a checkpoint) after N steps in total; continue with --resume")
@@ -147,7 +169,6 @@ def add_parser(sub) -> None:
         f"(default: ${TIMEOUT_ENV} or {DEFAULT_TIMEOUT_S:.0f})",
     )
     g.add_argument("--no-progress", action="store_true")
-    p.set_defaults(run=run)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

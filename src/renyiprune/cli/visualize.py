@@ -1,51 +1,47 @@
 """``renyiprune visualize``: entropy maps, pruning masks, entropy histograms and attention distance.
 
-Every figure is rendered into a private scratch folder first; only when all of them and ``index.html``
-are complete are they written into ``--out``, each file atomically (``utils.io.atomic_write``), index.html
-last. A failed run leaves ``--out`` as it was. ``figures.json`` lists the files a run wrote; a later run
-into the same folder removes those of them it did not write again (and nothing else).
+The command checks its arguments and hands the figures to ``viz.figures.write_figures``, which renders
+them into a scratch folder and then writes them into ``--out`` atomically (index.html last).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import re
-import shutil
-import tempfile
-from dataclasses import dataclass, field, replace
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
-from tqdm import tqdm
 
 from ..core.criteria import list_criteria, takes_alpha
 from ..core.entropy import parse_alpha
 from ..core.selection import check_keep_rate
-from ..data.datasets import open_sample
-from ..data.images import BadImageError, DataError, EvalTransform
-from ..utils.io import atomic_write, atomic_write_text
+from ..data.images import DataError
 from ..viz import inspect_attention as ia
-from ..viz.report_html import FigureEntry, render_index
+from ..viz.figures import FORMATS, FigureRequest, write_figures
 from . import common
 
-FORMATS = ("png", "svg", "pdf")
+HELP = "figures of attention entropy, pruning masks, histograms and attention distance"
+DESCRIPTION = ("Render entropy maps and pruning masks per image, and histograms and entropy vs attention "
+               "distance over all images, into --out with an index.html.")  # fmt: skip
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "visualize",
-        help="figures of attention entropy, pruning masks, histograms and attention distance",
-        description="Render entropy maps and pruning masks per image, and histograms and entropy vs "
-        "attention distance over all images, into --out with an index.html.",
-    )
+    p = sub.add_parser("visualize", help=HELP, description=DESCRIPTION)
     common.add_model_args(p)
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files (or use --data or --dataset)")
     common.add_data_args(p)
     p.add_argument("--limit", type=common.integer(1), default=None,
                    help="use the first N images of --data / --dataset")
+    _add_pruning_args(p)
+    p.add_argument("--out", type=common.output_path, required=True, help="output folder")
+    p.add_argument("--format", default="png", help="comma list of png, svg, pdf")
+    p.add_argument("--image-figures", type=common.integer(0), default=8,
+                   help="per-image figures for at most N images")
+    p.add_argument("--batch-size", type=common.integer(1), default=16)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=run)
+
+
+def _add_pruning_args(p: argparse.ArgumentParser) -> None:
+    """What is pruned and how: orders, keep rate, locations, criteria and their options."""
     p.add_argument("--alpha", default="1,2,inf", help="Rényi order(s), e.g. 1,2,inf")
     common.add_old_spelling(p, "--alphas", "alpha")
     p.add_argument("--keep", default="0.7", help="one keep rate in (0, 1]")
@@ -61,13 +57,6 @@ def add_parser(sub) -> None:
     p.add_argument("--cls-key", choices=["include", "exclude"], default=None, help="renyi: CLS key")
     p.add_argument("--seed", type=common.integer(0, 2**32 - 1), default=0,
                    help="seed of the random criterion")
-    p.add_argument("--out", type=common.output_path, required=True, help="output folder")
-    p.add_argument("--format", default="png", help="comma list of png, svg, pdf")
-    p.add_argument("--image-figures", type=common.integer(0), default=8,
-                   help="per-image figures for at most N images")
-    p.add_argument("--batch-size", type=common.integer(1), default=16)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(run=run)
 
 
 @dataclass
@@ -81,7 +70,6 @@ class Options:
     renyi_opts: dict
     paths: list[Path]
     out: Path
-    config: dict = field(default_factory=dict)
     crop_bottom: int = 0  # pixel rows cut off the bottom of every image (FGVC-Aircraft's banner)
 
 
@@ -164,48 +152,7 @@ def parse_options(args: argparse.Namespace) -> Options:
     return Options(alphas, keep, formats, specs, renyi_opts, paths, out, crop_bottom=crop_bottom)
 
 
-def _blocks_text(locs: tuple[int, ...]) -> str:
-    """``(3, 6, 9)`` -> ``blocks 4, 7, 10 (indices 3, 6, 9)``: counted as people do, with the 0-based
-    indices --locations takes."""
-    return (f"blocks {', '.join(str(i + 1) for i in locs)} "
-            f"(indices {', '.join(str(i) for i in locs)})")  # fmt: skip
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60] or "image"
-
-
-def _load(path: Path, crop_bottom: int = 0):
-    try:
-        return open_sample(path, crop_bottom)
-    except Exception as e:  # PIL raises many types; one line naming the file
-        raise BadImageError(str(path), f"{type(e).__name__}: {e}") from None
-
-
-class _Writer:
-    """Saves figures in every requested format into the scratch folder and remembers the entries."""
-
-    def __init__(self, folder: Path, formats: list[str], seed: int):
-        self.folder, self.formats, self.seed = folder, formats, seed
-        self.entries: list[FigureEntry] = []
-        self.sizes: dict[str, list[int]] = {}
-
-    def add(self, fig, stem: str, section: str, title: str, caption: str) -> None:
-        from ..viz.plots import DPI, save_figure
-
-        files = []
-        for fmt in self.formats:
-            name = f"{stem}.{fmt}"
-            save_figure(fig, self.folder / name, self.seed)
-            files.append(name)
-        w, h = fig.get_size_inches()
-        self.sizes[stem] = [round(w * DPI), round(h * DPI)]
-        self.entries.append(FigureEntry(section, title, tuple(files), caption))
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..viz import plots
-
     opt = parse_options(args)
     model = common.load_model(args)
     depth = len(model.blocks)
@@ -215,158 +162,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{what} {tuple(locs)} out of range for {args.model} ({depth} blocks, 0-based)")
     if not args.locations:
         raise ValueError("--locations needs at least one pruning block")
-    cfg = model.pretrained_cfg
-    tf = EvalTransform(cfg.img_size, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std)
-    grid, ps = model.patch_embed.grid_size, model.patch_embed.patch_size[0]
-    locs = tuple(args.locations)
-    a_txt = ", ".join(plots.alpha_label(a) for a in opt.alphas)
-    opt.config = {
-        "model": args.model,
-        "weights": str(args.weights) if args.weights else "official download",
-        "images": len(opt.paths),
-        "alphas": a_txt,
-        "keep rate": opt.keep,
-        "pruning locations (0-based, --locations)": _blocks_text(locs),
-        "fuse": args.fuse,
-        "criteria": ", ".join(s.label for s in opt.specs),
-        "renyi options": ", ".join(f"{k}={v}" for k, v in opt.renyi_opts.items()) or "row, mean, include",
-        "seed": args.seed,
-    }
-
-    earlier = owned_files(opt.out)  # what an earlier run into --out wrote (its figures.json)
-    with tempfile.TemporaryDirectory(prefix="renyiprune-visualize-") as scratch:
-        writer = _Writer(Path(scratch), opt.formats, args.seed)
-        _render(args, opt, model, tf, grid, ps, blocks, locs, writer)
-        names = sorted(p.name for p in Path(scratch).iterdir())
-        manifest = {"config": opt.config, "locations": list(locs), "blocks": blocks, "files": names,
-                    "sizes_px": writer.sizes}  # fmt: skip
-        index = render_index("renyiprune visualize", opt.config, writer.entries)
-        for name in names:
-            atomic_write(opt.out / name, partial(shutil.copyfile, Path(scratch) / name))
-    atomic_write_text(opt.out / "figures.json", json.dumps(manifest, indent=2, default=str) + "\n")
-    atomic_write_text(opt.out / "index.html", index)  # last: it shows the files written before it
-    for name in sorted(earlier - set(names)):  # the earlier run's figures that this run did not redraw
-        (opt.out / name).unlink(missing_ok=True)
-    print(f"wrote {len(writer.entries)} figures and index.html to {opt.out}")
+    request = FigureRequest(
+        args.model, str(args.weights) if args.weights else "official download", opt.alphas, opt.keep,
+        opt.specs, tuple(args.locations), blocks, renyi_opts=opt.renyi_opts, fuse=args.fuse,
+        formats=opt.formats, seed=args.seed, image_figures=args.image_figures, batch_size=args.batch_size,
+        device=args.device, progress=not args.no_progress, crop_bottom=opt.crop_bottom,
+    )  # fmt: skip
+    count = write_figures(model, opt.paths, opt.out, request)
+    print(f"wrote {count} figures and index.html to {opt.out}")
     return 0
-
-
-def owned_files(out: Path) -> set[str]:
-    """The figure files an earlier visualize run wrote into ``out``, as its figures.json lists them (from
-    its ``files``, or for older runs its figure stems in every format); empty when there is none."""
-    try:
-        manifest = json.loads((out / "figures.json").read_text(encoding="utf-8"))
-        names = manifest.get("files") or [f"{s}.{f}" for s in manifest.get("sizes_px", {}) for f in FORMATS]
-    except (OSError, ValueError, AttributeError, TypeError):  # none, or not a manifest visualize wrote
-        return set()
-    # plain names of figure files only: never a path elsewhere, never figures.json or index.html
-    suffixes = tuple(f".{f}" for f in FORMATS)
-    return {n for n in names if isinstance(n, str) and n == Path(n).name and n.endswith(suffixes)}
-
-
-ENTROPY_CAPTION = (
-    "Rényi entropy H_α (nats) of each patch's attention as the renyi criterion computes it ({opts}), in the "
-    "unpruned model: one row per α, one column per block, one colour scale per α row. Dark = focused "
-    "attention, kept first by renyi pruning."
-)
-MASKS_CAPTION = "Patches left after each pruning stage (grey = pruned), one row per criterion; {cfg}."
-FUSED_NOTE = " The fused token's share is the number (and fraction) of original patches merged into it."
-HIST_CAPTION = (
-    "For renyi pruning at each α: the entropy of every candidate patch at each pruning stage, split into "
-    "kept and pruned, over {count} images; standardized per panel (mean and std in nats in the title) so "
-    "that shapes compare across α (values beyond ±4 std are drawn at the edges); densities. {cfg}."
-)
-DIST_CAPTION = (
-    "One point per block and head of the unpruned model: mean attention distance in pixels (Raghu et al. "
-    "2021: sum_j a_ij·|pos_i − pos_j| over patch keys, attention renormalized without CLS, averaged over "
-    "patch queries) against the mean row entropy H_α of that head's patch queries, coloured by block; "
-    "{count} images."
-)
-
-
-class _Totals:
-    """Sums over all images: attention distance and entropy per head, stage entropies for histograms."""
-
-    def __init__(self, depth: int, heads: int, alphas: list[float], stages: int):
-        self.count = 0
-        self.distance = torch.zeros(depth, heads, dtype=torch.float64)
-        self.entropy = {a: torch.zeros(depth, heads, dtype=torch.float64) for a in alphas}
-        self.hist: dict[float, list[list]] = {a: [[] for _ in range(stages)] for a in alphas}
-
-    def add_logits(self, logits: list[torch.Tensor], grid, patch_size: int) -> None:
-        for b, lg in enumerate(logits):
-            self.distance[b] += ia.attention_distance(lg, grid, patch_size).double().sum(0).cpu()
-            for a, total in self.entropy.items():
-                total[b] += ia.head_entropy(lg, a).double().sum(0).cpu()
-        self.count += logits[0].shape[0]
-
-    def histogram_data(self) -> dict:
-        return {
-            a: [
-                (torch.cat([h for h, _ in st]).numpy(), torch.cat([k for _, k in st]).numpy())
-                for st in stages
-            ]
-            for a, stages in self.hist.items()
-        }
-
-
-@torch.inference_mode()
-def _render(args, opt: Options, model, tf, grid, ps, blocks, locs, writer: _Writer) -> None:
-    from ..viz import plots
-
-    cfg_txt = f"{args.model}, keep {opt.keep:g} after {_blocks_text(locs)}"
-    cfg_txt += ", fused" if args.fuse else ""
-    n_patches = grid[0] * grid[1]
-    totals = _Totals(len(model.blocks), model.blocks[0].attn.num_heads, opt.alphas, len(locs))
-    bar = tqdm(total=len(opt.paths), unit="img", desc="visualize", disable=args.no_progress, leave=False)
-    for start in range(0, len(opt.paths), args.batch_size):
-        paths = opt.paths[start : start + args.batch_size]
-        pil = [_load(p, opt.crop_bottom) for p in paths]
-        x = torch.stack([tf(im) for im in pil]).to(args.device)
-        logits = ia.block_logits(model, x)
-        totals.add_logits(logits, grid, ps)
-        wanted = [i for i in range(len(paths)) if start + i < args.image_figures]
-        masks = {}
-        for a in opt.alphas:  # renyi pruning at each α: histogram data, and its mask rows for free
-            spec = ia.MaskSpec("", "renyi", a, tuple(opt.renyi_opts.items()))
-            records = ia.prune_records(model, x, spec, opt.keep, locs, args.fuse)
-            for s, pair in enumerate(ia.stage_entropies(records)):
-                totals.hist[a][s].append(pair)
-            masks[spec] = ia.masks_from_records(records, n_patches, args.fuse)
-        if wanted:
-            for spec in opt.specs:
-                key = replace(spec, label="")
-                if key not in masks:
-                    masks[key] = ia.pruning_masks(model, x, spec, opt.keep, locs, args.fuse)
-        for i in wanted:
-            crop = np.asarray(tf.center_crop(tf.resize(pil[i])))
-            name, stem = paths[i].name, f"{start + i:03d}_{_safe(paths[i].stem)}"
-            one = [lg[i : i + 1] for lg in logits]
-            maps = {
-                a: m.numpy()
-                for a, m in ia.entropy_maps(one, opt.alphas, blocks, grid, **opt.renyi_opts).items()
-            }
-            fig = plots.entropy_maps_figure(crop, maps, blocks, f"Per-patch attention entropy: {name}")
-            caption = ENTROPY_CAPTION.format(opts=opt.config["renyi options"])
-            writer.add(fig, f"{stem}_entropy", f"Image {name}", f"Entropy maps: {name}", caption)
-            rows = []
-            for spec in opt.specs:
-                kept, fused = masks[replace(spec, label="")]
-                rows.append((spec.label, kept[i].numpy(), fused[i].tolist()))
-            fig = plots.masks_figure(crop, rows, locs, grid, f"Pruned patches after each stage: {name}")
-            caption = MASKS_CAPTION.format(cfg=cfg_txt) + (FUSED_NOTE if args.fuse else "")
-            writer.add(fig, f"{stem}_masks", f"Image {name}", f"Pruning masks: {name}", caption)
-        bar.update(len(paths))
-    bar.close()
-
-    n = totals.count
-    fig = plots.histograms_figure(
-        totals.histogram_data(), locs, f"Entropy of kept vs pruned patches ({n} images)"
-    )
-    caption = HIST_CAPTION.format(count=n, cfg=cfg_txt)
-    writer.add(fig, "histograms", "Over all images", "Entropy of kept vs pruned patches", caption)
-    dist = (totals.distance / n).numpy()
-    ent = {a: (v / n).numpy() for a, v in totals.entropy.items()}
-    fig = plots.distance_figure(dist, ent, f"Entropy vs mean attention distance per head ({n} images)")
-    caption = DIST_CAPTION.format(count=n)
-    writer.add(fig, "distance", "Over all images", "Entropy vs attention distance", caption)

@@ -23,6 +23,7 @@ __all__ = [
     "Mlp",
     "PatchEmbed",
     "VisionTransformer",
+    "ViTConfig",
     "ModelSpec",
     "MODELS",
     "register_model",
@@ -134,36 +135,43 @@ class Block(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
+@dataclass(frozen=True)
+class ViTConfig:
+    """A VisionTransformer's shape and regularisation (timm's constructor arguments and defaults)."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
+    drop_path_rate: float = 0.0
+
+
 class VisionTransformer(nn.Module):
     """ViT with a CLS token and learned absolute position embeddings (DeiT / original ViT)."""
 
-    def __init__(
-        self,
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        norm_eps: float = 1e-6,
-        drop_path_rate: float = 0.0,
-    ):
+    def __init__(self, config: ViTConfig | None = None, **overrides):
+        """``config`` (default ``ViTConfig()``) with ``overrides`` of its fields replaced, so that
+        ``VisionTransformer(depth=4)`` still works."""
         super().__init__()
-        self.num_classes = num_classes
-        self.embed_dim = embed_dim
+        c = replace(config or ViTConfig(), **overrides)
+        self.num_classes = c.num_classes
+        self.embed_dim = c.embed_dim
         self.num_prefix_tokens = 1
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, c.embed_dim))
+        rates = torch.linspace(0, c.drop_path_rate, c.depth).tolist()
         self.blocks = nn.Sequential(
-            *(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, norm_eps, rates[i]) for i in range(depth))
+            *(Block(c.embed_dim, c.num_heads, c.mlp_ratio, c.qkv_bias, c.norm_eps, r) for r in rates)
         )
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.norm = nn.LayerNorm(c.embed_dim, eps=c.norm_eps)
+        self.head = nn.Linear(c.embed_dim, c.num_classes) if c.num_classes > 0 else nn.Identity()
         self._init_weights()
 
     def _init_weights(self) -> None:

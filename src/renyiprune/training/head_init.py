@@ -23,7 +23,15 @@ import torch
 from torch import nn
 
 from ..data.datasets import DatasetSplit
-from ..experiments.probe import FeatureCache, ImageSet, LinearHead, extract_features, fit_probe, is_holdout
+from ..experiments.probe import (
+    FeatureCache,
+    ImageSet,
+    LinearHead,
+    ProbeConfig,
+    extract_features,
+    fit_probe,
+    is_holdout,
+)
 from ..planning.specs import PruneConfig
 from ..utils import distributed as D
 from ..utils.io import atomic_path
@@ -41,29 +49,19 @@ def _head_path(cache: FeatureCache, images: ImageSet, num_classes: int) -> Path:
 
 
 def probe_head(
-    model: nn.Module,
-    split: DatasetSplit,
-    transform: Callable,
-    num_classes: int,
-    *,
-    cache_dir: str | Path | None = None,
-    cache_context: dict | None = None,
-    batch_size: int = 64,
-    workers: int = 0,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
+    model: nn.Module, split: DatasetSplit, transform: Callable, num_classes: int, options: ProbeConfig
 ) -> LinearHead:
-    """The linear probe of the unpruned ``model`` fitted on ``split`` (read from the cache if there;
-    computed and saved holding the cache folder's lock)."""
+    """The linear probe of the unpruned ``model`` fitted on ``split``: read from ``options.cache`` (a
+    ``--head-cache`` folder) if there, else computed and saved holding the folder's lock."""
     images = ImageSet(split.split, tuple(split.samples), split.crop_bottom)
-    cache = FeatureCache(cache_dir, cache_context or {}, "--head-cache") if cache_dir is not None else None
+    cache = options.cache
     if cache is not None:
         path = _head_path(cache, images, num_classes)
         if path.is_file():
             obj = torch.load(path, map_location="cpu", weights_only=True)
             return LinearHead(obj["weight"], obj["bias"], float(obj["l2"]))
     with cache.writing() if cache is not None else contextlib.nullcontext():
-        head = _fit_head(model, images, transform, num_classes, cache, batch_size, workers, device, progress)
+        head = _fit_head(model, images, transform, num_classes, options)
         if cache is not None and D.rank() == 0:  # under torchrun every rank fits the same head
             with atomic_path(_head_path(cache, images, num_classes)) as tmp:
                 torch.save({"weight": head.weight, "bias": head.bias, "l2": head.l2}, tmp)
@@ -71,19 +69,17 @@ def probe_head(
 
 
 def _fit_head(
-    model, images, transform, num_classes, cache, batch_size, workers, device, progress
+    model: nn.Module, images: ImageSet, transform: Callable, num_classes: int, options: ProbeConfig
 ) -> LinearHead:
     t0 = time.perf_counter()
     training = model.training
     model.eval()  # a fixed feature extractor: no drop-path while the probe's features are computed
     try:
-        got, timing = extract_features(model, [UNPRUNED], [images], transform, cache=cache,
-                                       batch_size=batch_size, workers=workers, device=device,
-                                       progress=progress)  # fmt: skip
+        got, timing = extract_features(model, [UNPRUNED], [images], transform, options)
     finally:
         model.train(training)
     feats = got[(0, 0)]
-    if progress and timing["computed"]:
+    if options.progress and timing["computed"]:
         print(f"renyiprune train: probe features of {len(feats)} images in "
               f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)  # fmt: skip
     holdout = torch.tensor([is_holdout(s.path) for s in images.samples], dtype=torch.bool)

@@ -44,6 +44,7 @@ from ..data.augment import mixup_cutmix, soft_target_cross_entropy
 from ..data.datasets import DEFAULT_SPLITS, DatasetSplit, load_split, open_sample
 from ..data.images import ImageDataset, Item, collate
 from ..experiments.evaluate import evaluate, pruned_view
+from ..experiments.probe import FeatureCache, ProbeConfig
 from ..models.model import create_model, get_spec, weights_id
 from ..models.weights import download, read_state_dict
 from ..planning.specs import PruneConfig, split_criterion
@@ -395,30 +396,64 @@ def _build_model(cfg: TrainConfig, train_ds: DatasetSplit, device: torch.device,
         weights = weights_id(cfg.model, cfg.weights) if start is not None else None
         weights = weights or f"random:{cfg.seed}:{cfg.model_kwargs}"
         context = {"model": cfg.model, "weights": weights, "transform": repr(tf)}
-        head = probe_head(
-            model, train_ds, tf, num_classes,
-            cache_dir=cfg.head_cache, cache_context=context, batch_size=cfg.batch_size, workers=cfg.workers,
-            device=device, progress=cfg.progress and main,
-        )  # fmt: skip
+        cache = FeatureCache(cfg.head_cache, context, "--head-cache") if cfg.head_cache is not None else None
+        options = ProbeConfig(cache=cache, batch_size=cfg.batch_size, workers=cfg.workers, device=device,
+                              progress=cfg.progress and main)  # fmt: skip
+        head = probe_head(model, train_ds, tf, num_classes, options)
         init_head_from_probe(model, head)
     return model
 
 
-def _state(model, ema, opt, sched, scaler, cfg, tally, epoch, step_in_epoch, global_step, world_size) -> dict:
+@dataclass
+class _Run:
+    """A run in progress: its settings, what it trains (the unpatched ``model``, the pruning ``trainee``
+    sharing its parameters, ``net``: the trainee or its DDP wrapper), the optimiser and the position."""
+
+    cfg: TrainConfig
+    dist: D.DistInfo
+    model: nn.Module
+    trainee: nn.Module
+    net: nn.Module
+    ema: nn.Module | None
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    sampler: DistributedSampler
+    steps_per_epoch: int
+    eval_ds: DatasetSplit
+    images: AugmentedImages | None = None
+    log: _Log | None = None
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    tally: EpochTally = field(default_factory=EpochTally)  # the epoch in progress
+    last_eval: list[dict] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.dist.device)
+
+    @property
+    def show(self) -> bool:
+        return self.cfg.progress and self.dist.is_main
+
+
+def _state(run: _Run) -> dict:
+    """What a checkpoint holds: every state the run continues from, its position and its settings."""
     state = {
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scheduler": sched.state_dict(),
-        "scaler": scaler.state_dict(),
+        "model": run.model.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "scheduler": run.sched.state_dict(),
+        "scaler": run.scaler.state_dict(),
         "rng": rng_state(),
-        "position": {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step},
+        "position": {"epoch": run.epoch, "step_in_epoch": run.step_in_epoch, "global_step": run.global_step},
         # the epoch in progress (none at an epoch's end: the finished one is logged before the next starts)
-        "epoch_tally": (tally if step_in_epoch else EpochTally()).state(),
-        "config": json.loads(json.dumps(asdict(cfg), default=str)),
-        "world_size": world_size,
+        "epoch_tally": (run.tally if run.step_in_epoch else EpochTally()).state(),
+        "config": json.loads(json.dumps(asdict(run.cfg), default=str)),
+        "world_size": run.dist.world_size,
     }
-    if ema is not None:
-        state["model_ema"] = ema.state_dict()
+    if run.ema is not None:
+        state["model_ema"] = run.ema.state_dict()
     return state
 
 
@@ -471,9 +506,9 @@ def _restore(state: dict, cfg: TrainConfig, parts: tuple, ckpt_path: Path, main:
     return epoch, step_in_epoch, global_step, EpochTally.from_state(state.get("epoch_tally"))
 
 
-def _train(cfg: TrainConfig, callback, dist: D.DistInfo) -> dict:
-    device = torch.device(dist.device)
-    use_cuda = device.type == "cuda"
+def _check(cfg: TrainConfig, dist: D.DistInfo) -> dict | None:
+    """Refuse bad settings, and an existing run without ``resume``; the checkpoint to resume, if any,
+    checked against ``cfg`` before anything costly."""
     out = Path(cfg.out)
     ckpt_path = out / CHECKPOINT
     if ckpt_path.exists() and not cfg.resume:  # every rank checks, so every rank stops
@@ -491,19 +526,25 @@ def _train(cfg: TrainConfig, callback, dist: D.DistInfo) -> dict:
     resumed = load_checkpoint(ckpt_path) if cfg.resume and ckpt_path.is_file() else None
     if resumed is not None:  # before anything costly: a changed setting stops the run here
         check_resume(ckpt_path, resumed, cfg, dist.world_size)
+    return resumed
 
-    train_split, eval_split = (
-        cfg.train_split or DEFAULT_SPLITS[cfg.dataset][0],
-        cfg.eval_split or DEFAULT_SPLITS[cfg.dataset][1],
-    )
+
+def _splits(cfg: TrainConfig) -> tuple[DatasetSplit, DatasetSplit]:
+    """The training split (its first ``limit`` images) and the evaluation split."""
+    train_split = cfg.train_split or DEFAULT_SPLITS[cfg.dataset][0]
+    eval_split = cfg.eval_split or DEFAULT_SPLITS[cfg.dataset][1]
     train_ds = load_split(cfg.dataset, cfg.data_root, train_split)
     eval_ds = load_split(cfg.dataset, cfg.data_root, eval_split)
     if cfg.limit:
         train_ds.samples = train_ds.samples[: cfg.limit]
-    model = _build_model(cfg, train_ds, device, dist.is_main, fresh=resumed is None)
-    ema = copy.deepcopy(model) if cfg.ema_decay > 0 else None
-    frozen = freeze_prefix(model, cfg.freeze_blocks)  # shared with `trainee` and `ema` below
-    trainee = share_parameters(model)  # the pruning copy trains; `model` stays unpatched for evaluation
+    return train_ds, eval_ds
+
+
+def _trainee(cfg: TrainConfig, model: nn.Module, dist: D.DistInfo) -> tuple[nn.Module, nn.Module]:
+    """``model``'s prefix frozen, and the pruning copy that trains (sharing its parameters; ``model``
+    stays unpatched for evaluation) with the module a step runs: that copy or its DDP wrapper."""
+    frozen = freeze_prefix(model, cfg.freeze_blocks)  # shared with the trainee (and the EMA copy)
+    trainee = share_parameters(model)
     if cfg.criterion != "none":
         crit, opts = split_criterion(cfg.criterion)  # 'renyi[cls_key=exclude]': options in brackets
         patch(trainee, cfg.keep, crit, cfg.alpha, cfg.locations, cfg.fuse, **opts)
@@ -515,153 +556,196 @@ def _train(cfg: TrainConfig, callback, dist: D.DistInfo) -> dict:
               f"0-{cfg.freeze_blocks - 1})", file=sys.stderr)  # fmt: skip
     net = trainee
     if dist.enabled:
-        net = nn.parallel.DistributedDataParallel(trainee, device_ids=[device.index] if use_cuda else None)
+        device = torch.device(dist.device)
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(trainee, device_ids=ids)
+    return trainee, net
 
+
+def _optimiser(cfg: TrainConfig, model: nn.Module, images: int, dist: D.DistInfo) -> tuple:
+    """AdamW (lr scaled by the global batch), its warm-up + cosine schedule, the gradient scaler, the
+    sampler over ``images`` training images and the steps per epoch."""
     global_batch = cfg.batch_size * dist.world_size
     lr = cfg.lr * global_batch / 512 if cfg.lr_scale else cfg.lr
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=lr)
     # drop_last: K processes x batch B take exactly the images one process takes with batch K x B
     # (no padding with repeated images; the tail that fills no global batch is dropped either way).
-    sampler = DistributedSampler(
-        range(len(train_ds.samples)), dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True
-    )
+    sampler = DistributedSampler(range(images), dist.world_size, dist.rank, shuffle=True, seed=cfg.seed,
+                                 drop_last=True)  # fmt: skip
     steps_per_epoch = len(sampler) // cfg.batch_size
     if steps_per_epoch < 1:
         raise ValueError(
             f"{len(sampler)} training images per process is less than one batch of {cfg.batch_size}"
         )
-    total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    scale = WarmupCosine(lr, cfg.warmup_lr, cfg.min_lr, warmup_steps, total_steps)
+    scale = WarmupCosine(lr, cfg.warmup_lr, cfg.min_lr, warmup_steps, cfg.epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, scale)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_cuda and cfg.amp == "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    cuda = torch.device(dist.device).type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.amp == "fp16")
+    return opt, sched, scaler, sampler, steps_per_epoch
 
-    epoch = step_in_epoch = global_step = 0
-    tally = EpochTally()
+
+def _setup(cfg: TrainConfig, dist: D.DistInfo) -> _Run:
+    """A run ready to train: data, model, trainee, optimiser, log and training images, at the position
+    of its checkpoint when it resumes."""
+    resumed = _check(cfg, dist)
+    train_ds, eval_ds = _splits(cfg)
+    model = _build_model(cfg, train_ds, torch.device(dist.device), dist.is_main, fresh=resumed is None)
+    ema = copy.deepcopy(model) if cfg.ema_decay > 0 else None
+    trainee, net = _trainee(cfg, model, dist)
+    opt, sched, scaler, sampler, steps = _optimiser(cfg, model, len(train_ds.samples), dist)
+    run = _Run(cfg, dist, model, trainee, net, ema, opt, sched, scaler, sampler, steps, eval_ds)
     if resumed is not None:
         parts = (model, ema, opt, sched, scaler)
-        epoch, step_in_epoch, global_step, tally = _restore(resumed, cfg, parts, ckpt_path, dist.is_main)
-        del resumed  # loaded: no second copy of the weights and optimizer state for the run
-    log = _Log(out, dist.is_main, global_step if cfg.resume else None)
+        position = _restore(resumed, cfg, parts, Path(cfg.out) / CHECKPOINT, dist.is_main)
+        run.epoch, run.step_in_epoch, run.global_step, run.tally = position
+    run.log = _Log(Path(cfg.out), dist.is_main, run.global_step if cfg.resume else None)
     transform = train_transform(
         cfg.transform, model.pretrained_cfg, crop_scale=cfg.crop_scale, randaug_n=cfg.randaug_n,
         randaug_m=cfg.randaug_m, reprob=cfg.reprob, train_crop=cfg.train_crop,
     )  # fmt: skip
-    images = AugmentedImages(train_ds, transform, cfg.seed)
-    show = cfg.progress and dist.is_main
-    last_eval: list[dict] = []
+    run.images = AugmentedImages(train_ds, transform, cfg.seed)
+    return run
 
-    def run_eval(ep: int, train_loss: float | None, skipped: int | None = None) -> None:
-        # Every rank evaluates its share (evaluate all-reduces the counts); only rank 0 writes.
-        nonlocal last_eval
-        t0 = time.perf_counter()
-        last_eval = _evaluate(model, cfg, eval_ds, dist, show)
-        if dist.is_main:
-            log.write(
-                {
-                    "kind": "eval",
-                    "epoch": ep,
-                    "global_step": global_step,
-                    "train_loss": train_loss,
-                    "train_skipped": skipped,
-                    "eval_seconds": time.perf_counter() - t0,
-                    "results": last_eval,
-                }
-            )
-            if show:
-                summary = ", ".join(f"{r['config']}: {r['top1']:.2f}%" for r in last_eval)
-                print(f"renyiprune train: epoch {ep} top-1 {summary}", file=sys.stderr)
 
-    if cfg.eval_before and global_step == 0 and cfg.eval_every:
-        run_eval(0, None)
-    stop = cfg.max_steps is not None and global_step >= cfg.max_steps  # already there: no step
-    while epoch < cfg.epochs and not stop:
-        sampler.set_epoch(epoch)
-        order = list(sampler)
-        batches = [order[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(steps_per_epoch)]
-        images.epoch = epoch
-        loader = DataLoader(images, batch_sampler=batches[step_in_epoch:], num_workers=cfg.workers,
-                            collate_fn=collate)  # fmt: skip
-        bar = tqdm(
-            total=steps_per_epoch,
-            initial=step_in_epoch,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not show,
-            file=sys.stderr,
-            unit="step",
+def _loss(run: _Run, batch) -> tuple[Tensor, float, int]:
+    """The loss on ``batch`` (mixup/cutmix, autocast; randomness from seed, step and rank), and its value
+    and the skipped images over all processes (every rank sees a NaN anywhere and stops)."""
+    cfg, device = run.cfg, run.device
+    skipped = readable(batch, cfg.skip_bad, run.global_step)
+    x, y = batch.images, batch.labels
+    torch.manual_seed(_seed_of(cfg.seed, run.global_step, run.dist.rank))  # drop-path etc.
+    rng = np.random.default_rng(_seed_of(cfg.seed, run.global_step, run.dist.rank, 1))  # mixup/cutmix
+    x, y = x.to(device, non_blocking=True), y.to(device)
+    target = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        x, target = mixup_cutmix(
+            x, y, run.model.num_classes, rng, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob, cfg.smoothing
         )
-        t_epoch = t_step = time.perf_counter()
-        for batch in loader:
-            skipped = readable(batch, cfg.skip_bad, global_step)
-            x, y = batch.images, batch.labels
-            torch.manual_seed(_seed_of(cfg.seed, global_step, dist.rank))  # drop-path etc.
-            rng = np.random.default_rng(_seed_of(cfg.seed, global_step, dist.rank, 1))  # mixup/cutmix
-            x, y = x.to(device, non_blocking=True), y.to(device)
-            if cfg.mixup > 0 or cfg.cutmix > 0:
-                x, target = mixup_cutmix(
-                    x, y, model.num_classes, rng, cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob, cfg.smoothing
-                )
-            else:
-                target = None
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_cuda and amp_dtype is not None):
-                logits = net(x)
-            if target is not None:
-                loss = soft_target_cross_entropy(logits, target)
-            else:
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.smoothing)
-            loss_all, skipped = reduce_step(loss, skipped)  # every rank sees a NaN anywhere and stops
-            if not math.isfinite(loss_all):
-                raise FloatingPointError(f"loss is {loss_all} at step {global_step}; stopping")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if callback is not None:
-                callback(global_step, trainee, loss.detach())
-            scaler.unscale_(opt)
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float("inf"))
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if ema is not None:
-                with torch.no_grad():
-                    for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
-                        pe.lerp_(pm, 1.0 - cfg.ema_decay)
-            global_step += 1
-            step_in_epoch += 1
-            tally.add(loss_all, skipped)
-            log.write(
-                {
-                    "kind": "step",
-                    "epoch": epoch,
-                    "step": step_in_epoch,
-                    "global_step": global_step,
-                    "loss": loss_all,
-                    "lr": opt.param_groups[0]["lr"],
-                    "grad_norm": float(grad_norm),
-                    "seconds": time.perf_counter() - t_step,  # this step, its batch's loading included
-                }
-            )
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_all:.4f}")
-            at_end = step_in_epoch == steps_per_epoch
-            stop = cfg.max_steps is not None and global_step >= cfg.max_steps
-            if at_end:
-                epoch, step_in_epoch = epoch + 1, 0
-            if dist.is_main and (at_end or stop or (cfg.save_every and global_step % cfg.save_every == 0)):
-                position = (epoch, step_in_epoch, global_step)
-                _save(out, _state(model, ema, opt, sched, scaler, cfg, tally, *position, dist.world_size))
-            t_step = time.perf_counter()
-            if stop:
-                break
-        bar.close()
-        if tally.steps and step_in_epoch == 0:  # an epoch finished (its steps before a resume included)
-            log.write(tally.record(epoch, global_step, time.perf_counter() - t_epoch))
-            tally.report(epoch, dist.is_main)
-            if cfg.eval_every and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
-                run_eval(epoch, tally.mean_loss, tally.skipped)
-            tally = EpochTally()
-    if stop and epoch < cfg.epochs:
-        say(f"stopped after {global_step} steps (--max-steps); resume with --resume", dist.is_main)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    amp = device.type == "cuda" and amp_dtype is not None
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        logits = run.net(x)
+    if target is not None:
+        loss = soft_target_cross_entropy(logits, target)
+    else:
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.smoothing)
+    loss_all, skipped = reduce_step(loss, skipped)
+    if not math.isfinite(loss_all):
+        raise FloatingPointError(f"loss is {loss_all} at step {run.global_step}; stopping")
+    return loss, loss_all, skipped
+
+
+def _step(run: _Run, batch, callback: Callable | None, t_step: float) -> float:
+    """One optimiser step on ``batch`` (EMA, position and tally updated, the step logged; ``t_step``:
+    when its batch started loading); returns the loss over all processes."""
+    loss, loss_all, skipped = _loss(run, batch)
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if callback is not None:
+        callback(run.global_step, run.trainee, loss.detach())
+    run.scaler.unscale_(run.opt)
+    grad_norm = nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.clip_grad or float("inf"))
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    run.sched.step()
+    if run.ema is not None:
+        with torch.no_grad():
+            for pe, pm in zip(run.ema.parameters(), run.model.parameters(), strict=True):
+                pe.lerp_(pm, 1.0 - run.cfg.ema_decay)
+    run.global_step += 1
+    run.step_in_epoch += 1
+    run.tally.add(loss_all, skipped)
+    run.log.write(
+        {
+            "kind": "step",
+            "epoch": run.epoch,
+            "step": run.step_in_epoch,
+            "global_step": run.global_step,
+            "loss": loss_all,
+            "lr": run.opt.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm),
+            "seconds": time.perf_counter() - t_step,  # this step, its batch's loading included
+        }
+    )
+    return loss_all
+
+
+def _run_eval(run: _Run, ep: int, train_loss: float | None, skipped: int | None = None) -> None:
+    """Evaluate unpruned and pruned (every rank its share; counts all-reduced); rank 0 logs it."""
+    t0 = time.perf_counter()
+    run.last_eval = _evaluate(run.model, run.cfg, run.eval_ds, run.dist, run.show)
+    if not run.dist.is_main:
+        return
+    run.log.write({"kind": "eval", "epoch": ep, "global_step": run.global_step, "train_loss": train_loss,
+                   "train_skipped": skipped, "eval_seconds": time.perf_counter() - t0,
+                   "results": run.last_eval})  # fmt: skip
+    if run.show:
+        summary = ", ".join(f"{r['config']}: {r['top1']:.2f}%" for r in run.last_eval)
+        print(f"renyiprune train: epoch {ep} top-1 {summary}", file=sys.stderr)
+
+
+def _checkpoint(run: _Run, at_end: bool, stop: bool) -> None:
+    """Rank 0 saves a checkpoint at an epoch's end, at a stop and every ``save_every`` steps."""
+    every = run.cfg.save_every and run.global_step % run.cfg.save_every == 0
+    if run.dist.is_main and (at_end or stop or every):
+        _save(Path(run.cfg.out), _state(run))
+
+
+def _end_epoch(run: _Run, seconds: float) -> None:
+    """Log and report the epoch just finished, evaluate when one is due, and start a new tally."""
+    cfg = run.cfg
+    run.log.write(run.tally.record(run.epoch, run.global_step, seconds))
+    run.tally.report(run.epoch, run.dist.is_main)
+    if cfg.eval_every and (run.epoch % cfg.eval_every == 0 or run.epoch == cfg.epochs):
+        _run_eval(run, run.epoch, run.tally.mean_loss, run.tally.skipped)
+    run.tally = EpochTally()
+
+
+def _epoch(run: _Run, callback: Callable | None) -> bool:
+    """Train the rest of the current epoch (from ``step_in_epoch``); True when ``max_steps`` stopped it."""
+    cfg = run.cfg
+    run.sampler.set_epoch(run.epoch)
+    order = list(run.sampler)
+    batches = [order[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(run.steps_per_epoch)]
+    run.images.epoch = run.epoch
+    loader = DataLoader(run.images, batch_sampler=batches[run.step_in_epoch :], num_workers=cfg.workers,
+                        collate_fn=collate)  # fmt: skip
+    desc = f"epoch {run.epoch + 1}/{cfg.epochs}"
+    bar = tqdm(total=run.steps_per_epoch, initial=run.step_in_epoch, desc=desc, disable=not run.show,
+               file=sys.stderr, unit="step")  # fmt: skip
+    t_epoch = t_step = time.perf_counter()
+    stop = False
+    for batch in loader:
+        loss = _step(run, batch, callback, t_step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        at_end = run.step_in_epoch == run.steps_per_epoch
+        stop = cfg.max_steps is not None and run.global_step >= cfg.max_steps
+        if at_end:
+            run.epoch, run.step_in_epoch = run.epoch + 1, 0
+        _checkpoint(run, at_end, stop)
+        t_step = time.perf_counter()
+        if stop:
+            break
+    bar.close()
+    if run.tally.steps and run.step_in_epoch == 0:  # an epoch finished (its steps before a resume included)
+        _end_epoch(run, time.perf_counter() - t_epoch)
+    return stop
+
+
+def _train(cfg: TrainConfig, callback: Callable | None, dist: D.DistInfo) -> dict:
+    """Set the run up, evaluate before the first step, train epoch by epoch; the last evaluation and
+    the position reached."""
+    run = _setup(cfg, dist)
+    if cfg.eval_before and run.global_step == 0 and cfg.eval_every:
+        _run_eval(run, 0, None)
+    stop = cfg.max_steps is not None and run.global_step >= cfg.max_steps  # already there: no step
+    while run.epoch < cfg.epochs and not stop:
+        stop = _epoch(run, callback)
+    if stop and run.epoch < cfg.epochs:
+        say(f"stopped after {run.global_step} steps (--max-steps); resume with --resume", dist.is_main)
     if dist.enabled:
         torch.distributed.barrier()
-    return {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "eval": last_eval}
+    return {"epoch": run.epoch, "step_in_epoch": run.step_in_epoch, "global_step": run.global_step,
+            "eval": run.last_eval}  # fmt: skip
