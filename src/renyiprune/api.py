@@ -17,6 +17,7 @@ from torch import nn
 from .core.api import apply, unpatch
 from .core.hosts import UnsupportedModelError, find_host, model_name
 from .planning import policy
+from .planning.budget import plan_for_budget
 from .planning.build import DEFAULT_KEEP_RATE, PATCH_SIGNATURE, PatchArgs, build_plan
 
 __all__ = ["patch"]
@@ -58,7 +59,9 @@ def patch(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
         keep = None if a.budget is not None else DEFAULT_KEEP_RATE if a.keep_rate is None else a.keep_rate
         plan = policy.best(model_name(model), keep, a.budget, model=model, args=a)
     else:
-        plan = build_plan(model, a)
+        plan = build_plan(a)
+        if a.budget is not None:
+            plan = plan_for_budget(model, plan, a.budget)
     return apply(model, plan)
 
 

@@ -149,7 +149,7 @@ def spec_points(args: argparse.Namespace, spec: str) -> list[Point]:
         return _best_points(args)
     if "@" in crit:
         with common.naming("--criterion", crit):
-            return [Point(build_plan(None, spec_args(crit, given, replace(_base(args), keep_rate=r))))
+            return [Point(build_plan(spec_args(crit, given, replace(_base(args), keep_rate=r))))
                     for r in args.keep]  # fmt: skip
     if crit == "tome":
         return _tome_points(args, given)
@@ -178,9 +178,9 @@ def _criterion_points(args: argparse.Namespace, crit: str, given: dict) -> list[
         if len(args.tokens) not in (1, len(args.locations)):
             raise ValueError(f"--tokens: {len(args.tokens)} counts for {len(args.locations)} locations")
         base = replace(base, alpha=alphas[0], tokens=args.tokens)
-        return [Point(build_plan(None, spec_args(crit, opts, base)))]
+        return [Point(build_plan(spec_args(crit, opts, base)))]
     if args.budget is not None:  # a compute budget: the keep rate is solved on the model
-        return [Point(build_plan(None, spec_args(crit, opts, replace(base, alpha=a))), budget=f)
+        return [Point(build_plan(spec_args(crit, opts, replace(base, alpha=a))), budget=f)
                 for a, f in itertools.product(alphas, args.budget)]  # fmt: skip
     points = []
     for a, r in itertools.product(alphas, args.keep):
@@ -188,7 +188,7 @@ def _criterion_points(args: argparse.Namespace, crit: str, given: dict) -> list[
         if a == "auto":
             entry = policy_entry(_policy(args), r, crit)
             a, these = float(entry.get("alpha", 1.0)), {**opts, **entry.get("options", {}), **given}
-        points.append(Point(build_plan(None, spec_args(crit, these, replace(base, keep_rate=r, alpha=a)))))
+        points.append(Point(build_plan(spec_args(crit, these, replace(base, keep_rate=r, alpha=a)))))
     return points
 
 
@@ -203,11 +203,11 @@ def _tome_points(args: argparse.Namespace, given: dict | None = None) -> list[Po
     if args.budget is not None:
         if "r" in (given or {}):
             raise ValueError("tome[r=...] with --budget: the budget solves r; give one of them")
-        plan = build_plan(None, spec_args("tome", {**extra, **(given or {})}, PatchArgs()))
+        plan = build_plan(spec_args("tome", {**extra, **(given or {})}, PatchArgs()))
         return [Point(plan, budget=f) for f in args.budget]
     sched = {"schedule": args.schedule} if args.schedule != "constant" else {}
     specs = [{"r": r, **sched, **extra, **(given or {})} for r in args.tome_r]
-    return [Point(build_plan(None, spec_args("tome", o, PatchArgs()))) for o in specs]
+    return [Point(build_plan(spec_args("tome", o, PatchArgs()))) for o in specs]
 
 
 def _policy(args: argparse.Namespace) -> dict:
@@ -220,7 +220,7 @@ def _best_points(args: argparse.Namespace) -> list[Point]:
     that meets the budget)."""
     policy, base = _policy(args), _base(args)
     if args.budget is None:
-        return [Point(build_plan(None, entry_args(policy_entry(policy, r), replace(base, keep_rate=r))))
+        return [Point(build_plan(entry_args(policy_entry(policy, r), replace(base, keep_rate=r))))
                 for r in args.keep]  # fmt: skip
     if not policy.get("budget"):
         model = getattr(args, "model", "deit_tiny_patch16_224")

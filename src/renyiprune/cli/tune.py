@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         for name, setting in [("best", entry["best"]), *entry["by_criterion"].items()]:
             configs[(r, name)] = Point(entry_plan(setting, r, locs, fuse))
         for ref in REFERENCES:
-            configs[(r, ref + "_ref")] = Point(build_plan(None, PatchArgs(r, ref, locations=locs, fuse=fuse)))
+            configs[(r, ref + "_ref")] = Point(build_plan(PatchArgs(r, ref, locations=locs, fuse=fuse)))
     uniq = list(dict.fromkeys(configs.values()))
     records, _ = sweep(args, model, evals, uniq, args.out / "evaluation.jsonl", "evaluation")
     ev = dict(zip(uniq, records, strict=True))

@@ -58,7 +58,7 @@ def _tome_points(extra: dict, budgets: Sequence[float]) -> list[Point]:
     """ToMe does not fuse: one point per budget (r solved), or its r, whatever the fusion setting."""
     if not budgets and "r" not in extra:
         raise ValueError("tome in a sweep needs --budget or an r: tome[r=16]")
-    plan = build_plan(None, spec_args("tome", extra, PatchArgs()))
+    plan = build_plan(spec_args("tome", extra, PatchArgs()))
     return [Point(plan, budget=f) for f in budgets] or [Point(plan)]
 
 
@@ -81,5 +81,5 @@ def grid_points(grid: Grid, criteria: Sequence[str], adaptive: Sequence[str] = (
         for a, lam, (r, f) in itertools.product(alphas, lams, steps):
             opts = {**extra, **({"lam": float(lam)} if lam is not None else {})}
             base = PatchArgs(r, alpha=a, locations=tuple(grid.locations), fuse=fuse)
-            points.append(Point(build_plan(None, spec_args(crit, opts, base)), f, is_adaptive))
+            points.append(Point(build_plan(spec_args(crit, opts, base)), f, is_adaptive))
     return list(dict.fromkeys(points))

@@ -195,7 +195,7 @@ def plan_for_budget(model: nn.Module, method: str | PrunePlan | MergePlan, budge
     if isinstance(method, str):
         if method not in ("prune", "tome"):
             raise ValueError(f"method must be 'prune' or 'tome', got {method!r}")
-        method = build_plan(None, PatchArgs.bind(method=method, **options))
+        method = build_plan(PatchArgs.bind(method=method, **options))
     elif options:
         raise ValueError(f"plan_for_budget of a plan takes no options, got {', '.join(sorted(options))}")
     shape = VitShape.of(model)

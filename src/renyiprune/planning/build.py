@@ -3,7 +3,8 @@
 ``PatchArgs`` holds those arguments (its fields are ``patch``'s parameter list, listed only here);
 ``build_plan`` reads the conveniences (one value or one per location, ``alpha`` passed to the criteria
 that take it, ``fuse``/``removed``, ``tokens``, ``budget``, ``method="tome"`` with its r-schedule) and
-returns a ``PrunePlan`` or ``MergePlan``. It needs the model only to solve a ``budget``.
+returns a ``PrunePlan`` or ``MergePlan``; with a ``budget`` its keep rate or r is still to be solved for a
+model (``budget.plan_for_budget``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
-
-from torch import nn
 
 from ..core.criteria import Criterion
 from ..core.entropy import parse_alpha
@@ -73,12 +72,12 @@ def _signature() -> inspect.Signature:
 PATCH_SIGNATURE = _signature()
 
 
-def build_plan(model: nn.Module | None, args: PatchArgs) -> PrunePlan | MergePlan:
-    """The plan ``renyiprune.patch(model, ...)`` applies for ``args`` (``model`` only solves a budget)."""
+def build_plan(args: PatchArgs) -> PrunePlan | MergePlan:
+    """The plan ``renyiprune.patch(model, ...)`` applies for ``args`` (with a budget: before it is solved)."""
     if args.method not in ("prune", "tome"):
         raise ValueError(f"method must be 'prune' or 'tome', got {args.method!r}")
     if args.method == "tome":
-        return _merge_plan(model, args)
+        return _merge_plan(args)
     if args.budget is not None and args.tokens is not None:
         raise ValueError("pass either budget or tokens, not both")
     removed = args.removed or ("fuse" if args.fuse else "drop")
@@ -86,19 +85,10 @@ def build_plan(model: nn.Module | None, args: PatchArgs) -> PrunePlan | MergePla
     stages = make_stages(DEFAULT_LOCATIONS if args.locations is None else args.locations,
                          DEFAULT_CRITERION if args.criterion is None else args.criterion, args.alpha,
                          keep if args.tokens is None else None, args.tokens, args.options)  # fmt: skip
-    plan = PrunePlan(stages, removed=removed, fusion=args.fusion)
-    return plan if args.budget is None else _solved(model, plan, args.budget)
+    return PrunePlan(stages, removed=removed, fusion=args.fusion)
 
 
-def _solved(model: nn.Module | None, plan: PrunePlan | MergePlan, budget: float) -> PrunePlan | MergePlan:
-    if model is None:
-        raise ValueError("a budget is solved for a model: pass the model")
-    from .budget import plan_for_budget
-
-    return plan_for_budget(model, plan, budget)
-
-
-def _merge_plan(model: nn.Module | None, args: PatchArgs) -> MergePlan:
+def _merge_plan(args: PatchArgs) -> MergePlan:
     """method="tome": ToMe's r-schedule (or the r meeting ``budget``), with an optional merge order."""
     pruning_only = dict(keep_rate=args.keep_rate, criterion=args.criterion, locations=args.locations,
                         tokens=args.tokens, removed=args.removed, fusion=args.fusion, fuse=args.fuse or None)
@@ -115,8 +105,7 @@ def _merge_plan(model: nn.Module | None, args: PatchArgs) -> MergePlan:
         raise ValueError(f"method tome takes no option {', '.join(sorted(opts))}")
     a = args.alpha[0] if isinstance(args.alpha, (list, tuple)) else args.alpha
     r = tuple(args.r) if isinstance(args.r, (list, tuple)) else int(args.r)
-    plan = MergePlan(r=r if args.budget is None else 0, schedule=args.schedule, alpha=a, **merge_kw)
-    return plan if args.budget is None else _solved(model, plan, args.budget)
+    return MergePlan(r=r if args.budget is None else 0, schedule=args.schedule, alpha=a, **merge_kw)
 
 
 _OWN = ("removed", "fusion", "tokens", "r", "schedule")  # bracket options that are patch's own arguments

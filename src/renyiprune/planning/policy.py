@@ -79,7 +79,7 @@ def entry_args(entry: dict, base: PatchArgs) -> PatchArgs:
 def entry_plan(entry: dict, keep_rate: float, locations: Sequence[int], fuse: bool) -> PrunePlan:
     """The plan of a policy entry at ``keep_rate``."""
     base = PatchArgs(float(keep_rate), locations=tuple(locations), fuse=fuse)
-    return build_plan(None, entry_args(entry, base))
+    return build_plan(entry_args(entry, base))
 
 
 def resolve_best(
@@ -133,7 +133,7 @@ def best(
         if isinstance(keep_rate, (list, tuple)):
             raise ValueError('criterion="best" takes one keep_rate')
         entry = policy_entry(policy, float(keep_rate))
-        return build_plan(None, entry_args(entry, replace(args, keep_rate=keep_rate)))
+        return build_plan(entry_args(entry, replace(args, keep_rate=keep_rate)))
     model = create_model(model_name) if model is None else model
     chosen = budget_plan(policy, float(budget))
     if chosen is not None:  # the policy chose a method for this budget (pruning, merging or ToMe)
@@ -142,6 +142,6 @@ def best(
                 replace(s, options={**s.options, **args.options}) for s in chosen.stages))  # fmt: skip
         return plan_for_budget(model, chosen, budget)
     plain = replace(args, criterion=None, alpha=1.0, options={}, keep_rate=None, budget=budget)
-    rate = build_plan(model, plain).stages[0].keep_rate
+    rate = plan_for_budget(model, build_plan(plain), budget).stages[0].keep_rate
     entry = policy_entry(policy, rate)
-    return build_plan(model, entry_args(entry, replace(args, keep_rate=None, budget=budget)))
+    return plan_for_budget(model, build_plan(entry_args(entry, replace(args, keep_rate=None))), budget)

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from ..api import patch
 from ..core.api import share_parameters
+from ..core.plans import UNPRUNED
 from ..data.augment import mixup_cutmix, soft_target_cross_entropy
 from ..data.datasets import DEFAULT_SPLITS, DatasetSplit, load_split, open_sample
 from ..data.images import ImageDataset, Item, collate
@@ -47,7 +48,9 @@ from ..experiments.evaluate import evaluate, pruned_view
 from ..experiments.probe import FeatureCache, ProbeConfig
 from ..models.model import create_model, get_spec, weights_id
 from ..models.weights import download, read_state_dict
-from ..planning.specs import PruneConfig, split_criterion
+from ..planning.build import PatchArgs, build_plan, spec_args
+from ..planning.points import Point
+from ..planning.specs import split_criterion
 from ..utils import distributed as D
 from ..utils.io import atomic_write, output_lock
 from .bookkeeping import EpochTally, extend_schedule, readable, reduce_step, say
@@ -258,14 +261,15 @@ class _Log:
         atomic_write(self.out / "metrics.csv", lambda tmp: Path(tmp).write_text(text))
 
 
-def _eval_configs(cfg: TrainConfig) -> list[PruneConfig]:
-    configs = [PruneConfig(criterion=None)]
-    if cfg.criterion != "none":
-        for r in dict.fromkeys(cfg.eval_keep):
-            crit, opts = split_criterion(cfg.criterion)
-            opts = tuple(opts.items())
-            configs.append(PruneConfig(crit, r, cfg.alpha, tuple(cfg.locations), cfg.fuse, opts))
-    return configs
+def _eval_configs(cfg: TrainConfig) -> list[Point]:
+    """The unpruned model and the trained criterion at each evaluation keep rate."""
+    if cfg.criterion == "none":
+        return [Point(UNPRUNED)]
+    crit, opts = split_criterion(cfg.criterion)
+    bases = [PatchArgs(r, alpha=cfg.alpha, locations=tuple(cfg.locations), fuse=cfg.fuse)
+             for r in dict.fromkeys(cfg.eval_keep)]  # fmt: skip
+    plans = [build_plan(spec_args(crit, opts, base)) for base in bases]
+    return [Point(UNPRUNED), *map(Point, plans)]
 
 
 def _evaluate(

@@ -158,7 +158,7 @@ def prune_records(
     """
     args = PatchArgs(keep_rate, spec.criterion, spec.alpha, tuple(locations), fuse,
                      options=dict(spec.options))
-    view = pruned_view(model, build_plan(None, args))
+    view = pruned_view(model, build_plan(args))
     view(images)
     return list(view.renyiprune.records)
 
