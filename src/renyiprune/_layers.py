@@ -50,6 +50,7 @@ LAYERS: tuple[str, ...] = (
     "experiments.probe_cache",  # the probe's disk feature cache and the hash of the feature code
     "experiments.probe",  # linear probes under pruning
     "experiments.pareto",  # Pareto plots
+    "experiments.runs",  # ImageRun, run_points, run_grid_sweep: sweeps as the commands run them
     "training",  # fine-tuning with pruning, checkpoints
     "viz",  # attention inspection, plots, HTML report
     "cli",  # the renyiprune command

@@ -13,6 +13,7 @@ import json
 from dataclasses import replace
 
 from ..experiments.grid import grid_points
+from ..experiments.runs import ImageRun, run_points
 from ..experiments.stats import compare_records, format_difference
 from ..experiments.tune import choose, policy_document, split_samples
 from ..planning.build import PatchArgs, build_plan
@@ -20,7 +21,7 @@ from ..planning.points import Point
 from ..planning.policy import entry_plan
 from ..utils.io import atomic_write_text
 from . import common
-from .sweep import add_grid_args, check_args, grid_of, load_checked_model, read_source, sweep
+from .images import add_grid_args, check_args, grid_of, image_run, load_checked_model, read_source
 
 REFERENCES = ("evit", "shannon")
 
@@ -48,14 +49,14 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def calibrate(args: argparse.Namespace, model, calib: list) -> dict[float, dict]:
+def calibrate(args: argparse.Namespace, run: ImageRun, calib: list) -> dict[float, dict]:
     """Sweep the candidates and references on the calibration images; choose per keep rate."""
     if len(args.fuse) != 1:
         raise ValueError("tune-alpha tunes for one fusion setting: --fuse on or --fuse off")
     candidates = grid_points(grid_of(args), args.criterion)
     refs = grid_points(replace(grid_of(args), alpha=(1.0,)), REFERENCES)
     configs = list(dict.fromkeys(candidates + refs))
-    records, _ = sweep(args, model, calib, configs, args.out / "calibration.jsonl", "calibration")
+    records, _ = run_points(run, calib, configs, args.out / "calibration.jsonl", "calibration")
     rec = dict(zip(configs, records, strict=True))
     chosen = {}
     for r in args.keep:
@@ -77,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
     calib, evals = split_samples(samples)
     if not calib or not evals:
         raise ValueError(f"{len(samples)} images split into {len(calib)} + {len(evals)}; need both halves")
-    model = load_checked_model(args, samples)
-    chosen = calibrate(args, model, calib)
+    run = image_run(args, load_checked_model(args, samples))
+    chosen = calibrate(args, run, calib)
     # Only now is the evaluation half read: the chosen settings and the references, per keep rate.
     fuse, locs = args.fuse[0], tuple(args.locations)
     configs: dict[tuple, Point] = {}
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         for ref in REFERENCES:
             configs[(r, ref + "_ref")] = Point(build_plan(PatchArgs(r, ref, locations=locs, fuse=fuse)))
     uniq = list(dict.fromkeys(configs.values()))
-    records, _ = sweep(args, model, evals, uniq, args.out / "evaluation.jsonl", "evaluation")
+    records, _ = run_points(run, evals, uniq, args.out / "evaluation.jsonl", "evaluation")
     ev = dict(zip(uniq, records, strict=True))
     rows = []
     for r, entry in chosen.items():

@@ -16,13 +16,14 @@ from pathlib import Path
 
 from ..core.plans import UNPRUNED
 from ..experiments.grid import Grid, grid_points
+from ..experiments.runs import run_points, write_outputs
 from ..experiments.stats import compare_records, format_difference
 from ..experiments.tune import DEFAULT_BUDGET_CANDIDATES, choose, split_samples
 from ..planning.points import Point
 from ..planning.policy import POLICY_DIR
 from ..utils.io import atomic_write_text
 from . import common
-from .sweep import add_image_args, check_image_args, load_checked_model, read_source, sweep, write_outputs
+from .images import add_image_args, check_image_args, image_run, load_checked_model, read_source
 
 REFERENCE = "tome"  # ToMe, constant r: what users pick today
 
@@ -74,10 +75,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{len(samples)} images split into {len(calib)} + {len(evals)}; need both halves")
     base_path = args.base_policy or POLICY_DIR / f"{args.model}.json"
     policy = json.loads(Path(base_path).read_text()) if Path(base_path).is_file() else {"model": args.model}
-    model = load_checked_model(args, samples)
+    run = image_run(args, load_checked_model(args, samples))
 
     configs = list(dict.fromkeys(candidates + refs))
-    records, _ = sweep(args, model, calib, configs, args.out / "calibration.jsonl", "calibration")
+    records, _ = run_points(run, calib, configs, args.out / "calibration.jsonl", "calibration")
     cal = dict(zip(configs, records, strict=True))
     chosen = {}
     for f in args.budget:
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     unpruned = Point(UNPRUNED)
     todo = [unpruned, *picked.values(), *refs, *(candidates if args.report_all else [])]
     todo = list(dict.fromkeys(todo))
-    records, _ = sweep(args, model, evals, todo, args.out / "evaluation.jsonl", "evaluation")
+    records, _ = run_points(run, evals, todo, args.out / "evaluation.jsonl", "evaluation")
     ev = dict(zip(todo, records, strict=True))
     write_outputs(args.out, records, f"{args.model}, evaluation half ({len(evals)} images)")
     rows = []
