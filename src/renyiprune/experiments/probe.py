@@ -252,12 +252,13 @@ def _record(c: Point, ev: ImageSet, outcome: tuple, head: LinearHead, run: dict)
     ``train_images``, ``gmacs`` and ``head`` (the protocol)."""
     top1, top5, nll = outcome
     n, d = len(ev.samples), c.to_dict()
+    pruned = isinstance(c.plan, PrunePlan) and bool(c.plan.stages)  # not the unpruned model, not ToMe
     return {
         "config": c.label,
         "criterion": d.get("criterion") or "none",
         "alpha": d.get("alpha", 1.0),
-        "keep_rate": d.get("keep_rate") if d.get("criterion") not in (None, "tome") else None,
-        "fuse": d.get("fuse", c.plan.removed == "fuse"),
+        "keep_rate": d.get("keep_rate") if pruned else None,
+        "fuse": pruned and c.plan.removed == "fuse",
         "settings": d,
         "eval": ev.name,
         "top1": 100.0 * float(top1.float().mean()) if n else math.nan,
