@@ -51,6 +51,7 @@ LAYERS: tuple[str, ...] = (
     "experiments.probe",  # linear probes under pruning
     "experiments.pareto",  # Pareto plots
     "experiments.runs",  # ImageRun, run_points, run_grid_sweep: sweeps as the commands run them
+    "experiments.tuning",  # tune_alpha, tune_budget: choose on a calibration half, report, write a policy
     "training",  # fine-tuning with pruning, checkpoints
     "viz",  # attention inspection, plots, HTML report
     "cli",  # the renyiprune command

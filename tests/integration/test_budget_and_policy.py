@@ -152,9 +152,9 @@ def test_tune_budget_chooses_on_calibration_images_only(shared_assets, tmp_path,
         seen_at_choice.append(list(read))
         return real_choose(records)
 
-    from renyiprune.cli import tune_budget
+    from renyiprune.experiments import tuning
 
-    monkeypatch.setattr(tune_budget, "choose", choose_spy)
+    monkeypatch.setattr(tuning, "choose", choose_spy)
     argv = ["tune-budget", "--weights", str(w), "--data", str(d), "--budget", "0.5", "--limit", "12",
             "--candidates", "tome[entropy_weight=0.05;alpha=1],evit[removed=merge]", "--out", str(tmp_path),
             "--no-progress", "--workers", "0"]  # fmt: skip

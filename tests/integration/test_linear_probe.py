@@ -143,12 +143,12 @@ def test_cached_prefix_features_equal_a_full_pruned_forward(model, cars):
         full = pr.feature_view(model, c)  # the whole forward from pixels; head: the identity
         with torch.inference_mode():
             ref = full(x)
-        if c.criterion is None:  # the identity head really gives the final-norm CLS token
+        if not c.plan.stages:  # the identity head really gives the final-norm CLS token
             with torch.inference_mode():
                 assert torch.equal(ref, model.forward_features(x)[:, 0])
         # same batch, same kernels: equal up to float32 reordering inside the library's matmuls
         assert torch.allclose(feats[(ci, 0)], ref, atol=1e-5), c.label
-        if c.criterion is None or min(c.locations) < 3:
+        if not c.plan.stages or min(c.plan.locations) < 3:
             continue
         view = pr.feature_view(model, c)
         sw.run_view(view, cache, batch_size=len(x))

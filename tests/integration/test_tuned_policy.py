@@ -95,6 +95,7 @@ def test_shipped_policy_backs_patch_best():
 def test_tuning_never_reads_an_evaluation_image(shared_assets, tmp_path, images_read):
     from renyiprune.cli import build_parser, tune
     from renyiprune.cli.images import image_run
+    from renyiprune.experiments.tuning import calibrate_alpha
 
     read = images_read
     w = shared_assets / "weights" / "deit_tiny_patch16_224.safetensors"
@@ -105,7 +106,7 @@ def test_tuning_never_reads_an_evaluation_image(shared_assets, tmp_path, images_
     args = build_parser().parse_args(argv)
     calib, evals = split_samples(data_mod.list_samples(d)[:12])
     model = rp.create_model("deit_tiny_patch16_224", weights=w)
-    chosen = tune.calibrate(args, image_run(args, model), calib)
+    chosen = calibrate_alpha(image_run(args, model), tune.tuning_of(args), calib)
     assert read and all(is_calibration(p) for p in read)
     assert sorted(set(read)) == sorted(str(s.path) for s in calib)
     assert chosen[0.5]["best"]["criterion"] == "renyi" and "evit" in chosen[0.5]["reference"]
