@@ -43,7 +43,8 @@ from renyiprune.experiments.tune import choose, is_calibration, policy_document
 from renyiprune.models.model import create_model
 from renyiprune.models.weights import read_state_dict, sha256_file
 from renyiprune.planning.flops import count_gmacs
-from renyiprune.planning.specs import PruneConfig, parse_options, split_criterion
+from renyiprune.planning.points import Point
+from renyiprune.planning.specs import parse_options, split_criterion
 from renyiprune.training.checkpoint import load_checkpoint
 from renyiprune.training.train import CHECKPOINT, WEIGHTS
 from renyiprune.training.transforms import eval_view
@@ -186,10 +187,10 @@ def evaluate_run(out: Path, args: argparse.Namespace) -> dict:
     model = model.to(args.device)
     crit, opts = split_criterion(cfg["criterion"])
     config = (
-        PruneConfig(None)
+        Point.from_spec(None)
         if crit == "none"
-        else PruneConfig(crit, cfg["keep"], float(cfg["alpha"]), tuple(cfg["locations"]), cfg["fuse"],
-                         tuple(opts.items()))
+        else Point.from_spec(crit, cfg["keep"], float(cfg["alpha"]), tuple(cfg["locations"]), cfg["fuse"],
+                             opts)
     )  # fmt: skip
     view = pruned_view(model, config)
     tf = eval_view(cfg["transform"], model.pretrained_cfg, split.crop_bottom)

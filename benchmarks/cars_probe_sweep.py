@@ -42,7 +42,7 @@ from renyiprune.experiments.stats import paired_summary, select_outcomes, top1_o
 from renyiprune.experiments.tune import choose, is_calibration, policy_document
 from renyiprune.models.model import create_model
 from renyiprune.models.weights import sha256_file
-from renyiprune.planning.specs import PruneConfig
+from renyiprune.planning.points import Point
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "demo" / "weights" / "deit_tiny_patch16_224.safetensors"
@@ -67,13 +67,13 @@ def reading_options(direction: str, cls_key: str, heads: str) -> tuple[tuple[str
     return tuple((k, v) for k, v in sorted(given.items()) if v != default[k])
 
 
-def reading_configs(keeps=(0.7, 0.5), alphas=(1.0, 2.0, float("inf"))) -> list[PruneConfig]:
+def reading_configs(keeps=(0.7, 0.5), alphas=(1.0, 2.0, float("inf"))) -> list[Point]:
     """Rényi in every reading x α x keep rate, fused (the readings comparison of docs/method.md)."""
-    return [PruneConfig("renyi", r, a, LOCS, True, reading_options(*rd))
+    return [Point.from_spec("renyi", r, a, LOCS, True, reading_options(*rd))
             for r in keeps for rd in READINGS for a in alphas]  # fmt: skip
 
 
-def configs(unfused: bool = True) -> list[PruneConfig]:
+def configs(unfused: bool = True) -> list[Point]:
     """Every configuration of the sweep, most wanted first (the targets are fused keep 0.5 and 0.7);
     ``unfused=False``: the fused ones only (the issue's sweep: all criteria x 5 α x 3 keep rates)."""
 
@@ -82,7 +82,7 @@ def configs(unfused: bool = True) -> list[PruneConfig]:
         for r in keeps:
             for c in criteria:
                 for a in ALPHAS if takes_alpha(c) else (1.0,):
-                    out.append(PruneConfig(c, r, a, LOCS, fuse))
+                    out.append(Point.from_spec(c, r, a, LOCS, fuse))
         return out
 
     first = ["evit", "renyi"]
@@ -90,7 +90,7 @@ def configs(unfused: bool = True) -> list[PruneConfig]:
     spread = [c for c in ("column_norm", "pagerank", "diverse", "headvar") if c in list_criteria()]
     single = [c for c in list_criteria() if c not in first + spread and not takes_alpha(c)]
     ordered = [c for c in list_criteria() if c not in first and takes_alpha(c)]
-    order = [PruneConfig(None)]
+    order = [Point.from_spec(None)]
     order += grid(first, (0.7, 0.5), True)  # the method's setting and its baseline first (the targets)
     order += grid(spread, (0.7, 0.5), True) + grid(first, (0.9,), True)
     order += grid(single, (0.7, 0.5), True) + grid(ordered, (0.7, 0.5), True)
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None, dataset: str = "stanford-cars", transfor
               "after": [*sweep, *readings]}[args.readings]  # fmt: skip
     wanted = with_references(wanted)[0]  # every configuration's references (unpruned, EViT twin) too
     sets = [train, val]
-    unpruned = PruneConfig(None)
+    unpruned = Point.from_spec(None)
 
     def needed(c):
         return [0, 1] if args.head == "per-config" or c == unpruned else [1]

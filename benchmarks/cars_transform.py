@@ -29,7 +29,7 @@ from renyiprune.experiments.probe import (
 from renyiprune.experiments.tune import is_calibration
 from renyiprune.models.model import create_model
 from renyiprune.models.weights import sha256_file
-from renyiprune.planning.specs import PruneConfig
+from renyiprune.planning.points import Point
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "demo" / "weights" / "deit_tiny_patch16_224.safetensors"
 
@@ -47,7 +47,7 @@ def main() -> None:
     fit = torch.tensor([is_calibration(s.path) for s in train.samples])
     y = train.labels
     hold = torch.tensor([is_holdout(s.path) for s in train.samples])
-    configs = [PruneConfig(None), PruneConfig("evit", 0.5, 1.0, (3, 6, 9), True)]
+    configs = [Point.from_spec(None), Point.from_spec("evit", 0.5, 1.0, (3, 6, 9), True)]
     configs = configs[:1] if args.unpruned_only else configs
     out = {}
     for kind in ("center-crop", "resize"):

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from perf_tables import add_run_args, load_average, update_doc, use_device  # noqa: E402
 
-from renyiprune.experiments.benchmark import benchmark_configs, machine_info  # noqa: E402
+from renyiprune.experiments.benchmark import BenchSettings, benchmark_configs, machine_info  # noqa: E402
 from renyiprune.models.model import create_model  # noqa: E402
-from renyiprune.planning.specs import PruneConfig, config_from_dict  # noqa: E402
+from renyiprune.planning.points import Point  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -46,16 +46,16 @@ CAL_HEAD = "| method (calibration half"
 POLICY = ROOT / "src" / "renyiprune" / "planning" / "policies" / "deit_tiny_patch16_224.json"
 
 
-def _tome(**opts) -> Callable[[float], PruneConfig]:
-    return lambda f: PruneConfig("tome", options=(("budget", f), *opts.items()))
+def _tome(**opts) -> Callable[[float], Point]:
+    return lambda f: Point.from_spec("tome", options=opts, budget=f)
 
 
-def _prune(criterion: str, removed: str, alpha: float = 1.0) -> Callable[[float], PruneConfig]:
-    return lambda f: PruneConfig(criterion, 1.0, alpha, LOCS, False, (("budget", f), ("removed", removed)))
+def _prune(criterion: str, removed: str, alpha: float = 1.0) -> Callable[[float], Point]:
+    return lambda f: Point.from_spec(criterion, 1.0, alpha, LOCS, False, {"removed": removed}, budget=f)
 
 
 # (label of the row in docs/results.md §4, family for the plot, configuration at a budget)
-METHODS: list[tuple[str, str, Callable[[float], PruneConfig]]] = [
+METHODS: list[tuple[str, str, Callable[[float], Point]]] = [
     ("**ToMe** (constant r)", "ToMe", _tome()),
     ("ToMe, decreasing schedule", "ToMe", _tome(schedule="decreasing")),
     ("ToMe + entropy, α=1, weight 0.02", "ToMe + entropy", _tome(entropy_weight=0.02, alpha=1.0)),
@@ -105,19 +105,15 @@ def calibration_top1(path: Path = SHIPPED) -> dict[str, dict[float, float]]:
     return {m: {b: v[0] for b, v in row.items()} for m, row in _table(path, CAL_HEAD).items()}
 
 
-def _key(c) -> tuple:
-    return c.criterion, float(c.alpha), tuple(sorted(c.options))
-
-
 def recorded_pairs(path: Path = POLICY) -> dict[tuple[str, float], dict]:
     """{(method label, budget): paired difference to plain ToMe at that budget, evaluation half} for the
     pairs whose per-image outcomes were compared when they were run: ``tune-budget``'s choice per budget
     (the shipped policy's ``evaluation_vs_tome``). No other frontier pair has recorded outcomes."""
-    label_of = {_key(make(f)): label for label, _, make in METHODS for f in BUDGETS}
+    label_of = {make(f): label for label, _, make in METHODS for f in BUDGETS}
     pairs = {}
     for f, entry in json.loads(path.read_text()).get("budget", {}).items():
         best = entry["best"]
-        label = label_of.get(_key(config_from_dict(best["config"])))
+        label = label_of.get(Point.from_dict(best["config"]))
         if label is not None and "evaluation_vs_tome" in best:
             pairs[(label, float(f))] = best["evaluation_vs_tome"]
     return pairs
@@ -145,9 +141,7 @@ def run(reps: int, warmup: int, device: str, batch: int) -> dict:
         model,
         [make(f) for _, _, make in METHODS for f in BUDGETS],
         x,
-        reps=reps,
-        warmup=warmup,
-        memory=False,
+        BenchSettings(reps=reps, warmup=warmup, memory=False),
         progress=lambda m: print(f"frontier: {m}", file=sys.stderr, flush=True),
     )
     points = []

@@ -30,12 +30,13 @@ from renyiprune.cli.bench import format_rows  # noqa: E402
 from renyiprune.experiments.benchmark import (  # noqa: E402
     DTYPES,
     BenchRow,
+    BenchSettings,
     benchmark_configs,
     forward_memory,
     machine_info,
 )
 from renyiprune.models.model import create_model  # noqa: E402
-from renyiprune.planning.specs import PruneConfig  # noqa: E402
+from renyiprune.planning.points import Point  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -73,8 +74,8 @@ def parse_criteria(text: str) -> list[tuple[str, float]]:
     return out
 
 
-def _configs(keeps, criteria) -> list[PruneConfig]:
-    return [PruneConfig(c, r, a, (3, 6, 9)) for r in keeps for c, a in criteria or CRITERIA]
+def _configs(keeps, criteria) -> list[Point]:
+    return [Point.from_spec(c, r, a, (3, 6, 9)) for r in keeps for c, a in criteria or CRITERIA]
 
 
 def run_setting(
@@ -90,9 +91,7 @@ def run_setting(
         model,
         configs,
         x,
-        dtype=DTYPES[dtype],
-        reps=reps,
-        warmup=warmup,
+        BenchSettings(dtype=DTYPES[dtype], reps=reps, warmup=warmup),
         extra={"reference (SDPA)": ReferenceViT(model)} if reference else None,
         progress=lambda m: print(f"{name}: {m}", file=sys.stderr, flush=True),
     )
@@ -120,7 +119,7 @@ def memory_setting(name: str, device: str = "cpu", keeps=None, criteria=None) ->
     x = torch.randn(batch, 3, size, size, device=device)
     rows = []
     load_before = load_average()
-    for c in [PruneConfig(None), *_configs(keeps or default_keeps, criteria)]:
+    for c in [Point.from_spec(None), *_configs(keeps or default_keeps, criteria)]:
         print(f"{name}: memory of {c.label}", file=sys.stderr, flush=True)
         mem = forward_memory(pruned_view(model, c), x, DTYPES[dtype])
         rows.append(dict(config=c.label, peak=mem.peak, block_peaks=mem.block_peaks))

@@ -33,21 +33,25 @@ LAYERS: tuple[str, ...] = (
     "data.augment",  # training augmentation
     "data.datasets",  # named data sets (Flowers-102, FGVC-Aircraft, ImageNet-100, Stanford Cars, ...)
     "planning.flops",  # GMACs of a (pruned) forward
-    "planning.specs",  # PruneConfig: a configuration as the CLI and policy files write it
+    "planning.specs",  # the criterion grammar of the command line (renyi[heads=pooled], per-stage specs)
+    "planning.build",  # PatchArgs, build_plan: a plan from patch() keywords
     "planning.budget",  # plan_for_budget: a keep rate or r for a GMACs fraction
-    "planning.build",  # build_plan: a plan from patch() keywords
+    "planning.points",  # Point: a plan with its compute budget or adaptive keep, as runs take it
     "planning.policy",  # tuned policies: policy.best
     "api",  # patch(**kwargs): the keyword convenience over plans and planners
     "experiments.stats",  # paired intervals, McNemar
     "experiments.tables",  # CSV / Markdown tables of results
     "experiments.tune",  # calibration / evaluation split, choosing on calibration
     "experiments.evaluate",  # top-1/top-5, GMACs, images/s of pruning configurations
+    "experiments.grid",  # the points a sweep crosses (criteria x orders x keep rates x fusion)
     "experiments.sweep",  # resumable sweeps over configurations on decoded images
     "experiments.benchmark",  # interleaved timing and peak memory
     "experiments.probe_fit",  # the probe's logistic head: L-BFGS fit, L2 chosen on a held-out part
     "experiments.probe_cache",  # the probe's disk feature cache and the hash of the feature code
     "experiments.probe",  # linear probes under pruning
     "experiments.pareto",  # Pareto plots
+    "experiments.runs",  # ImageRun, run_points, run_grid_sweep: sweeps as the commands run them
+    "experiments.tuning",  # tune_alpha, tune_budget: choose on a calibration half, report, write a policy
     "training",  # fine-tuning with pruning, checkpoints
     "viz",  # attention inspection, plots, HTML report
     "cli",  # the renyiprune command

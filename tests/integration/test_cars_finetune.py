@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from plan_points import point
 
 from renyiprune.data.datasets import load_split
 from renyiprune.data.images import load_image
 from renyiprune.experiments.probe import feature_view, fit_probe, is_holdout
 from renyiprune.models.model import create_model
-from renyiprune.planning.specs import PruneConfig
 from renyiprune.training.train import CHECKPOINT, METRICS, WEIGHTS, TrainConfig, train
 from renyiprune.training.transforms import eval_view
 
@@ -66,7 +66,7 @@ def test_probe_head_starts_where_the_linear_probe_is(cars, tmp_path, capfd):
     train(cfg)
     before = {r["config"]: r for r in evals(tmp_path / "a")[0]["results"]}
     model = create_model("deit_tiny_patch16_224", weights=DEMO_WEIGHTS)
-    view = feature_view(model, PruneConfig(None))
+    view = feature_view(model, point(None))
     tf = eval_view("resize", model.pretrained_cfg)
     tr, va = load_split("stanford-cars", cars, "train"), load_split("stanford-cars", cars, "val")
     with torch.no_grad():
@@ -108,8 +108,8 @@ def test_eval_engine_reproduces_a_center_crop_run(cars, center_crop_run):
     out, reported = center_crop_run
     model = create_model("deit_tiny_patch16_224", weights=out / WEIGHTS, num_classes=196)
     loader, _ = make_loader(cars / "val", EvalTransform(), batch_size=64, workers=0, limit=16)
-    evit = PruneConfig("evit", 0.7, 1.0, (3, 6, 9), True)
-    views = {"unpruned": pruned_view(model, PruneConfig(None)), evit.label: pruned_view(model, evit)}
+    evit = point("evit", 0.7, 1.0, (3, 6, 9), True)
+    views = {"unpruned": pruned_view(model, point(None)), evit.label: pruned_view(model, evit)}
     for r in evaluate(views, loader, progress=False):
         assert (r.top1, r.top5, r.images) == (reported[r.config]["top1"], reported[r.config]["top5"], 16)
         assert r.gmacs == pytest.approx(reported[r.config]["gmacs"])
@@ -142,7 +142,7 @@ def test_eval_cli_whole_image_view_matches_the_engine(cars, center_crop_run):
     model = create_model("deit_tiny_patch16_224", weights=out / WEIGHTS, num_classes=196)
     loader, _ = make_loader(cars / "val", eval_transform("resize", model.pretrained_cfg), batch_size=64,
                             workers=0, limit=16)  # fmt: skip
-    want = {r.config: r for r in evaluate({"unpruned": pruned_view(model, PruneConfig(None))}, loader,
+    want = {r.config: r for r in evaluate({"unpruned": pruned_view(model, point(None))}, loader,
                                           progress=False)}  # fmt: skip
     text = io.StringIO()
     argv = ["eval", "--weights", str(out / WEIGHTS), "--data", str(cars / "val"), "--transform", "resize",
@@ -195,7 +195,7 @@ def test_benchmark_resumes_skips_and_reports(cars, tmp_path, capsys):
     for n in names:  # the report's numbers are the evaluation engine's on the run's weights and view
         model = create_model("deit_tiny_patch16_224", weights=tmp_path / n / WEIGHTS, num_classes=196)
         cfg = load_checkpoint(tmp_path / n / CHECKPOINT)["config"]
-        config = PruneConfig(cfg["criterion"], cfg["keep"], cfg["alpha"], tuple(cfg["locations"]), True)
+        config = point(cfg["criterion"], cfg["keep"], cfg["alpha"], tuple(cfg["locations"]), True)
         assert cfg["transform"] == "resize" and cfg["freeze_blocks"] == 3
         folder = tmp_path / f"{n}-val"
         folder.mkdir()

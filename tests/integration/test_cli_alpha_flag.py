@@ -8,11 +8,12 @@ benchmark's rows follow the same rule.
 
 import pytest
 import torch
+from plan_points import point
 
 from renyiprune.core.criteria import list_criteria, takes_alpha
 from renyiprune.experiments.evaluate import pruned_view
 from renyiprune.models.model import VisionTransformer
-from renyiprune.planning.specs import PruneConfig
+from renyiprune.planning.points import Point
 
 ALL = list_criteria()
 
@@ -33,7 +34,7 @@ def model_and_images():
     return m, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-def _scores(model, images, config: PruneConfig) -> list[torch.Tensor]:
+def _scores(model, images, config: Point) -> list[torch.Tensor]:
     view = pruned_view(model, config)
     with torch.no_grad():
         view(images)
@@ -50,8 +51,10 @@ def test_the_registry_has_criteria_of_both_kinds():
 @pytest.mark.parametrize("extra", [(), ("--fuse",), ("--tokens", "8,4")])
 def test_eval_alpha_reaches_exactly_the_criteria_that_take_it(tmp_path, model_and_images, criterion, extra):
     (two,), (one,) = _configs(tmp_path, criterion, "2", *extra), _configs(tmp_path, criterion, "1", *extra)
-    takes = takes_alpha(criterion, dict(two.options))
-    assert two.alpha == (2.0 if takes else 1.0) and one.alpha == 1.0
+    d2, d1 = two.to_dict(), one.to_dict()
+    takes = takes_alpha(criterion, {k: v for k, v in d2["options"].items() if k != "tokens"})
+    assert d2["alpha"] == (2.0 if takes else 1.0) and d1["alpha"] == 1.0
+    assert all(s.options.get("alpha", 2.0) == 2.0 for s in two.plan.stages)
     assert (two.label != one.label) == takes
     if takes:
         assert " a=2 " in two.label and " a=1 " in one.label
@@ -89,25 +92,26 @@ def test_evit_renyi_runs_the_order_asked_for(tmp_path, model_and_images):
 
 @pytest.mark.parametrize("criterion", ALL)
 def test_sweep_specs_cross_alphas_exactly_where_the_criterion_takes_it(criterion):
-    from renyiprune.cli.sweep import parse_spec
+    from renyiprune.experiments.grid import parse_spec
 
     _, alphas, _ = parse_spec(criterion, [1.0, 2.0])
     assert alphas == ([1.0, 2.0] if takes_alpha(criterion) else [1.0])
 
 
 def test_hybrid_over_another_base_takes_no_alpha():
-    from renyiprune.cli.sweep import parse_spec
+    from renyiprune.experiments.grid import parse_spec
 
     assert parse_spec("hybrid[base=headvar]", [1.0, 2.0])[1] == [1.0]
-    config = PruneConfig("hybrid", 0.5, 2.0, options=(("base", "headvar"),))
+    config = point("hybrid", 0.5, 2.0, options={"base": "headvar"})
     assert config.label == "hybrid base=headvar r=0.5"
 
 
 def test_benchmark_rows_report_alpha_for_every_criterion_that_takes_it(model_and_images):
-    from renyiprune.experiments.benchmark import benchmark_configs
+    from renyiprune.experiments.benchmark import BenchSettings, benchmark_configs
 
     model, images = model_and_images
-    configs = [PruneConfig(c, 0.5, 2.0, (1, 2)) for c in ("renyi", "evit_renyi", "hybrid", "evit")]
-    rows = {r.criterion: r for r in benchmark_configs(model, configs, images, warmup=0, reps=1)}
+    configs = [point(c, 0.5, 2.0, (1, 2)) for c in ("renyi", "evit_renyi", "hybrid", "evit")]
+    quick = BenchSettings(warmup=0, reps=1)
+    rows = {r.criterion: r for r in benchmark_configs(model, configs, images, quick)}
     assert rows["renyi"].alpha == rows["evit_renyi"].alpha == rows["hybrid"].alpha == 2.0
     assert rows["evit"].alpha is None and rows[None].alpha is None

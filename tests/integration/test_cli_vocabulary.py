@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+from dataclasses import fields
 
 import pytest
 from PIL import Image
@@ -17,8 +18,9 @@ import renyiprune as rp
 from renyiprune.cli import build_parser
 from renyiprune.cli import eval as eval_cmd
 from renyiprune.cli import visualize as visualize_cmd
-from renyiprune.cli.sweep import build_configs
-from renyiprune.planning.build import build_plan
+from renyiprune.cli.images import grid_of
+from renyiprune.experiments.grid import grid_points
+from renyiprune.planning.build import PatchArgs, build_plan
 
 #: What each command needs besides the flags under test (paths are not opened while parsing, except
 #: ``--data`` of eval, which must exist: the current folder).
@@ -124,17 +126,19 @@ def test_sweep_budget_numbers_are_gmacs_budgets(capsys):
     args = parse("sweep", "--budget", "0.5", "--criterion", "evit", "--keep", "0.7")
     assert args.budget == [0.5] and args.adaptive == []
     assert capsys.readouterr().err == ""
-    (cfg,) = build_configs(args, args.criterion, args.adaptive)
-    assert dict(cfg.options) == {"budget": 0.5} and cfg.budget is False  # keep rate solved for 0.5 GMACs
+    (cfg,) = grid_points(grid_of(args), args.criterion, args.adaptive)
+    assert cfg.budget == 0.5 and not cfg.adaptive  # keep rate solved for 0.5 GMACs
 
 
 def test_sweep_adaptive_is_the_per_image_mode(capsys):
     args = parse("sweep", "--adaptive", "renyi", "--criterion", "evit", "--alpha", "2", "--keep", "0.7")
     assert args.adaptive == ["renyi"] and args.budget is None
     assert capsys.readouterr().err == ""
-    evit, renyi = build_configs(args, args.criterion, args.adaptive)
-    assert (evit.criterion, evit.budget) == ("evit", False)
-    assert (renyi.criterion, renyi.budget, renyi.keep_rate, dict(renyi.options)) == ("renyi", True, 0.7, {})
+    evit, renyi = grid_points(grid_of(args), args.criterion, args.adaptive)
+    assert (evit.plan.stages[0].criterion, evit.adaptive) == ("evit", False)
+    stage = renyi.plan.stages[0]
+    got = (stage.criterion, renyi.adaptive, stage.keep_rate, stage.options)
+    assert got == ("renyi", True, 0.7, {"alpha": 2.0})
 
 
 def test_sweep_budget_with_criterion_names_is_the_deprecated_adaptive_spelling(capsys):
@@ -176,11 +180,13 @@ def test_probe_takes_evals_configuration_arguments_unchanged():
     assert probe["criterion"] == ["evit", "tome"]
 
 
-def test_patch_takes_exactly_build_plans_parameters():
+def test_patch_takes_exactly_the_fields_of_patch_args():
+    """``PatchArgs`` (what ``build_plan`` reads) lists patch's parameters after the model, once."""
     patch_params = inspect.signature(rp.patch).parameters
-    plan_params = inspect.signature(build_plan).parameters
-    assert list(patch_params) == list(plan_params)
+    assert list(patch_params) == ["model", *(f.name for f in fields(PatchArgs))]
     assert patch_params["model"].default is inspect.Parameter.empty  # required for patch
-    assert plan_params["model"].default is None
-    assert [p.kind for p in patch_params.values()] == [p.kind for p in plan_params.values()]
+    assert all(patch_params[f.name].default == f.default for f in fields(PatchArgs) if f.name != "options")
     assert patch_params["budget"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert patch_params["options"].kind is inspect.Parameter.VAR_KEYWORD
+    assert PatchArgs.bind(0.5, "evit", budget=None, lam=0.3) == PatchArgs(0.5, "evit", options={"lam": 0.3})
+    assert isinstance(build_plan(PatchArgs(0.5, "evit")), rp.PrunePlan)

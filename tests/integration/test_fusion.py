@@ -346,28 +346,24 @@ def test_eval_cli_fusion_flag(tmp_path):
     assert [c.label for c in renorm] == ["evit fusion=renorm r=0.7 +fuse", "tome r=16"]
     assert configs("--fuse", "--fusion", "evit") == default
     removed = configs("--removed", "fuse", "--fusion", "renorm")[0]
-    assert removed.options == (("fusion", "renorm"), ("removed", "fuse"))
+    assert (removed.plan.removed, removed.plan.fusion) == ("fuse", "renorm") and removed == renorm[0]
     with pytest.raises(ValueError, match="--fusion applies to fused pruning"):
         configs("--fusion", "renorm")
-    from renyiprune.planning.specs import patch_kwargs
-
-    assert patch_kwargs(renorm[0])["fusion"] == "renorm" and "fusion" not in patch_kwargs(default[0])
+    assert renorm[0].plan.fusion == "renorm" and default[0].plan.fusion == "evit"
 
 
 def test_sweep_spec_option_and_records_name_their_rule():
-    import argparse
+    from renyiprune.experiments.grid import Grid, grid_points
+    from renyiprune.planning.points import Point
 
-    from renyiprune.cli.sweep import build_configs
-    from renyiprune.planning.specs import SweepConfig, config_from_dict, config_to_dict
-
-    ns = argparse.Namespace(fuse=[True], locations=(3, 6, 9), keep=[0.5], alpha=[1.0], lambdas=[0.5])
-    evit, renorm = build_configs(ns, ["evit", "evit[fusion=renorm]"])
-    assert dict(renorm.options) == {"fusion": "renorm"} and evit.options == ()
-    assert config_to_dict(evit)["fusion"] == "evit" and config_to_dict(renorm)["fusion"] == "renorm"
-    for c in (evit, renorm, SweepConfig("evit", 0.5, 1.0, (3, 6, 9), False)):
-        assert config_from_dict(config_to_dict(c)) == c
-    assert "fusion" not in config_to_dict(SweepConfig("evit", 0.5, 1.0, (3, 6, 9), False))
+    evit, renorm = grid_points(Grid(fuse=(True,), keep=(0.5,), alpha=(1.0,)), ["evit", "evit[fusion=renorm]"])
+    assert renorm.to_dict()["options"] == {"fusion": "renorm"} and evit.to_dict()["options"] == {}
+    assert evit.to_dict()["fusion"] == "evit" and renorm.to_dict()["fusion"] == "renorm"
+    unfused = Point.from_spec("evit", 0.5, 1.0, (3, 6, 9), False)
+    for c in (evit, renorm, unfused):
+        assert Point.from_dict(c.to_dict()) == c
+    assert "fusion" not in unfused.to_dict()
     # A record written before the rule had a name (no "fusion" key) was made with the renormalized rule:
     # it is read as such, so that a resumed sweep reruns the EViT-rule config instead of reusing it.
-    old = {k: v for k, v in config_to_dict(evit).items() if k != "fusion"}
-    assert config_from_dict(old) == renorm
+    old = {k: v for k, v in evit.to_dict().items() if k != "fusion"}
+    assert Point.from_dict(old) == renorm

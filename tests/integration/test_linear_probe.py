@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from plan_points import point
 
 from renyiprune.cli import main
 from renyiprune.data.datasets import ResizeTransform
@@ -14,7 +15,6 @@ from renyiprune.data.images import list_samples, load_image
 from renyiprune.experiments import probe as pr
 from renyiprune.experiments import sweep as sw
 from renyiprune.models.model import create_model
-from renyiprune.planning.specs import PruneConfig
 from renyiprune.utils.io import LOCK_FILE
 
 WEIGHTS = Path(__file__).resolve().parents[2] / "demo" / "weights" / "deit_tiny_patch16_224.safetensors"
@@ -132,8 +132,8 @@ def test_cached_prefix_features_equal_a_full_pruned_forward(model, cars):
     images = _set(cars["val"])
     tf = ResizeTransform(224)
     x = torch.stack([tf(load_image(s.path)) for s in images.samples])
-    configs = [PruneConfig("renyi", 0.5, 2.0, (3, 6, 9), True), PruneConfig("evit", 0.7, 1.0, (3, 6, 9)),
-               PruneConfig("diverse", 0.7, 1.0, (4, 7, 10), True), PruneConfig(None)]
+    configs = [point("renyi", 0.5, 2.0, (3, 6, 9), True), point("evit", 0.7, 1.0, (3, 6, 9)),
+               point("diverse", 0.7, 1.0, (4, 7, 10), True), point(None)]
     opts = pr.ProbeConfig(batch_size=len(x), progress=False)
     feats, timing = pr.extract_features(model, configs, [images], tf, opts)
     assert timing["computed"] == len(configs) and timing["images"] == len(x)
@@ -143,12 +143,12 @@ def test_cached_prefix_features_equal_a_full_pruned_forward(model, cars):
         full = pr.feature_view(model, c)  # the whole forward from pixels; head: the identity
         with torch.inference_mode():
             ref = full(x)
-        if c.criterion is None:  # the identity head really gives the final-norm CLS token
+        if not c.plan.stages:  # the identity head really gives the final-norm CLS token
             with torch.inference_mode():
                 assert torch.equal(ref, model.forward_features(x)[:, 0])
         # same batch, same kernels: equal up to float32 reordering inside the library's matmuls
         assert torch.allclose(feats[(ci, 0)], ref, atol=1e-5), c.label
-        if c.criterion is None or min(c.locations) < 3:
+        if not c.plan.stages or min(c.plan.locations) < 3:
             continue
         view = pr.feature_view(model, c)
         sw.run_view(view, cache, batch_size=len(x))
@@ -179,8 +179,8 @@ def test_prefix_runs_once_per_image_and_images_are_decoded_once(model, cars, ima
     monkeypatch.setattr(type(block0), "forward", spy)
     monkeypatch.setattr(pr, "probe_gmacs", gmacs)
     train, evals = _set(cars["train"]), [_set(cars["val"]), _set(cars["val2"])]
-    configs = [PruneConfig("renyi", 0.7, a, (3, 6, 9), True) for a in (1.0, 2.0, float("inf"))]
-    configs.append(PruneConfig("evit", 0.5, 1.0, (3, 6, 9), True))
+    configs = [point("renyi", 0.7, a, (3, 6, 9), True) for a in (1.0, 2.0, float("inf"))]
+    configs.append(point("evit", 0.5, 1.0, (3, 6, 9), True))
     tf = ResizeTransform(224)
     records, _ = pr.run_probe(model, configs, train, evals, tf, pr.ProbeConfig(progress=False, batch_size=8))
     total = sum(len(s.samples) for s in [train, *evals])
@@ -193,7 +193,7 @@ def test_prefix_runs_once_per_image_and_images_are_decoded_once(model, cars, ima
 
 def test_feature_cache_is_reused_and_keyed(model, cars, images_read, tmp_path):
     train, val = _set(cars["train"]), _set(cars["val"])
-    configs = [PruneConfig("renyi", 0.7, 2.0, (3, 6, 9), True)]
+    configs = [point("renyi", 0.7, 2.0, (3, 6, 9), True)]
     cache = pr.FeatureCache(tmp_path / "c", {"model": "deit_tiny", "weights": "w1", "transform": "resize"})
     opts = pr.ProbeConfig(cache=cache, progress=False)
     first, t1 = pr.run_probe(model, configs, train, [val], ResizeTransform(224), opts)
@@ -208,7 +208,7 @@ def test_feature_cache_is_reused_and_keyed(model, cars, images_read, tmp_path):
     # another weights file, another transform, another config: other keys
     other = pr.FeatureCache(tmp_path / "c", {"model": "deit_tiny", "weights": "w2", "transform": "resize"})
     assert other.key(configs[0], val) != cache.key(configs[0], val)
-    assert cache.key(PruneConfig("renyi", 0.7, 3.0, (3, 6, 9), True), val) != cache.key(configs[0], val)
+    assert cache.key(point("renyi", 0.7, 3.0, (3, 6, 9), True), val) != cache.key(configs[0], val)
     assert cache.key(configs[0], train) != cache.key(configs[0], val)
     # features written by other pruning code are not found, unless that code's hash is named
     named = pr.FeatureCache(tmp_path / "c", {"model": "deit_tiny", "weights": "w1", "transform": "resize",
@@ -224,7 +224,7 @@ def test_feature_cache_is_reused_and_keyed(model, cars, images_read, tmp_path):
 
 def test_paired_intervals_match_the_per_image_outcomes(model, cars):
     train, val = _set(cars["train"]), _set(cars["val"])
-    configs = [PruneConfig("renyi", 0.5, 2.0, (3, 6, 9), True)]
+    configs = [point("renyi", 0.5, 2.0, (3, 6, 9), True)]
     tf, opts = ResizeTransform(224), pr.ProbeConfig(progress=False)
     records, _ = pr.run_probe(model, configs, train, [val], tf, opts)
     by = {r["config"]: r for r in records}
@@ -241,11 +241,11 @@ def test_paired_intervals_match_the_per_image_outcomes(model, cars):
 
 
 def test_evit_twin():
-    c = PruneConfig("renyi", 0.5, 2.0, (3, 6, 9), True, (("direction", "column"), ("removed", "merge")))
-    assert pr.evit_twin(c) == PruneConfig("evit", 0.5, 1.0, (3, 6, 9), True, (("removed", "merge"),))
-    staged = PruneConfig("renyi:2@2+evit@5+evit@8", 0.7, 1.0, (3, 6, 9), False)
-    assert pr.evit_twin(staged) == PruneConfig("evit", 0.7, 1.0, (2, 5, 8), False)
-    for c in (PruneConfig(None), PruneConfig("tome", options=(("r", 8),)), PruneConfig("evit", 0.5)):
+    c = point("renyi", 0.5, 2.0, (3, 6, 9), True, (("direction", "column"), ("removed", "merge")))
+    assert pr.evit_twin(c) == point("evit", 0.5, 1.0, (3, 6, 9), True, (("removed", "merge"),))
+    staged = point("renyi:2@2+evit@5+evit@8", 0.7, 1.0, (3, 6, 9), False)
+    assert pr.evit_twin(staged) == point("evit", 0.7, 1.0, (2, 5, 8), False)
+    for c in (point(None), point("tome", options=(("r", 8),)), point("evit", 0.5)):
         assert pr.evit_twin(c) is None
 
 
@@ -306,8 +306,8 @@ def test_cli_best_with_a_policy_file_is_evals_configuration(tmp_path):
     assert isinstance(pa, argparse.Namespace)
     got = eval_cmd.configs_from_args(pa)
     assert got == eval_cmd.configs_from_args(ea)
-    assert got == [PruneConfig("renyi", 0.5, float("inf"), (3, 6, 9), True),
-                   PruneConfig("headvar", 0.7, 1.0, (3, 6, 9), True)]
+    assert got == [point("renyi", 0.5, float("inf"), (3, 6, 9), True),
+                   point("headvar", 0.7, 1.0, (3, 6, 9), True)]
 
 
 @pytest.mark.parametrize(
@@ -333,7 +333,7 @@ def test_cli_missing_folder(cars, capsys, tmp_path):
 
 def test_unpruned_head_runs_train_unpruned_only_and_classifies_pruned_features(model, cars, tmp_path):
     train, val = _set(cars["train"]), _set(cars["val"])
-    configs = [PruneConfig("renyi", 0.5, float("inf"), (3, 6, 9), True)]
+    configs = [point("renyi", 0.5, float("inf"), (3, 6, 9), True)]
     cache = pr.FeatureCache(tmp_path / "c", {"model": "deit_tiny", "weights": "w", "transform": "resize"})
     tf = ResizeTransform(224)
     shared, t = pr.run_probe(model, configs, train, [val], tf,
@@ -343,7 +343,7 @@ def test_unpruned_head_runs_train_unpruned_only_and_classifies_pruned_features(m
     # independent: fit the head on the cached unpruned train features, apply it to the cached renyi ones
     y = train.labels
     hold = torch.tensor([pr.is_holdout(s.path) for s in train.samples])
-    head = pr.fit_probe(cache.load(PruneConfig(None), train), y, 4, hold)
+    head = pr.fit_probe(cache.load(point(None), train), y, 4, hold)
     pred = head.logits(cache.load(configs[0], val)).argmax(1)
     want = "".join("1" if p == t else "0" for p, t in zip(pred.tolist(), val.labels.tolist(), strict=True))
     assert shared[0]["correct"] == want

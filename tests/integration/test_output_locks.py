@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from plan_points import point
 
 from renyiprune.cli import main
 from renyiprune.data.images import EvalTransform, list_samples
 from renyiprune.experiments import probe as pr
 from renyiprune.models.model import VisionTransformer
-from renyiprune.planning.specs import PruneConfig
 from renyiprune.utils.io import LOCK_FILE, OutputInUse
 
 HOLDER = """
@@ -71,7 +71,7 @@ def test_feature_cache_computes_only_under_its_lock(shared_assets, tmp_path, hel
     samples = tuple(list_samples(shared_assets / "imagenet-sample-1000")[:3])
     images = pr.ImageSet("three", samples)
     tf = EvalTransform(input_size=32)
-    configs = [PruneConfig("evit", 0.5, 1.0, (1, 2), True)]
+    configs = [point("evit", 0.5, 1.0, (1, 2), True)]
     cache = pr.FeatureCache(tmp_path / "cache", {"model": "tiny", "weights": "w", "transform": "32"})
     opts = pr.ProbeConfig(cache=cache, progress=False)
     first, timing = pr.extract_features(model, configs, [images], tf, opts)
@@ -79,7 +79,7 @@ def test_feature_cache_computes_only_under_its_lock(shared_assets, tmp_path, hel
     pid = held(tmp_path / "cache")
     again, timing = pr.extract_features(model, configs, [images], tf, opts)
     assert timing["cached"] == 1 and torch.equal(again[(0, 0)], first[(0, 0)])  # reading needs no lock
-    other = [PruneConfig("renyi", 0.5, 2.0, (1, 2), True)]
+    other = [point("renyi", 0.5, 2.0, (1, 2), True)]
     with pytest.raises(OutputInUse) as info:  # computing (and writing) does
         pr.extract_features(model, other, [images], tf, opts)
     assert info.value.pid == pid and str(info.value).endswith("wait for it or choose another --cache")

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from plan_points import point
 
 import renyiprune as rp
 from renyiprune.data.images import EvalTransform, make_loader
 from renyiprune.experiments.evaluate import evaluate, pruned_view
 from renyiprune.planning.flops import count_gmacs
-from renyiprune.planning.specs import PruneConfig
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_gmacs_unpruned_and_pruned(deit_tiny):
             n = math.ceil(round(0.7 * n, 6))
         nm = n + 1
         total += 3 * na * C * C + 2 * na * na * C + na * C * C + 8 * nm * C * C
-    view = pruned_view(deit_tiny, PruneConfig("renyi", 0.7, 2.0, (3, 6, 9), False))
+    view = pruned_view(deit_tiny, point("renyi", 0.7, 2.0, (3, 6, 9), False))
     assert count_gmacs(view) == pytest.approx(total / 1e9, rel=0.01)
 
 
@@ -43,10 +43,10 @@ def test_published_accuracy_and_pruning_on_1000_images(deit_tiny, shared_assets)
     )
     assert len(samples) == 1000
     configs = [
-        PruneConfig(None),
-        PruneConfig("evit", 0.7),
-        PruneConfig("renyi", 0.7, 1.0),
-        PruneConfig("random", 0.7),
+        point(None),
+        point("evit", 0.7),
+        point("renyi", 0.7, 1.0),
+        point("random", 0.7),
     ]
     views = {c.label: pruned_view(deit_tiny, c) for c in configs}
     res = {r.config: r for r in evaluate(views, loader, progress=False)}

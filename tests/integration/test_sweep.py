@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from plan_points import point
 from tolerances import assert_close_normwise, vit_rtol
 
 from renyiprune.data.images import Batch
@@ -11,7 +12,7 @@ from renyiprune.experiments import sweep as sw
 from renyiprune.experiments.evaluate import pruned_view
 from renyiprune.experiments.tables import markdown_tables, to_csv
 from renyiprune.models.model import VisionTransformer
-from renyiprune.planning.specs import PruneConfig, SweepConfig
+from renyiprune.planning.points import Point
 
 
 def small_vit():
@@ -27,14 +28,15 @@ def batches(n=10, bs=4, seed=1):
     return [Batch(x[i : i + bs], y[i : i + bs], torch.arange(i, min(i + bs, n)), []) for i in range(0, n, bs)]
 
 
+QUIET = sw.SweepSettings(progress=False)
 CONFIGS = [
-    PruneConfig(None, 1.0, 1.0, (), False),
-    PruneConfig("evit", 0.5, 1.0, (1, 3), True),
-    PruneConfig("renyi", 0.7, 2.0, (2, 4), False),
-    PruneConfig("random", 0.6, 1.0, (1, 2, 4), True),
-    PruneConfig("hybrid", 0.5, float("inf"), (1, 3), True, (("lam", 0.3),)),
-    PruneConfig("headvar@1+renyi:3@3", 0.5, 1.0, (), True),
-    PruneConfig("column_norm", 0.7, 1.0, (0, 3), False),
+    point(None, 1.0, 1.0, (), False),
+    point("evit", 0.5, 1.0, (1, 3), True),
+    point("renyi", 0.7, 2.0, (2, 4), False),
+    point("random", 0.6, 1.0, (1, 2, 4), True),
+    point("hybrid", 0.5, float("inf"), (1, 3), True, (("lam", 0.3),)),
+    point("headvar@1+renyi:3@3", 0.5, 1.0, (), True),
+    point("column_norm", 0.7, 1.0, (0, 3), False),
 ]
 
 
@@ -60,7 +62,7 @@ class Interrupted(Exception):
 def test_sweep_is_resumable_and_loses_only_the_config_in_flight(tmp_path, monkeypatch):
     model = small_vit()
     grid = [(c, r, f) for c in ("evit", "renyi") for r in (0.5, 0.7) for f in (False, True)]
-    configs = [SweepConfig(c, r, 2.0, (1, 3), f) for c, r, f in grid]
+    configs = [point(c, r, 2.0, (1, 3), f) for c, r, f in grid]
     log = sw.ResultLog(tmp_path / "results.jsonl", {"run": "test"})
     real = sw.run_config
     calls, fail_at = [], [3]
@@ -74,12 +76,12 @@ def test_sweep_is_resumable_and_loses_only_the_config_in_flight(tmp_path, monkey
 
     monkeypatch.setattr(sw, "run_config", flaky)
     with pytest.raises(Interrupted):
-        sw.run_sweep(model, configs, batches, total=10, log=log, progress=False)
+        sw.run_sweep(model, configs, batches, total=10, log=log, settings=QUIET)
     assert len(log.load()) == 2
     with open(log.path, "a") as f:  # a line torn by a kill is ignored
         f.write('{"label": "torn')
     calls.clear()
-    records, timing = sw.run_sweep(model, configs, batches, total=10, log=log, progress=False)
+    records, timing = sw.run_sweep(model, configs, batches, total=10, log=log, settings=QUIET)
     assert len(calls) == len(configs) - 2 and timing["ran"] == len(configs) - 2
     assert [r["label"] for r in records] == [c.label for c in configs]
     lines = [json.loads(x) for x in log.path.read_text().splitlines() if x.startswith('{"config')]
@@ -89,33 +91,33 @@ def test_sweep_is_resumable_and_loses_only_the_config_in_flight(tmp_path, monkey
     def no_images():
         raise AssertionError("nothing left to do: images must not be read")
 
-    again, timing = sw.run_sweep(model, configs, no_images, total=10, log=log, progress=False)
+    again, timing = sw.run_sweep(model, configs, no_images, total=10, log=log, settings=QUIET)
     assert not calls and timing["ran"] == 0 and again == records
     # Another fingerprint (other data) does not reuse these results.
     assert sw.ResultLog(log.path, {"run": "other"}).load() == {}
 
 
 def test_config_round_trip():
-    c = SweepConfig("hybrid", 0.5, float("inf"), (3, 6, 9), True, (("lam", 0.25),), budget=True)
-    assert sw.config_from_dict(json.loads(json.dumps(sw.config_to_dict(c)))) == c
+    c = point("hybrid", 0.5, float("inf"), (3, 6, 9), True, (("lam", 0.25),), adaptive=True)
+    assert Point.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
 
 def test_budget_mode_keeps_on_average_the_rate():
     model = small_vit()
     cache = sw.build_cache(model, batches(n=24), 1, total=24, progress=False)
-    cfg = SweepConfig("renyi", 0.5, 2.0, (1, 3), True, budget=True)
+    cfg = point("renyi", 0.5, 2.0, (1, 3), True, adaptive=True)
     rec = sw.run_config(model, cfg, cache, batch_size=8, progress=False)
     assert abs(rec["details"]["mean_keep_rate"] - 0.5) < 0.2
-    fixed = sw.run_config(model, SweepConfig("renyi", 0.5, 2.0, (1, 3), True), cache, progress=False)
+    fixed = sw.run_config(model, point("renyi", 0.5, 2.0, (1, 3), True), cache, progress=False)
     assert 0.5 * fixed["gmacs"] < rec["gmacs"] < 2 * fixed["gmacs"]
 
 
 def _records():
     model = small_vit()
-    configs = [SweepConfig(None, 1.0, 1.0, (), False)] + [
-        SweepConfig(c, r, 2.0, (1, 3), True) for c in ("evit", "renyi") for r in (0.5, 0.7)
+    configs = [point(None, 1.0, 1.0, (), False)] + [
+        point(c, r, 2.0, (1, 3), True) for c in ("evit", "renyi") for r in (0.5, 0.7)
     ]
-    return sw.run_sweep(model, configs, batches, total=10, progress=False)[0]
+    return sw.run_sweep(model, configs, batches, total=10, settings=QUIET)[0]
 
 
 def test_tables_and_plot(tmp_path):
@@ -149,23 +151,22 @@ def test_cli_sweep_on_real_images(shared_assets, tmp_path, capsys):
 
 
 def test_criterion_tokens_with_alpha_options_and_stages():
-    import argparse
-
-    from renyiprune.cli.sweep import build_configs
+    from renyiprune.experiments.grid import Grid, grid_points
     from renyiprune.planning.specs import parse_options
 
     assert parse_options("base=headvar;norm=4;robust=true;lam=0.5") == {
         "base": "headvar", "norm": 4, "robust": True, "lam": 0.5,
     }  # fmt: skip
-    args = argparse.Namespace(fuse=[True], alpha=[1.0, 2.0], lambdas=[0.5, 0.9], keep=[0.7], locations=(3,))
-    cfgs = build_configs(args, ["renyi:inf", "hybrid[base=headvar]", "headvar@3+evit@6", "renyi"])
-    assert [(c.criterion, c.alpha, c.options) for c in cfgs] == [
-        ("renyi", float("inf"), ()),
-        ("hybrid", 1.0, (("base", "headvar"), ("lam", 0.5))),
-        ("hybrid", 1.0, (("base", "headvar"), ("lam", 0.9))),
-        ("headvar@3+evit@6", 1.0, ()),
-        ("renyi", 1.0, ()),
-        ("renyi", 2.0, ()),
+    grid = Grid(fuse=(True,), alpha=(1.0, 2.0), lambdas=(0.5, 0.9), keep=(0.7,), locations=(3,))
+    points = grid_points(grid, ["renyi:inf", "hybrid[base=headvar]", "headvar@3+evit@6", "renyi"])
+    assert [(s.criterion, s.options) for p in points for s in p.plan.stages] == [
+        ("renyi", {"alpha": float("inf")}),
+        ("hybrid", {"base": "headvar", "lam": 0.5, "alpha": 1.0}),
+        ("hybrid", {"base": "headvar", "lam": 0.9, "alpha": 1.0}),
+        ("headvar", {}),
+        ("evit", {}),
+        ("renyi", {"alpha": 1.0}),
+        ("renyi", {"alpha": 2.0}),
     ]
 
 
@@ -173,13 +174,13 @@ def test_criterion_tokens_with_alpha_options_and_stages():
 def test_records_carry_per_image_outcomes_and_cross_entropy(budget):
     """'correct' and 'nll' agree with the pruned model's own logits, image by image (budget mode too)."""
     model = small_vit()
-    cfg = SweepConfig("evit", 0.5, 1.0, (1, 3), True, budget=budget)
+    cfg = point("evit", 0.5, 1.0, (1, 3), True, adaptive=budget)
     cache = sw.build_cache(model, batches(), 1, total=10, progress=False)
     rec = sw.run_config(model, cfg, cache, batch_size=4, progress=False)
     assert len(rec["correct"]) == 10 and rec["correct"].count("1") == round(rec["top1"] / 10)
     if budget:
         return  # per-image keep rates: no single view to compare with
-    view = pruned_view(model, cfg.prune_config)
+    view = pruned_view(model, cfg.plan)
     with torch.no_grad():
         logits = torch.cat([view(b.images) for b in batches()]).double()
     labels = torch.cat([b.labels for b in batches()])
@@ -193,14 +194,16 @@ def test_records_carry_per_image_outcomes_and_cross_entropy(budget):
 def test_a_bad_config_fails_before_any_config_runs(tmp_path):
     model = small_vit()
     log = sw.ResultLog(tmp_path / "results.jsonl", {"run": "t"})
-    bad = SweepConfig("diverse", 0.5, 1.0, (1, 3), True, (("beta", -1),))
-    configs = [SweepConfig(None, 1.0, 1.0, (), False), bad]
+    # a bad criterion option fails where the plan is made; a budget no keep rate meets, before decoding
+    with pytest.raises(ValueError, match="beta"):
+        point("diverse", 0.5, 1.0, (1, 3), True, (("beta", -1),))
+    configs = [point(None, 1.0, 1.0, (), False), point("evit", 0.5, 1.0, (1, 3), budget=0.01)]
     calls = []
 
     def make_batches():
         calls.append(1)
         return batches()
 
-    with pytest.raises(ValueError, match="beta"):
-        sw.run_sweep(model, configs, make_batches, total=10, log=log, progress=False)
+    with pytest.raises(ValueError, match="budget"):
+        sw.run_sweep(model, configs, make_batches, total=10, log=log, settings=QUIET)
     assert not calls and not (tmp_path / "results.jsonl").exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -15,8 +14,9 @@ import pytest
 from safetensors.torch import load_file
 
 from renyiprune.cli import main
-from renyiprune.cli.sweep import fingerprint
 from renyiprune.data.images import list_samples
+from renyiprune.experiments.sweep import fingerprint
+from renyiprune.models.model import weights_id
 from renyiprune.training.checkpoint import save_weights
 
 CONFIGS = 3  # unpruned, EViT and Rényi at keep 0.7
@@ -56,9 +56,8 @@ def test_checkpoints_with_one_name_have_two_fingerprints(assets, tmp_path):
     samples = list_samples(data)[:4]
 
     def key(weights):
-        args = argparse.Namespace(model="deit_tiny_patch16_224", weights=weights, data=data, dataset=None,
-                                  split=None, data_root=None)
-        return fingerprint(args, samples)
+        name = "deit_tiny_patch16_224"
+        return fingerprint(name, weights_id(name, weights), str(data.resolve()), samples)
 
     assert key(a) != key(b)
     assert key(a) == key(tmp_path / "run-a" / "." / "model.safetensors")  # the same bytes: the same key

@@ -68,13 +68,16 @@ def test_eval_alpha_auto_best_and_per_stage_configs(tmp_path):
     args = parser.parse_args(["eval", "--data", str(tmp_path), "--criterion", "renyi,hybrid,best", "--alpha",
                               "auto", "--keep", "0.5", "--policy", str(path), "--fuse"])  # fmt: skip
     cfgs = eval_cmd.configs_from_args(args)
-    assert [(c.criterion, c.alpha, c.options) for c in cfgs] == [
-        ("renyi", float("inf"), ()),
-        ("hybrid", 2.0, (("lam", 0.75),)),
+    assert [(d["criterion"], d["alpha"], d["options"]) for d in (c.to_dict() for c in cfgs)] == [
+        ("renyi", "inf", {}),
+        ("hybrid", 2.0, {"lam": 0.75}),
     ]  # 'best' is hybrid at 0.5, the same config, listed once
     args = parser.parse_args(["eval", "--data", str(tmp_path), "--criterion", "renyi:2@3,evit@6,evit@9"])
     (cfg,) = eval_cmd.configs_from_args(args)
-    assert cfg.criterion == "renyi:2@3+evit@6+evit@9" and cfg.keep_rate == 0.7
+    stages = cfg.plan.stages
+    assert [(s.location, s.criterion, s.options) for s in stages] == [(3, "renyi", {"alpha": 2.0}),
+                                                                       (6, "evit", {}), (9, "evit", {})]
+    assert cfg.to_dict()["criterion"] == "renyi:2@3+evit@6+evit@9" and stages[0].keep_rate == 0.7
 
 
 def test_shipped_policy_backs_patch_best():
@@ -91,6 +94,8 @@ def test_shipped_policy_backs_patch_best():
 
 def test_tuning_never_reads_an_evaluation_image(shared_assets, tmp_path, images_read):
     from renyiprune.cli import build_parser, tune
+    from renyiprune.cli.images import image_run
+    from renyiprune.experiments.tuning import calibrate_alpha
 
     read = images_read
     w = shared_assets / "weights" / "deit_tiny_patch16_224.safetensors"
@@ -101,7 +106,7 @@ def test_tuning_never_reads_an_evaluation_image(shared_assets, tmp_path, images_
     args = build_parser().parse_args(argv)
     calib, evals = split_samples(data_mod.list_samples(d)[:12])
     model = rp.create_model("deit_tiny_patch16_224", weights=w)
-    chosen = tune.calibrate(args, model, calib)
+    chosen = calibrate_alpha(image_run(args, model), tune.tuning_of(args), calib)
     assert read and all(is_calibration(p) for p in read)
     assert sorted(set(read)) == sorted(str(s.path) for s in calib)
     assert chosen[0.5]["best"]["criterion"] == "renyi" and "evit" in chosen[0.5]["reference"]

@@ -64,7 +64,7 @@ def test_evaluate_pairs_every_config_with_the_reference_image_by_image():
     from renyiprune.data.images import Batch
     from renyiprune.experiments.evaluate import evaluate, pruned_view
     from renyiprune.models.model import VisionTransformer
-    from renyiprune.planning.specs import PruneConfig
+    from renyiprune.planning.points import Point
 
     torch.manual_seed(0)
     cfg = dict(img_size=32, patch_size=8, embed_dim=24, depth=4, num_heads=3, num_classes=3)
@@ -72,7 +72,7 @@ def test_evaluate_pairs_every_config_with_the_reference_image_by_image():
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(40, 3, 32, 32, generator=g), torch.randint(0, 3, (40,), generator=g)
     batches = [Batch(x[i : i + 8], y[i : i + 8], torch.arange(i, i + 8), []) for i in range(0, 40, 8)]
-    views = {"unpruned": m, "r=0.3": pruned_view(m, PruneConfig("random", 0.3, 1.0, (1, 2), True))}
+    views = {"unpruned": m, "r=0.3": pruned_view(m, Point.from_spec("random", 0.3, 1.0, (1, 2), True))}
     res = {r.config: r for r in evaluate(views, batches, progress=False, reference="unpruned")}
     with torch.no_grad():
         hits = {k: (v(x).argmax(1) == y).tolist() for k, v in views.items()}

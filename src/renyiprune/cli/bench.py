@@ -8,12 +8,11 @@ import sys
 
 import torch
 
-from ..core.criteria import list_criteria, takes_alpha
-from ..core.entropy import parse_alpha
+from ..core.criteria import list_criteria
 from ..core.merge_order import list_merge_orders
-from ..experiments.benchmark import DTYPES, benchmark_configs, machine_info
+from ..experiments.benchmark import DTYPES, BenchSettings, benchmark_configs, machine_info
 from ..models.model import create_model
-from ..planning.specs import PruneConfig
+from ..planning.points import Point
 from . import common
 from . import eval as eval_cli
 
@@ -72,53 +71,32 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def configs_from_args(args: argparse.Namespace) -> list[PruneConfig]:
+def configs_from_args(args: argparse.Namespace) -> list[Point]:
     """The configurations to time: every registered criterion at each keep rate (or budget, or token
     schedule) and, where it takes one, each --alpha, grouped by keep rate; then eval's configurations
     for tome, best and per-stage specs."""
-    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731  (older namespaces)
+    ns = argparse.Namespace(**{**_eval_defaults(), **vars(args)})
     criteria = eval_cli._criteria(args.criterion)
-    if get("method") == "tome" and "tome" not in criteria:
+    if ns.method == "tome" and "tome" not in criteria:
         criteria = ["tome"]
-    if get("tokens") is not None and get("budget") is not None:
+    if ns.tokens is not None and ns.budget is not None:
         raise ValueError("--tokens and --budget both set the schedule; pass one")
-    locs, fuse = tuple(args.locations), bool(get("fuse", False))
-    if get("tokens") is not None:
-        counts = tuple(args.tokens) * len(locs) if len(args.tokens) == 1 else tuple(args.tokens)
-        if len(counts) != len(locs):
-            raise ValueError(f"--tokens: {len(args.tokens)} counts for {len(locs)} locations")
-        schedules = [(1.0, (("tokens", counts),))]
-    elif get("budget") is not None:
-        schedules = [(1.0, (("budget", f),)) for f in args.budget]
-    else:
-        schedules = [(r, ()) for r in args.keep]
+    ns.method = "prune"
     plain, other = [], []
     for spec in criteria:
-        crit, given = common.criterion_spec(spec)  # 'renyi[cls_key=exclude]': options over the flags
+        crit, _ = common.criterion_spec(spec)  # 'renyi[cls_key=exclude]': options over the flags
         if crit in eval_cli.UNPRUNED:
             continue  # the unpruned model is always measured
-        if crit in ("tome", "best") or "@" in crit:
-            ns = {**_eval_defaults(), **vars(args), "criterion": [spec], "method": "prune"}
-            other.extend(eval_cli.configs_from_args(argparse.Namespace(**ns)))
-            continue
-        if crit not in list_criteria():
-            known = ", ".join(list_criteria())
+        if crit not in ("tome", "best") and "@" not in crit and crit not in list_criteria():
             raise ValueError(f"--criterion {spec!r}: unknown criterion {crit!r}; choose from tome, best, "
-                             f"{known}")
-        opts: tuple = ()
-        if crit in ("renyi", "shannon", "hybrid"):
-            opts = tuple((k, get(k)) for k in ("direction", "heads", "cls_key") if get(k) is not None)
-        elif crit == "random" and get("seed") is not None:
-            opts = (("seed", args.seed),)
-        if get("removed") is not None:
-            opts += (("removed", args.removed),)
-        fixed_alpha = given.pop("alpha", None)  # 'renyi[alpha=inf]': this criterion at one order only
-        opts = eval_cli.with_options(opts, given)
-        alphas = args.alpha if takes_alpha(crit, dict(opts)) else [1.0]
-        plain.append((crit, opts, [parse_alpha(str(fixed_alpha))] if fixed_alpha is not None else alphas))
-    configs = [PruneConfig(crit, rate, a, locs, fuse, opts + extra)
-               for rate, extra in schedules for crit, opts, alphas in plain for a in alphas]  # fmt: skip
-    return list(dict.fromkeys(configs + other))
+                             f"{', '.join(list_criteria())}")
+        (other if crit in ("tome", "best") or "@" in crit else plain).append(spec)
+    steps = [{}] if ns.tokens is not None else [{"budget": [f]} for f in ns.budget] if ns.budget is not None \
+        else [{"keep": [r]} for r in ns.keep]
+    points = [p for step in steps for spec in plain
+              for p in eval_cli.spec_points(argparse.Namespace(**{**vars(ns), **step}), spec)]  # fmt: skip
+    points += [p for spec in other for p in eval_cli.spec_points(ns, spec)]
+    return list(dict.fromkeys(points))
 
 
 def _eval_defaults() -> dict:
@@ -160,16 +138,8 @@ def run(args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(f"bench: {msg}", file=sys.stderr, flush=True)
 
-    rows = benchmark_configs(
-        model,
-        configs,
-        x,
-        dtype=DTYPES[args.dtype],
-        warmup=args.warmup,
-        reps=args.reps,
-        compile=args.compile,
-        progress=say,
-    )
+    settings = BenchSettings(DTYPES[args.dtype], args.warmup, args.reps, args.compile)
+    rows = benchmark_configs(model, configs, x, settings, progress=say)
     weights = str(args.weights) if args.weights else "random (speed only; accuracy is meaningless)"
     setup = dict(
         model=args.model,

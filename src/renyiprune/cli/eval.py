@@ -5,18 +5,21 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from dataclasses import replace
 
 import torch
 
 from ..core.criteria import list_criteria, takes_alpha
 from ..core.entropy import parse_alpha
 from ..core.merge_order import list_merge_orders
+from ..core.plans import UNPRUNED as UNPRUNED_PLAN
 from ..core.selection import FUSIONS
 from ..data.datasets import TRANSFORMS, eval_transform
 from ..data.images import check_labels, sample_loader
 from ..experiments.evaluate import evaluate, pruned_view
-from ..planning.policy import budget_config, entry_config, load_policy, policy_entry
-from ..planning.specs import PruneConfig, parse_stages
+from ..planning.build import PatchArgs, build_plan, spec_args
+from ..planning.points import Point
+from ..planning.policy import best, budget_plan, entry_args, load_policy, policy_entry
 from ..utils.distributed import cleanup, init_distributed
 from . import common
 
@@ -112,11 +115,6 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=common.integer(0, 2**32 - 1), default=None, help="random criterion seed")
 
 
-def with_options(options: tuple, given: dict) -> tuple:
-    """``options`` with the bracket options ``given`` put over them (new names last)."""
-    return tuple({**dict(options), **given}.items())
-
-
 def _fusion(args: argparse.Namespace) -> str | None:
     """The fusion rule asked for with --fusion (None: not given)."""
     fusion = getattr(args, "fusion", None)
@@ -125,132 +123,110 @@ def _fusion(args: argparse.Namespace) -> str | None:
     return fusion
 
 
-def _with_fusion(config: PruneConfig, fusion: str | None) -> PruneConfig:
-    """A fused ``config`` with the fusion rule ``fusion`` (EViT's, the default, is left implicit);
-    other configs, and any config when ``fusion`` is None (a policy entry keeps its own), unchanged."""
-    opts = dict(config.options)
-    fused = opts.get("removed", "fuse" if config.fuse else "drop") == "fuse"
-    if fusion is None or not fused or config.criterion in (None, "tome"):
-        return config
-    opts["fusion"] = fusion
-    if fusion == "evit":
-        del opts["fusion"]
-    return PruneConfig(config.criterion, config.keep_rate, config.alpha, config.locations, config.fuse,
-                       tuple(sorted(opts.items())))
+def _base(args: argparse.Namespace) -> PatchArgs:
+    """What the flags say for every pruning configuration: locations, fate of pruned tokens, fusion."""
+    fusion = _fusion(args)
+    return PatchArgs(locations=tuple(args.locations), fuse=args.fuse, removed=args.removed, fusion=fusion)
 
 
-def configs_from_args(args: argparse.Namespace) -> list[PruneConfig]:
+def configs_from_args(args: argparse.Namespace) -> list[Point]:
     """The configurations an ``eval`` command line stands for; ``--alpha`` goes to every criterion that
     takes an order (``criteria.takes_alpha``), 1 elsewhere."""
-    fusion = _fusion(args)
-    return list(dict.fromkeys(_with_fusion(c, fusion) for c in _configs(args)))
-
-
-def _configs(args: argparse.Namespace) -> list[PruneConfig]:
-    renyi_opts = tuple(
-        (k, v)
-        for k, v in (("direction", args.direction), ("heads", args.heads), ("cls_key", args.cls_key))
-        if v is not None
-    )
-    configs: list[PruneConfig] = []
     criteria = _criteria(args.criterion)
     if args.method == "tome" and "tome" not in criteria:
         criteria = [c for c in criteria if c in UNPRUNED] + ["tome"]
-    for spec in criteria:
-        crit, given = common.criterion_spec(spec)  # 'renyi[cls_key=exclude]': options over the flags
-        if crit in UNPRUNED or crit == "best":
-            if given:
-                raise ValueError(f"--criterion {spec!r}: criterion {crit} takes no options in brackets")
-            if crit in UNPRUNED:
-                configs.append(PruneConfig(criterion=None))
-                continue
-        if crit == "best" or "@" in crit:
-            configs.extend(_policy_or_stage_configs(args, crit, given))
-            continue
-        if crit == "tome":
-            configs.extend(_tome_configs(args, given))
-            continue
-        if crit not in list_criteria():
-            known = ", ".join(list_criteria())
-            raise ValueError(f"--criterion {spec!r}: unknown criterion {crit!r}; choose from none, tome, "
-                             f"best, {known}")
-        opts: tuple = ()
-        if crit in ("renyi", "shannon"):
-            opts = renyi_opts
-        elif crit == "random" and args.seed is not None:
-            opts = (("seed", args.seed),)
-        if args.removed is not None:
-            opts += (("removed", args.removed),)
-        given = dict(given)
-        fixed_alpha = given.pop("alpha", None)  # 'renyi[alpha=inf]': this criterion at one order only
-        opts = with_options(opts, given)
-        alphas = args.alpha if takes_alpha(crit, dict(opts)) else [1.0]
-        if fixed_alpha is not None:
-            alphas = [parse_alpha(str(fixed_alpha))]
-        if args.tokens is not None:
-            if args.budget is not None:
-                raise ValueError("--tokens and --budget both set the schedule; pass one")
-            if len(args.tokens) not in (1, len(args.locations)):
-                raise ValueError(f"--tokens: {len(args.tokens)} counts for {len(args.locations)} locations")
-            counts = args.tokens * len(args.locations) if len(args.tokens) == 1 else args.tokens
-            configs.append(PruneConfig(crit, 1.0, alphas[0], tuple(args.locations), args.fuse,
-                                       opts + (("tokens", counts),)))
-            continue
-        keeps = args.keep if args.budget is None else [(None, f) for f in args.budget]
-        for a, r in itertools.product(alphas, keeps):
-            if isinstance(r, tuple):  # a compute budget: the keep rate is solved in patch()
-                configs.append(PruneConfig(crit, 1.0, a, tuple(args.locations), args.fuse,
-                                           opts + (("budget", r[1]),)))
-                continue
-            these = opts
-            if a == "auto":
-                entry = policy_entry(_policy(args), r, crit)
-                a = float(entry.get("alpha", 1.0))
-                these = tuple(sorted({**dict(opts), **entry.get("options", {}), **given}.items()))
-            configs.append(PruneConfig(crit, r, a, tuple(args.locations), args.fuse, these))
-    return list(dict.fromkeys(configs))  # unique, in order
+    return list(dict.fromkeys(p for spec in criteria for p in spec_points(args, spec)))  # unique, in order
 
 
-def _tome_configs(args: argparse.Namespace, given: dict | None = None) -> list[PruneConfig]:
+def spec_points(args: argparse.Namespace, spec: str) -> list[Point]:
+    """The configurations of one ``--criterion`` item."""
+    crit, given = common.criterion_spec(spec)  # 'renyi[cls_key=exclude]': options over the flags
+    if (crit in UNPRUNED or crit == "best") and given:
+        raise ValueError(f"--criterion {spec!r}: criterion {crit} takes no options in brackets")
+    if crit in UNPRUNED:
+        return [Point(UNPRUNED_PLAN)]
+    if crit == "best":
+        return _best_points(args)
+    if "@" in crit:
+        with common.naming("--criterion", crit):
+            return [Point(build_plan(spec_args(crit, given, replace(_base(args), keep_rate=r))))
+                    for r in args.keep]  # fmt: skip
+    if crit == "tome":
+        return _tome_points(args, given)
+    if crit not in list_criteria():
+        raise ValueError(f"--criterion {spec!r}: unknown criterion {crit!r}; choose from none, tome, "
+                         f"best, {', '.join(list_criteria())}")
+    return _criterion_points(args, crit, given)
+
+
+def _criterion_points(args: argparse.Namespace, crit: str, given: dict) -> list[Point]:
+    """A registered criterion at every --alpha (where it takes one) x --keep, --budget or --tokens."""
+    opts: dict = {}
+    if crit in ("renyi", "shannon"):
+        opts = {k: v for k in ("direction", "heads", "cls_key") if (v := getattr(args, k)) is not None}
+    elif crit == "random" and args.seed is not None:
+        opts = {"seed": args.seed}
+    given = dict(given)
+    fixed_alpha = given.pop("alpha", None)  # 'renyi[alpha=inf]': this criterion at one order only
+    opts.update(given)
+    alphas = [parse_alpha(str(fixed_alpha))] if fixed_alpha is not None else \
+        args.alpha if takes_alpha(crit, opts) else [1.0]
+    base = _base(args)
+    if args.tokens is not None:
+        if args.budget is not None:
+            raise ValueError("--tokens and --budget both set the schedule; pass one")
+        if len(args.tokens) not in (1, len(args.locations)):
+            raise ValueError(f"--tokens: {len(args.tokens)} counts for {len(args.locations)} locations")
+        base = replace(base, alpha=alphas[0], tokens=args.tokens)
+        return [Point(build_plan(spec_args(crit, opts, base)))]
+    if args.budget is not None:  # a compute budget: the keep rate is solved on the model
+        return [Point(build_plan(spec_args(crit, opts, replace(base, alpha=a))), budget=f)
+                for a, f in itertools.product(alphas, args.budget)]  # fmt: skip
+    points = []
+    for a, r in itertools.product(alphas, args.keep):
+        these = opts
+        if a == "auto":
+            entry = policy_entry(_policy(args), r, crit)
+            a, these = float(entry.get("alpha", 1.0)), {**opts, **entry.get("options", {}), **given}
+        points.append(Point(build_plan(spec_args(crit, these, replace(base, keep_rate=r, alpha=a)))))
+    return points
+
+
+def _tome_points(args: argparse.Namespace, given: dict | None = None) -> list[Point]:
     """ToMe baselines: one per r (or per budget, solving r); options ``given`` in brackets
     (tome[r=8;schedule=decreasing]) over the flags."""
-    given = dict(given or {})
-    if "alpha" in given:  # the order of the entropy-aware merge order
-        given["alpha"] = float(parse_alpha(str(given["alpha"])))
-    extra: tuple = ()
+    extra: dict = {}
     if args.entropy_weight:
-        extra = (("entropy_weight", args.entropy_weight), ("alpha", args.alpha[0]))
+        extra = {"entropy_weight": args.entropy_weight, "alpha": args.alpha[0]}
         if args.merge_order != "entropy":
-            extra += (("merge_order", args.merge_order),)
+            extra["merge_order"] = args.merge_order
     if args.budget is not None:
-        if "r" in given:
+        if "r" in (given or {}):
             raise ValueError("tome[r=...] with --budget: the budget solves r; give one of them")
-        schedules = [(("budget", f),) for f in args.budget]
-    else:
-        sched = (("schedule", args.schedule),) if args.schedule != "constant" else ()
-        schedules = [(("r", r),) + sched for r in args.tome_r]
-    return [PruneConfig("tome", options=with_options(s + extra, given)) for s in schedules]
+        plan = build_plan(spec_args("tome", {**extra, **(given or {})}, PatchArgs()))
+        return [Point(plan, budget=f) for f in args.budget]
+    sched = {"schedule": args.schedule} if args.schedule != "constant" else {}
+    specs = [{"r": r, **sched, **extra, **(given or {})} for r in args.tome_r]
+    return [Point(build_plan(spec_args("tome", o, PatchArgs()))) for o in specs]
 
 
 def _policy(args: argparse.Namespace) -> dict:
     return load_policy(getattr(args, "policy", None), getattr(args, "model", "deit_tiny_patch16_224"))
 
 
-def _policy_or_stage_configs(args: argparse.Namespace, crit: str, given: dict) -> list[PruneConfig]:
-    """'best': the policy's choice per keep rate; 'a@3+b@6': one per-stage config per keep rate, with the
-    options ``given`` in brackets for every stage."""
-    if crit == "best" and args.budget is not None:
-        policy = _policy(args)
-        if not policy.get("budget"):  # tuned per keep rate only: keep rate solved in patch(), then its choice
-            return [PruneConfig("best", 1.0, 1.0, tuple(args.locations), args.fuse, (("budget", f),))
-                    for f in args.budget]
-        # the method chosen at the nearest tuned budget, its schedule solved for f
-        return [budget_config(policy, f) for f in args.budget]
-    if crit == "best":
-        return [entry_config(policy_entry(_policy(args), r), r, args.locations, args.fuse) for r in args.keep]
-    with common.naming("--criterion", crit):
-        locs = parse_stages(crit)[2]
-    return [PruneConfig(crit, r, 1.0, locs, args.fuse, tuple(given.items())) for r in args.keep]
+def _best_points(args: argparse.Namespace) -> list[Point]:
+    """'best': the policy's choice per keep rate, or per budget (the method chosen at the nearest tuned
+    budget, its schedule solved on the model; a policy tuned per keep rate: its choice at the keep rate
+    that meets the budget)."""
+    policy, base = _policy(args), _base(args)
+    if args.budget is None:
+        return [Point(build_plan(entry_args(policy_entry(policy, r), replace(base, keep_rate=r))))
+                for r in args.keep]  # fmt: skip
+    if not policy.get("budget"):
+        model = getattr(args, "model", "deit_tiny_patch16_224")
+        path = getattr(args, "policy", None)
+        return [Point(best(model, budget=f, path=path, args=base)) for f in args.budget]
+    return [Point(budget_plan(policy, f), budget=f) for f in args.budget]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -268,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
         cleanup()
 
 
-def _run(args: argparse.Namespace, configs: list[PruneConfig], source: common.ImageSource, dist_info) -> int:
+def _run(args: argparse.Namespace, configs: list[Point], source: common.ImageSource, dist_info) -> int:
     model = common.load_model(args)
     check_labels(source.samples, model.num_classes)  # before the first forward
     transform = source.view(eval_transform(args.transform, model.pretrained_cfg))

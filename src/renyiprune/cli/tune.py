@@ -9,17 +9,10 @@ the choice never sees. The result is a policy JSON for ``eval --alpha auto --pol
 from __future__ import annotations
 
 import argparse
-import json
 
-from ..experiments.stats import compare_records, format_difference
-from ..experiments.tune import choose, policy_document, split_samples
-from ..planning.policy import entry_config
-from ..planning.specs import SweepConfig
-from ..utils.io import atomic_write_text
+from ..experiments.tuning import Tuning, halves, tune_alpha
 from . import common
-from .sweep import add_grid_args, build_configs, check_args, load_checked_model, read_source, sweep_samples
-
-REFERENCES = ("evit", "shannon")
+from .images import add_grid_args, check_args, grid_of, image_run, load_checked_model, read_source
 
 
 def add_parser(sub) -> None:
@@ -45,84 +38,21 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def calibrate(args: argparse.Namespace, model, calib: list) -> dict[float, dict]:
-    """Sweep the candidates and references on the calibration images; choose per keep rate."""
-    if len(args.fuse) != 1:
-        raise ValueError("tune-alpha tunes for one fusion setting: --fuse on or --fuse off")
-    candidates = build_configs(args, args.criterion)
-    refs = build_configs(argparse.Namespace(**{**vars(args), "alpha": [1.0]}), REFERENCES)
-    configs = list(dict.fromkeys(candidates + refs))
-    records, _ = sweep_samples(args, calib, configs, args.out / "calibration.jsonl", "calibration", model)
-    rec = dict(zip(configs, records, strict=True))
-    chosen = {}
-    for r in args.keep:
-        cands = [rec[c] for c in candidates if c.keep_rate == r]
-        entry = choose(cands)
-        entry["reference"] = {
-            c.criterion: {"calibration_top1": rec[c]["top1"], "gmacs": rec[c]["gmacs"]}
-            for c in refs
-            if c.keep_rate == r
-        }
-        chosen[r] = entry
-    return chosen
+def tuning_of(args: argparse.Namespace) -> Tuning:
+    """The ``experiments.tuning.Tuning`` the flags name (a bad criterion spec fails here)."""
+    return Tuning(grid_of(args), tuple(args.criterion), args.out, args.policy_out)
 
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
-    build_configs(args, args.criterion)  # a bad criterion spec fails here, before any image is read
-    samples = read_source(args)
-    calib, evals = split_samples(samples)
-    if not calib or not evals:
-        raise ValueError(f"{len(samples)} images split into {len(calib)} + {len(evals)}; need both halves")
-    model = load_checked_model(args, samples)
-    chosen = calibrate(args, model, calib)
-    # Only now is the evaluation half read: the chosen settings and the references, per keep rate.
-    fuse, locs = args.fuse[0], tuple(args.locations)
-    configs: dict[tuple, SweepConfig] = {}
-    for r, entry in chosen.items():
-        for name, setting in [("best", entry["best"]), *entry["by_criterion"].items()]:
-            configs[(r, name)] = SweepConfig(**vars(entry_config(setting, r, locs, fuse)))
-        for ref in REFERENCES:
-            configs[(r, ref + "_ref")] = SweepConfig(ref, r, 1.0, locs, fuse)
-    uniq = list(dict.fromkeys(configs.values()))
-    records, _ = sweep_samples(args, evals, uniq, args.out / "evaluation.jsonl", "evaluation", model)
-    ev = dict(zip(uniq, records, strict=True))
-    rows = []
-    for r, entry in chosen.items():
-        entry["best"]["evaluation_top1"] = ev[configs[(r, "best")]]["top1"]
-        for name, setting in entry["by_criterion"].items():
-            setting["evaluation_top1"] = ev[configs[(r, name)]]["top1"]
-        for ref in REFERENCES:
-            e = ev[configs[(r, ref + "_ref")]]
-            entry["reference"][ref].update(evaluation_top1=e["top1"], gmacs=e["gmacs"])
-        b, ref = entry["best"], entry["reference"]
-        # Paired on the same evaluation images: is the difference more than which images disagree?
-        pair = compare_records(ev[configs[(r, "best")]], ev[configs[(r, "evit_ref")]])
-        if pair is not None:
-            b["evaluation_vs_evit"] = pair
-        rows.append(
-            [f"{r:g}", b["label"], f"{b['calibration_top1']:.2f}", f"{ref['evit']['calibration_top1']:.2f}",
-             f"{b['evaluation_top1']:.2f}", f"{ref['evit']['evaluation_top1']:.2f}",
-             f"{ref['shannon']['evaluation_top1']:.2f}",
-             *format_difference(pair),
-             f"{b['gmacs'] / ref['evit']['gmacs']:.3f}"]
-        )  # fmt: skip
-    policy = policy_document(
-        args.model,
-        {f"{r:g}": entry for r, entry in chosen.items()},
-        locations=locs,
-        fuse=fuse,
-        calibration_images=len(calib),
-        evaluation_images=len(evals),
-        candidates=args.criterion,
-        alphas=args.alpha,
-        lambdas=args.lambdas,
-    )
-    out = args.policy_out or args.out / "policy.json"
-    atomic_write_text(out, json.dumps(policy, indent=2, allow_nan=False) + "\n")
+    tuning = tuning_of(args)  # a bad criterion spec fails here, before any image is read
+    calib, evals = halves(read_source(args))
+    image = image_run(args, load_checked_model(args, [*calib, *evals]))
+    tuned = tune_alpha(image, tuning, calib, evals)
     headers = ["keep", "chosen (calibration)", "cal top-1", "cal EViT", "eval top-1", "eval EViT",
                "eval Shannon", "Δ vs EViT [95 % CI]", "McNemar p", "GMACs/EViT"]  # fmt: skip
-    print(f"{len(calib)} calibration / {len(evals)} evaluation images; fusion {'on' if fuse else 'off'}")
-    print(common.format_table(headers, rows))
-    print(f"policy written to {out}")
+    print(f"{tuned.calibration_images} calibration / {tuned.evaluation_images} evaluation images; "
+          f"fusion {'on' if tuning.grid.fuse[0] else 'off'}")  # fmt: skip
+    print(common.format_table(headers, tuned.rows))
+    print(f"policy written to {tuned.path}")
     return 0

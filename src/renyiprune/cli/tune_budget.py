@@ -14,23 +14,12 @@ import argparse
 import json
 from pathlib import Path
 
-from ..experiments.stats import compare_records, format_difference
-from ..experiments.tune import DEFAULT_BUDGET_CANDIDATES, choose, split_samples
+from ..experiments.grid import Grid, grid_points
+from ..experiments.tune import DEFAULT_BUDGET_CANDIDATES
+from ..experiments.tuning import Tuning, halves, tune_budget
 from ..planning.policy import POLICY_DIR
-from ..planning.specs import SweepConfig, config_from_dict
-from ..utils.io import atomic_write_text
 from . import common
-from .sweep import (
-    add_image_args,
-    build_configs,
-    check_image_args,
-    load_checked_model,
-    read_source,
-    sweep_samples,
-    write_outputs,
-)
-
-REFERENCE = "tome"  # ToMe, constant r: what users pick today
+from .images import add_image_args, check_image_args, image_run, load_checked_model, read_source
 
 
 def add_parser(sub) -> None:
@@ -61,71 +50,25 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def _configs(args: argparse.Namespace, specs) -> list[SweepConfig]:
-    ns = argparse.Namespace(fuse=[False], locations=args.locations, budget=args.budget, keep=[1.0],
-                            alpha=[1.0], lambdas=[0.5])  # fmt: skip
-    return build_configs(ns, specs)
-
-
-def _budget(c: SweepConfig) -> float:
-    return float(dict(c.options)["budget"])
+def tuning_of(args: argparse.Namespace) -> Tuning:
+    """The ``experiments.tuning.Tuning`` the flags name: the candidates at every budget, and the policy whose
+    keep-rate section is kept (``--base-policy``, or the one shipped for ``--model``)."""
+    grid = Grid(keep=(1.0,), alpha=(1.0,), locations=tuple(args.locations), budget=tuple(args.budget))
+    base_path = args.base_policy or POLICY_DIR / f"{args.model}.json"
+    base = json.loads(Path(base_path).read_text()) if Path(base_path).is_file() else {"model": args.model}
+    return Tuning(grid, tuple(args.criterion), args.out, args.policy_out, base, args.report_all)
 
 
 def run(args: argparse.Namespace) -> int:
     check_image_args(args)
-    candidates = _configs(args, args.criterion)
-    refs = _configs(args, [REFERENCE])
-    samples = read_source(args)
-    calib, evals = split_samples(samples)
-    if not calib or not evals:
-        raise ValueError(f"{len(samples)} images split into {len(calib)} + {len(evals)}; need both halves")
-    base_path = args.base_policy or POLICY_DIR / f"{args.model}.json"
-    policy = json.loads(Path(base_path).read_text()) if Path(base_path).is_file() else {"model": args.model}
-    model = load_checked_model(args, samples)
-
-    configs = list(dict.fromkeys(candidates + refs))
-    records, _ = sweep_samples(args, calib, configs, args.out / "calibration.jsonl", "calibration", model)
-    cal = dict(zip(configs, records, strict=True))
-    chosen = {}
-    for f in args.budget:
-        entry = choose([cal[c] for c in candidates if _budget(c) == f])
-        ref = next(c for c in refs if _budget(c) == f)
-        entry["reference"] = {"tome": {"calibration_top1": cal[ref]["top1"], "gmacs": cal[ref]["gmacs"]}}
-        chosen[f] = entry
-
-    # Only now is the evaluation half read.
-    picked = {f: config_from_dict(e["best"]["config"]) for f, e in chosen.items()}
-    unpruned = SweepConfig(None, 1.0, 1.0, (), False)
-    todo = [unpruned, *picked.values(), *refs, *(candidates if args.report_all else [])]
-    todo = list(dict.fromkeys(todo))
-    records, _ = sweep_samples(args, evals, todo, args.out / "evaluation.jsonl", "evaluation", model)
-    ev = dict(zip(todo, records, strict=True))
-    write_outputs(args.out, records, f"{args.model}, evaluation half ({len(evals)} images)")
-    rows = []
-    for f, entry in chosen.items():
-        best = entry["best"]
-        best["evaluation_top1"] = ev[picked[f]]["top1"]
-        ref = next(c for c in refs if _budget(c) == f)
-        entry["reference"]["tome"].update(evaluation_top1=ev[ref]["top1"], gmacs=ev[ref]["gmacs"])
-        if args.report_all:
-            entry["evaluation"] = {ev[c]["label"]: ev[c]["top1"] for c in candidates if _budget(c) == f}
-        t = entry["reference"]["tome"]
-        pair = compare_records(ev[picked[f]], ev[ref])  # paired on the same evaluation images
-        if pair is not None:
-            best["evaluation_vs_tome"] = pair
-        rows.append([
-            f"{f:g}", best["label"], f"{best['calibration_top1']:.2f}", f"{t['calibration_top1']:.2f}",
-            f"{best['evaluation_top1']:.2f}", f"{t['evaluation_top1']:.2f}",
-            *format_difference(pair), f"{best['gmacs'] / t['gmacs']:.3f}",
-        ])  # fmt: skip
-    policy["budget_candidates"] = list(args.criterion)
-    policy["budget_split"] = {"calibration_images": len(calib), "evaluation_images": len(evals)}
-    policy["budget"] = {f"{f:g}": e for f, e in chosen.items()}
-    out = args.policy_out or args.out / "policy.json"
-    atomic_write_text(out, json.dumps(policy, indent=2, allow_nan=False) + "\n")
+    tuning = tuning_of(args)  # a bad candidate fails here, before any image is read
+    calib, evals = halves(read_source(args))
+    image = image_run(args, load_checked_model(args, [*calib, *evals]))
+    tuned = tune_budget(image, tuning, calib, evals)
     headers = ["budget", "chosen (calibration)", "cal top-1", "cal ToMe", "eval top-1", "eval ToMe",
                "Δ vs ToMe [95 % CI]", "McNemar p", "GMACs/ToMe"]  # fmt: skip
-    print(f"{len(calib)} calibration / {len(evals)} evaluation images; {len(candidates)} candidate configs")
-    print(common.format_table(headers, rows))
-    print(f"policy written to {out}")
+    print(f"{tuned.calibration_images} calibration / {tuned.evaluation_images} evaluation images; "
+          f"{len(grid_points(tuning.grid, tuning.criteria))} candidate configs")  # fmt: skip
+    print(common.format_table(headers, tuned.rows))
+    print(f"policy written to {tuned.path}")
     return 0

@@ -27,8 +27,11 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..core.criteria import takes_alpha
+from ..core.plans import UNPRUNED, MergePlan
+from ..core.state import is_patched
 from ..planning.flops import count_gmacs
-from ..planning.specs import PruneConfig
+from ..planning.points import Point
 from .evaluate import pruned_view
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "machine_info",
     "BenchRow",
     "benchmark_configs",
+    "BenchSettings",
 ]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -318,59 +322,50 @@ class BenchRow:
         return d
 
 
-def _describe(c: PruneConfig | None, view: nn.Module) -> dict:
+def _describe(p: Point | None, view: nn.Module) -> dict:
     """criterion, alpha, keep rate, budget, removed and first reducing block of one configuration."""
-    from ..core.criteria import takes_alpha
-    from ..core.state import is_patched
-
-    if c is None or c.criterion is None:
+    if p is None or p.plan == UNPRUNED:
         return dict(criterion=None, alpha=None, keep_rate=None, budget=None, removed=None, pruned_from=None)
-    opts = dict(c.options)
+    d = p.to_dict()
+    opts = d["options"]
     state = view.renyiprune if is_patched(view) else None
     locs = state.locations if state is not None else ()
-    tome = c.criterion == "tome" or (state is not None and state.method == "tome")
-    by_rate = not tome and "budget" not in opts and "tokens" not in opts
-    alpha = c.alpha if takes_alpha(c.criterion, opts) else None
-    if c.criterion == "tome":
-        alpha = opts.get("alpha") if opts.get("entropy_weight") else None
+    tome = isinstance(p.plan, MergePlan)
+    alpha = float(d["alpha"]) if takes_alpha(d["criterion"], opts) else None
+    if tome:
+        alpha = p.plan.alpha if p.plan.entropy_weight else None
     return dict(
-        criterion=c.criterion,
+        criterion=d["criterion"],
         alpha=alpha,
-        keep_rate=c.keep_rate if by_rate else None,
-        budget=opts.get("budget"),
-        removed="merge" if tome else opts.get("removed", "fuse" if c.fuse else "drop"),
+        keep_rate=d["keep_rate"] if not tome and p.budget is None and "tokens" not in opts else None,
+        budget=p.budget,
+        removed="merge" if tome else p.plan.removed,
         pruned_from=min(locs) if locs else None,
     )
 
 
-def benchmark_configs(
-    model: nn.Module,
-    configs: list[PruneConfig],
-    x: Tensor,
-    *,
-    dtype: torch.dtype = torch.float32,
-    warmup: int = 2,
-    reps: int = 5,
-    compile: bool = False,
-    extra: Mapping[str, nn.Module] | None = None,
-    progress: Callable[[str], None] | None = None,
-    memory: bool = True,
-) -> list[BenchRow]:
-    """Time the unpruned ``model`` and each configuration (and ``extra`` models) on batch ``x``.
+@dataclass(frozen=True)
+class BenchSettings:
+    """How the timing runs: autocast ``dtype`` below float32, untimed ``warmup`` and timed interleaved
+    ``reps`` rounds, each configuration also through ``torch.compile``, and peak memory (one more forward)."""
 
-    Any configuration ``eval`` takes (pruning by keep rate or budget, ToMe, ``best``, ...); all share
-    the model's weights (``pruned_view``). With ``compile`` every configuration is measured both eager
-    and through ``torch.compile``. GMACs are per image, counted on the eager forward. Peak memory comes
-    from one extra forward per configuration after the timed rounds (``forward_memory``); ``memory=False``
-    skips it (the memory fields are then NaN).
-    """
-    say = progress or (lambda _msg: None)
-    base = PruneConfig(criterion=None)
-    cfgs = [base, *[c for c in configs if c.criterion is not None]]
+    dtype: torch.dtype = torch.float32
+    warmup: int = 2
+    reps: int = 5
+    compile: bool = False
+    memory: bool = True
+
+
+Meta = dict[str, tuple[Point | None, bool, nn.Module]]  # name: (configuration, compiled, module)
+
+
+def _runners(model: nn.Module, configs: list[Point], extra: Mapping[str, nn.Module] | None, compile: bool
+             ) -> tuple[Meta, dict[str, Callable[[Tensor], Tensor]]]:
+    """The unpruned model first, then each configuration's view and the ``extra`` models (and, with
+    ``compile``, each of them compiled too)."""
+    cfgs = [Point(UNPRUNED), *[c for c in configs if c.plan != UNPRUNED]]
     views = {c.label: pruned_view(model, c) for c in cfgs}
-    meta: dict[str, tuple[PruneConfig | None, bool, nn.Module]] = {
-        name: (c, False, views[name]) for name, c in zip(views, cfgs, strict=True)
-    }
+    meta: Meta = {name: (c, False, views[name]) for name, c in zip(views, cfgs, strict=True)}
     for name, m in (extra or {}).items():
         meta[name] = (None, False, m)
     runners: dict[str, Callable[[Tensor], Tensor]] = {name: m for name, (_, _, m) in meta.items()}
@@ -379,59 +374,75 @@ def benchmark_configs(
             c, _, m = meta[name]
             meta[f"{name} [compiled]"] = (c, True, m)
             runners[f"{name} [compiled]"] = compile_model(m)
-        # A compiled model compiles on its first call and recompiles once more on its second (the
-        # pruning state's per-forward counter becomes dynamic); neither may land in a timed round.
-        warmup = max(warmup, 2)
-    image = x[:1].float()
-    gmacs = {
-        name: count_gmacs(m, image.to(next(model.parameters()).dtype)) for name, (_, _, m) in meta.items()
-    }
-    say(f"timing {len(runners)} configurations: {warmup} warm-up + {reps} interleaved rounds")
-    timings = time_interleaved(runners, x, warmup=warmup, reps=reps, dtype=dtype, progress=say)
-    if memory:
+    return meta, runners
+
+
+def benchmark_configs(
+    model: nn.Module,
+    configs: list[Point],
+    x: Tensor,
+    settings: BenchSettings = BenchSettings(),
+    *,
+    extra: Mapping[str, nn.Module] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[BenchRow]:
+    """Time the unpruned ``model`` and each configuration (and ``extra`` models) on batch ``x``.
+
+    Any configuration ``eval`` takes (pruning by keep rate or budget, ToMe, ``best``, ...); all share
+    the model's weights (``pruned_view``). With ``settings.compile`` every configuration is measured both
+    eager and through ``torch.compile``. GMACs are per image, counted on the eager forward. Peak memory
+    comes from one extra forward per configuration after the timed rounds (``forward_memory``);
+    ``settings.memory=False`` skips it (the memory fields are then NaN).
+    """
+    say, st = progress or (lambda _msg: None), settings
+    meta, runners = _runners(model, configs, extra, st.compile)
+    # A compiled model compiles on its first call and recompiles once more on its second (the pruning
+    # state's per-forward counter becomes dynamic); neither may land in a timed round.
+    warmup = max(st.warmup, 2) if st.compile else st.warmup
+    image = x[:1].float().to(next(model.parameters()).dtype)
+    gmacs = {name: count_gmacs(m, image) for name, (_, _, m) in meta.items()}
+    say(f"timing {len(runners)} configurations: {warmup} warm-up + {st.reps} interleaved rounds")
+    timings = time_interleaved(runners, x, warmup=warmup, reps=st.reps, dtype=st.dtype, progress=say)
+    if st.memory:
         say("measuring peak memory")
-    unknown = ForwardMemory(0, [])
-    mems = {
-        name: forward_memory(runners[name] if meta[name][1] and x.is_cuda else meta[name][2], x, dtype)
-        if memory else unknown
-        for name in runners
-    }  # fmt: skip
-    rows = []
-    for name, t in timings.items():
-        c, compiled, view = meta[name]
-        ref = "unpruned [compiled]" if compiled else "unpruned"
-        speedup = paired_ratio(timings[ref], t)
-        g_ratio = gmacs[ref] / gmacs[name]
-        info = _describe(c, view)
-        peak, ref_peak = mems[name].peak, mems[ref].peak
-        first = info["pruned_from"]
-        part, ref_part = mems[name].peak_from(first), mems[ref].peak_from(first)
-        rows.append(
-            BenchRow(
-                config=name,
-                compiled=compiled,
-                latency_ms=1e3 * t.median,
-                latency_min_ms=1e3 * min(t.seconds),
-                latency_max_ms=1e3 * max(t.seconds),
-                spread=t.spread,
-                images_per_s=x.shape[0] / t.median,
-                speedup=speedup,
-                gmacs=gmacs[name],
-                gmacs_ratio=g_ratio,
-                efficiency=speedup / g_ratio,
-                peak_mb=peak / 2**20 if memory else float("nan"),
-                memory_ratio=peak / ref_peak if ref_peak else float("nan"),
-                pruned_peak_mb=part / 2**20 if memory else float("nan"),
-                pruned_memory_ratio=part / ref_part if ref_part else float("nan"),
-                block_peaks_mb=[b / 2**20 for b in mems[name].block_peaks],
-                **info,
-            )
-        )
-    # evit at the same keep rate (or budget): with the same fate of pruned tokens if measured, else dropped
+    def runner(name: str):  # a compiled module's memory is measured compiled on CUDA only
+        return runners[name] if meta[name][1] and x.is_cuda else meta[name][2]
+
+    mems = {name: forward_memory(runner(name), x, st.dtype) if st.memory else ForwardMemory(0, [])
+            for name in runners}  # fmt: skip
+    rows = [_row(name, meta[name], timings, gmacs, mems, x.shape[0], st.memory) for name in timings]
+    _pair_with_evit(rows, timings)
+    return rows
+
+
+def _row(name: str, meta: tuple, timings: dict, gmacs: dict, mems: dict, batch: int, memory: bool
+         ) -> BenchRow:
+    c, compiled, view = meta
+    ref = "unpruned [compiled]" if compiled else "unpruned"
+    t = timings[name]
+    speedup = paired_ratio(timings[ref], t)
+    g_ratio = gmacs[ref] / gmacs[name]
+    info = _describe(c, view)
+    peak, ref_peak = mems[name].peak, mems[ref].peak
+    part, ref_part = mems[name].peak_from(info["pruned_from"]), mems[ref].peak_from(info["pruned_from"])
+    return BenchRow(
+        config=name, compiled=compiled, latency_ms=1e3 * t.median, latency_min_ms=1e3 * min(t.seconds),
+        latency_max_ms=1e3 * max(t.seconds), spread=t.spread, images_per_s=batch / t.median, speedup=speedup,
+        gmacs=gmacs[name], gmacs_ratio=g_ratio, efficiency=speedup / g_ratio,
+        peak_mb=peak / 2**20 if memory else float("nan"),
+        memory_ratio=peak / ref_peak if ref_peak else float("nan"),
+        pruned_peak_mb=part / 2**20 if memory else float("nan"),
+        pruned_memory_ratio=part / ref_part if ref_part else float("nan"),
+        block_peaks_mb=[b / 2**20 for b in mems[name].block_peaks], **info,
+    )  # fmt: skip
+
+
+def _pair_with_evit(rows: list[BenchRow], timings: dict) -> None:
+    """vs_evit: throughput against evit at the same keep rate (or budget), with the same fate of pruned
+    tokens if measured, else dropped."""
     evit = {(r.keep_rate, r.budget, r.compiled, r.removed): r for r in rows if r.criterion == "evit"}
     for r in rows:
         at = (r.keep_rate, r.budget, r.compiled)
         ev = evit.get((*at, r.removed)) or evit.get((*at, "drop"))
         if ev is not None and r.criterion not in (None, "evit"):
             r.vs_evit = paired_ratio(timings[ev.config], timings[r.config])
-    return rows

@@ -14,11 +14,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..api import patch
-from ..core.api import share_parameters
+from ..core.api import apply, share_parameters
+from ..core.plans import UNPRUNED, MergePlan, PrunePlan
 from ..data.images import Batch, check_bad
 from ..planning.flops import count_gmacs
-from ..planning.specs import PruneConfig, patch_kwargs
+from ..planning.points import Point
 from ..utils.distributed import all_reduce_sum
 from .stats import paired_counts
 
@@ -44,19 +44,67 @@ class EvalResult:
         return asdict(self)
 
 
-def pruned_view(model: nn.Module, config: PruneConfig) -> nn.Module:
-    """A weight-sharing copy of ``model`` that prunes as ``config`` says; the original is untouched."""
+def pruned_view(model: nn.Module, plan: PrunePlan | MergePlan | Point) -> nn.Module:
+    """A weight-sharing copy of ``model`` that prunes as ``plan`` says (a ``Point``'s budget solved on
+    ``model``); the original is untouched, and the unpruned plan leaves the copy unpatched."""
     view = share_parameters(model)
-    kwargs = patch_kwargs(config)
-    if kwargs:
-        patch(view, **kwargs)
-    return view
+    plan = (plan if isinstance(plan, Point) else Point(plan)).resolve(model)
+    return view if plan == UNPRUNED else apply(view, plan)
 
 
 def top1_top5(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Per image (bool): the label is the top prediction; the label is among the top 5."""
     hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
     return hit[:, 0], hit.any(dim=1)
+
+
+@dataclass
+class _Tally:
+    """Per-config counts over the batches: top-1 and top-5 hits, images right only here / only in the
+    reference, forward seconds; and images and skipped images."""
+
+    names: list[str]
+    images: int = 0
+    skipped: int = 0
+    counts: dict[str, list[float]] = field(default_factory=dict)  # name: [top1, top5, only_here, only_ref]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.counts = {k: [0, 0, 0, 0] for k in self.names}
+        self.seconds = dict.fromkeys(self.names, 0.0)
+
+    def reduced(self) -> tuple[int, int, dict[str, list[int]], dict[str, float]]:
+        """Under torchrun each process saw its own shard: images, skipped, per-config counts and the
+        throughputs (images/s), added up over the processes."""
+        rates = [self.images / self.seconds[k] if self.seconds[k] > 0 else 0.0 for k in self.names]
+        flat = [v for k in self.names for v in self.counts[k]]
+        total = all_reduce_sum(torch.tensor([self.images, self.skipped, *flat, *rates], dtype=torch.float64))
+        k, values = len(self.names), total.tolist()
+        counts = {n: [int(v) for v in values[2 + 4 * i : 6 + 4 * i]] for i, n in enumerate(self.names)}
+        return int(values[0]), int(values[1]), counts, dict(zip(self.names, values[2 + 4 * k :], strict=True))
+
+
+def _run_batch(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, tally: _Tally, dtype: torch.dtype,
+               reference: str | None) -> None:  # fmt: skip
+    """Every model on one batch, timed one by one, its hits added to ``tally``."""
+    dev = x.device.type
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    right = {}
+    for name in tally.names:
+        sync()
+        t0 = time.perf_counter()
+        with torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
+            logits = models[name](x).float()
+        sync()
+        tally.seconds[name] += time.perf_counter() - t0
+        right[name], in_top5 = top1_top5(logits, y)
+        tally.counts[name][0] += int(right[name].sum())
+        tally.counts[name][1] += int(in_top5.sum())
+    if reference is not None:
+        for name in tally.names:
+            tally.counts[name][2] += int((right[name] & ~right[reference]).sum())
+            tally.counts[name][3] += int((right[reference] & ~right[name]).sum())
+    tally.images += y.shape[0]
 
 
 @torch.inference_mode()
@@ -79,69 +127,22 @@ def evaluate(
     """
     if reference is not None and reference not in models:
         raise ValueError(f"reference {reference!r} is not one of the evaluated configs")
-    dev = torch.device(device).type
-    half = dtype != torch.float32
-    names = list(models)
-    correct1 = dict.fromkeys(names, 0)
-    correct5 = dict.fromkeys(names, 0)
-    only_here = dict.fromkeys(names, 0)  # images this config gets right and the reference wrong
-    only_ref = dict.fromkeys(names, 0)  # ... and the reverse
-    seconds = dict.fromkeys(names, 0.0)
-    images = skipped = 0
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    tally = _Tally(list(models))
     bar = tqdm(total=total, unit="img", desc="eval", disable=not progress, leave=False)
     for batch in batches:
-        skipped += check_bad(batch, skip_bad)
-        n = batch.labels.shape[0]
-        bar.update(n + len(batch.bad))
-        if n == 0:
-            continue
-        x = batch.images.to(device, non_blocking=True)
-        y = batch.labels.to(device)
-        right = {}
-        for name in names:
-            sync()
-            t0 = time.perf_counter()
-            with torch.autocast(dev, dtype=dtype, enabled=half):
-                logits = models[name](x).float()
-            sync()
-            seconds[name] += time.perf_counter() - t0
-            right[name], in_top5 = top1_top5(logits, y)
-            correct1[name] += int(right[name].sum())
-            correct5[name] += int(in_top5.sum())
-        if reference is not None:
-            for name in names:
-                only_here[name] += int((right[name] & ~right[reference]).sum())
-                only_ref[name] += int((right[reference] & ~right[name]).sum())
-        images += n
+        tally.skipped += check_bad(batch, skip_bad)
+        bar.update(batch.labels.shape[0] + len(batch.bad))
+        if batch.labels.shape[0]:
+            x, y = batch.images.to(device, non_blocking=True), batch.labels.to(device)
+            _run_batch(models, x, y, tally, dtype, reference)
     bar.close()
-    # Under torchrun each process saw its own shard: add up the counts (and the throughputs).
-    counts = all_reduce_sum(torch.tensor(
-        [images, skipped] + [correct1[k] for k in names] + [correct5[k] for k in names]
-        + [only_here[k] for k in names] + [only_ref[k] for k in names]
-        + [images / seconds[k] if seconds[k] > 0 else 0.0 for k in names], dtype=torch.float64))
-    images, skipped = int(counts[0]), int(counts[1])
-    k = len(names)
-
-    def per_config(i: int) -> dict:
-        return {n: int(c) for n, c in zip(names, counts[2 + i * k : 2 + (i + 1) * k].tolist(), strict=True)}
-
-    correct1, correct5, only_here, only_ref = (per_config(i) for i in range(4))
-    rates = dict(zip(names, counts[2 + 4 * k :].tolist(), strict=True))
+    images, skipped, counts, rates = tally.reduced()
     results = []
-    for name in names:
-        gmacs = count_gmacs(models[name])
-        results.append(
-            EvalResult(
-                config=name,
-                top1=100.0 * correct1[name] / max(images, 1),
-                top5=100.0 * correct5[name] / max(images, 1),
-                images=images,
-                gmacs=gmacs,
-                images_per_s=rates[name],
-                skipped=skipped,
-                paired=(paired_counts(only_here[name], only_ref[name], images)
-                        if reference is not None and images else None),  # fmt: skip
-            )
-        )
+    for name in tally.names:
+        top1, top5, only_here, only_ref = counts[name]
+        paired = paired_counts(only_here, only_ref, images) if reference is not None and images else None
+        results.append(EvalResult(config=name, top1=100.0 * top1 / max(images, 1),
+                                  top5=100.0 * top5 / max(images, 1), images=images,
+                                  gmacs=count_gmacs(models[name]), images_per_s=rates[name], skipped=skipped,
+                                  paired=paired))  # fmt: skip
     return results

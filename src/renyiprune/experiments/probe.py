@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..core.plans import UNPRUNED, PrunePlan, Stage
 from ..data.datasets import BannerCropped
 from ..planning.flops import count_gmacs
-from ..planning.specs import PruneConfig, config_to_dict, parse_stages
+from ..planning.points import Point
 from ..utils import distributed as D
 from .evaluate import pruned_view, top1_top5
 from .probe_cache import FeatureCache, ImageSet, feature_code_files
@@ -82,28 +83,28 @@ class ProbeConfig:
 # ---------------------------------------------------------------------------------------------- views
 
 
-def feature_view(model: nn.Module, config: PruneConfig) -> nn.Module:
+def feature_view(model: nn.Module, config: Point) -> nn.Module:
     """A weight-sharing pruned view of ``model`` whose output is the final-norm CLS feature (B, C)."""
     view = pruned_view(model, config)
     view.head = nn.Identity()
     return view
 
 
-def probe_gmacs(model: nn.Module, config: PruneConfig, num_classes: int) -> float:
+def probe_gmacs(model: nn.Module, config: Point, num_classes: int) -> float:
     """GMACs per image of ``config``'s pruned forward with a ``num_classes`` linear head."""
     view = pruned_view(model, config)
     view.head = nn.Linear(model.embed_dim, num_classes)
     return count_gmacs(view)
 
 
-def evit_twin(config: PruneConfig) -> PruneConfig | None:
+def evit_twin(config: Point) -> Point | None:
     """EViT at the same keep rate (or budget / token counts), locations and fate of pruned tokens;
     None for the unpruned model, ToMe and EViT itself."""
-    if config.criterion in (None, "tome", "evit"):
+    plan = config.plan
+    if not isinstance(plan, PrunePlan) or not plan.stages or all(s.criterion == "evit" for s in plan.stages):
         return None
-    locs = parse_stages(config.criterion)[2] if "@" in config.criterion else config.locations
-    kept = tuple((k, v) for k, v in config.options if k in ("removed", "budget", "tokens"))
-    return PruneConfig("evit", config.keep_rate, 1.0, tuple(locs), config.fuse, kept)
+    stages = tuple(Stage(s.location, s.keep_rate, s.tokens, "evit") for s in plan.stages)
+    return Point(PrunePlan(stages, plan.removed, plan.fusion), config.budget)
 
 
 # ------------------------------------------------------------------------------------------- features
@@ -121,7 +122,7 @@ def _loader(sets: Sequence[ImageSet], transform: Callable, batch_size: int, work
 
 def extract_features(
     model: nn.Module,
-    configs: Sequence[PruneConfig],
+    configs: Sequence[Point],
     sets: Sequence[ImageSet],
     transform: Callable,
     options: ProbeConfig = ProbeConfig(),
@@ -206,12 +207,12 @@ def _paired(a: str, b: str) -> dict:
             "a_only": d["a_only"], "b_only": d["b_only"]}  # fmt: skip
 
 
-def with_references(configs: Sequence[PruneConfig]) -> tuple[list[PruneConfig], set[PruneConfig]]:
+def with_references(configs: Sequence[Point]) -> tuple[list[Point], set[Point]]:
     """``configs`` plus the unpruned model and each one's EViT twin (unique, in order), and the set of
     those that were added only as references."""
     out = list(dict.fromkeys(configs))
     added = set()
-    for c in [PruneConfig(criterion=None), *(t for t in map(evit_twin, configs) if t is not None)]:
+    for c in [Point(UNPRUNED), *(t for t in map(evit_twin, configs) if t is not None)]:
         if c not in out:
             out.append(c)
             added.add(c)
@@ -246,18 +247,19 @@ def _outcome(head: LinearHead, feats: Tensor, ye: Tensor) -> tuple[Tensor, Tenso
     return top1, top5, nll
 
 
-def _record(c: PruneConfig, ev: ImageSet, outcome: tuple, head: LinearHead, run: dict) -> dict:
+def _record(c: Point, ev: ImageSet, outcome: tuple, head: LinearHead, run: dict) -> dict:
     """One configuration's record on ``ev``, before its paired differences; ``run`` gives its
     ``train_images``, ``gmacs`` and ``head`` (the protocol)."""
     top1, top5, nll = outcome
-    n = len(ev.samples)
+    n, d = len(ev.samples), c.to_dict()
+    pruned = isinstance(c.plan, PrunePlan) and bool(c.plan.stages)  # not the unpruned model, not ToMe
     return {
         "config": c.label,
-        "criterion": c.criterion or "none",
-        "alpha": "inf" if math.isinf(c.alpha) else c.alpha,
-        "keep_rate": c.keep_rate if c.criterion not in (None, "tome") else None,
-        "fuse": c.fuse,
-        "settings": config_to_dict(c),
+        "criterion": d.get("criterion") or "none",
+        "alpha": d.get("alpha", 1.0),
+        "keep_rate": d.get("keep_rate") if pruned else None,
+        "fuse": pruned and c.plan.removed == "fuse",
+        "settings": d,
         "eval": ev.name,
         "top1": 100.0 * float(top1.float().mean()) if n else math.nan,
         "top5": 100.0 * float(top5.float().mean()) if n else math.nan,
@@ -273,7 +275,7 @@ def _record(c: PruneConfig, ev: ImageSet, outcome: tuple, head: LinearHead, run:
 
 def run_probe(
     model: nn.Module,
-    configs: Sequence[PruneConfig],
+    configs: Sequence[Point],
     train: ImageSet,
     evals: Sequence[ImageSet],
     transform: Callable,
@@ -294,7 +296,7 @@ def run_probe(
     all_configs, added = with_references(configs)
     k = _num_classes(train, evals, config.num_classes)
     sets = [train, *evals]
-    base = all_configs.index(PruneConfig(criterion=None))
+    base = all_configs.index(Point(UNPRUNED))
     needed = None
     if config.head == "unpruned":
         needed = {ci: list(range(len(sets))) if ci == base else list(range(1, len(sets)))

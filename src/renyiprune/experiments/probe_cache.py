@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..data.images import Sample
-from ..planning.specs import PruneConfig, config_to_dict
+from ..planning.points import Point
 from ..utils.io import atomic_path, output_lock
 
 __all__ = ["ImageSet", "FeatureCache", "feature_code_files"]
@@ -86,15 +86,15 @@ class FeatureCache:
         """The folder's ``output_lock`` (re-entrant; under torchrun rank 0's)."""
         return output_lock(self.root, self.flag)
 
-    def key(self, config: PruneConfig, images: ImageSet) -> str:
-        text = json.dumps({"context": self.context, "config": config_to_dict(config),
+    def key(self, config: Point, images: ImageSet) -> str:
+        text = json.dumps({"context": self.context, "config": config.to_dict(),
                            "images": images.fingerprint()}, sort_keys=True, default=str)  # fmt: skip
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
-    def path(self, config: PruneConfig, images: ImageSet) -> Path:
+    def path(self, config: Point, images: ImageSet) -> Path:
         return self.root / f"{self.key(config, images)}.pt"
 
-    def load(self, config: PruneConfig, images: ImageSet) -> Tensor | None:
+    def load(self, config: Point, images: ImageSet) -> Tensor | None:
         p = self.path(config, images)
         if not p.is_file():
             return None
@@ -107,7 +107,7 @@ class FeatureCache:
             return None
         return feats
 
-    def save(self, config: PruneConfig, images: ImageSet, features: Tensor) -> None:
+    def save(self, config: Point, images: ImageSet, features: Tensor) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         target = self.path(config, images)
         meta = {"label": config.label, "images": images.name, "count": len(images.samples)}

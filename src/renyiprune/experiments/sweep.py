@@ -7,7 +7,7 @@ blocks. Configurations then run one at a time, and each finished one is appended
 (flushed and fsynced) to ``results.jsonl``, so an interrupted sweep loses at most the configuration
 in flight and a rerun skips what is done.
 
-``budget=True`` in a config is per-image adaptive keep: a score threshold, calibrated on the
+An adaptive ``Point`` (``planning.points``) is per-image adaptive keep: a score threshold, calibrated on the
 calibration images so that their mean keep rate at the first location is ``keep_rate``, sets how
 many patches each image keeps (the same rate is applied at the later locations); images with equal
 counts run together and GMACs are the mean over images.
@@ -21,12 +21,13 @@ those one process writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,12 +36,14 @@ from tqdm import tqdm
 
 from ..core.attention import AttentionContext, attention_logits
 from ..core.criteria import make_criterion
-from ..core.plans import stage_options
+from ..core.plans import MergePlan
 from ..data.images import Batch, check_bad
 from ..planning.flops import count_gmacs
-from ..planning.specs import PruneConfig, SweepConfig, config_from_dict, config_to_dict, parse_stages
+from ..planning.points import Point
 from ..utils import distributed as D
+from ..utils.io import output_lock
 from .evaluate import pruned_view, top1_top5
+from .tune import is_calibration
 
 __all__ = [
     "TokenCache",
@@ -51,20 +54,33 @@ __all__ = [
     "run_view",
     "run_config",
     "run_sweep",
+    "SweepSettings",
+    "sweep_samples",
+    "fingerprint",
 ]
 
 
 BUDGET_STEP = 8  # budget mode: per-image keep counts are multiples of this many patches
 
 
-def first_location(config: PruneConfig, depth: int) -> int:
-    """The first pruning block of ``config`` (``depth`` for the unpruned model)."""
-    if config.criterion is None:
-        return depth
-    if config.criterion == "tome":
+@dataclass(frozen=True)
+class SweepSettings:
+    """How a sweep runs (not what it measures): batches, decoding workers, device, unreadable images,
+    progress bars, and a file to memory-map the cached tokens into (image sets larger than memory)."""
+
+    batch_size: int = 64
+    workers: int = 2
+    device: str | torch.device = "cpu"
+    skip_bad: bool = False
+    progress: bool = True
+    storage: str | Path | None = None
+
+
+def first_location(point: Point, depth: int) -> int:
+    """The first block ``point`` changes (``depth`` for the unpruned model)."""
+    if isinstance(point.plan, MergePlan):
         return 0
-    locs = parse_stages(config.criterion)[2] if "@" in config.criterion else config.locations
-    return min(locs) if locs else depth
+    return min(point.plan.locations, default=depth)
 
 
 def embed(model: nn.Module, x: Tensor) -> Tensor:
@@ -177,15 +193,15 @@ def _bits(correct: Tensor) -> str:
 
 @torch.inference_mode()
 def first_stage_scores(
-    model: nn.Module, cache: TokenCache, config: PruneConfig, rows: Tensor, batch_size: int = 64
+    model: nn.Module, cache: TokenCache, config: Point, rows: Tensor, batch_size: int = 64
 ) -> Tensor:
     """Criterion scores (len(rows), n) of ``config``'s first stage, from the cached tokens."""
     if rows.numel() == 0:  # a process whose share holds no (calibration) image
         return torch.empty(0, cache.tokens.shape[1] - getattr(model, "num_prefix_tokens", 1))
-    if "@" in (config.criterion or ""):
+    stages = config.plan.stages
+    if len({(s.criterion, tuple(sorted(s.options.items()))) for s in stages}) != 1:
         raise ValueError("budget mode takes one criterion, not a per-stage spec")
-    opts = stage_options(config.criterion, config.alpha, dict(config.options))
-    fn = make_criterion(config.criterion, **opts)
+    fn = make_criterion(stages[0].criterion, **stages[0].options)
     start = first_location(config, len(model.blocks))
     if start != cache.start:
         raise ValueError(f"budget mode needs the cache at block {start}, it is at {cache.start}")
@@ -201,7 +217,7 @@ def first_stage_scores(
 
 def _run_budget(
     model: nn.Module,
-    config: SweepConfig,
+    config: Point,
     cache: TokenCache,
     calibration: Tensor,
     batch_size: int,
@@ -216,7 +232,8 @@ def _run_budget(
     if cal.numel() == 0:
         raise ValueError("budget mode needs calibration images")
     # Keep score >= tau; tau is the (1 - r) quantile of the pooled calibration scores.
-    tau = float(cal.kthvalue(max(1, round((1.0 - config.keep_rate) * cal.numel()))).values)
+    keep_rate = config.plan.stages[0].keep_rate
+    tau = float(cal.kthvalue(max(1, round((1.0 - keep_rate) * cal.numel()))).values)
     scores = first_stage_scores(model, cache, config, all_rows, batch_size)
     n = scores.shape[1]
     # Counts are rounded to multiples of BUDGET_STEP patches so that images share batches (and GMACs).
@@ -227,7 +244,7 @@ def _run_budget(
     out["keep"], out["gmacs"] = counts, torch.zeros(m, dtype=torch.float64)
     for k in counts.unique().tolist():
         rows = all_rows[counts == k]
-        view = pruned_view(model, replace(config.prune_config, keep_rate=k / n))
+        view = pruned_view(model, config.plan.with_keep_rate(k / n))
         logits = run_view(view, cache, rows=rows, batch_size=batch_size, device=device, bar=bar)
         out["correct"][rows], out["top5"][rows], out["nll"][rows] = _outcomes(logits, cache.labels[rows])
         out["gmacs"][rows] = count_gmacs(view)
@@ -252,7 +269,7 @@ def _gathered(outcomes: dict[str, Tensor], indices: Tensor) -> dict[str, Tensor]
 
 def run_config(
     model: nn.Module,
-    config: PruneConfig,
+    config: Point,
     cache: TokenCache,
     *,
     batch_size: int = 64,
@@ -260,8 +277,8 @@ def run_config(
     calibration: Tensor | None = None,
     progress: bool = True,
 ) -> dict:
-    """Evaluate one configuration on the cached images: top-1/top-5 (percent), mean NLL, per-image
-    top-1 outcomes, GMACs, images, seconds."""
+    """Evaluate one point on the cached images: top-1/top-5 (percent), mean NLL, per-image top-1
+    outcomes, GMACs, images, seconds."""
     depth = len(model.blocks)
     if first_location(config, depth) < cache.start:
         raise ValueError(f"{config.label} prunes before block {cache.start}, where the cache starts")
@@ -269,7 +286,7 @@ def run_config(
     bar = tqdm(total=local, unit="img", desc=config.label, disable=not progress, leave=False)
     t0 = time.perf_counter()
     details: dict = {}
-    if getattr(config, "budget", False):
+    if config.adaptive:
         calib = calibration if calibration is not None else torch.ones(local, dtype=torch.bool)
         out, details = _run_budget(model, config, cache, calib, batch_size, device, bar)
         out = _gathered(out, cache.indices)
@@ -283,8 +300,7 @@ def run_config(
         gmacs /= max(m, 1)
         details["mean_keep_rate"] = float(out["keep"].float().mean() / n) if m else math.nan
     else:
-        pc = config.prune_config if isinstance(config, SweepConfig) else config
-        view = pruned_view(model, pc)
+        view = pruned_view(model, config)
         out = _empty_outcomes(local)
         if local:
             logits = run_view(view, cache, batch_size=batch_size, device=device, bar=bar)
@@ -298,7 +314,7 @@ def run_config(
     bar.close()
     return {
         "label": config.label,
-        "config": config_to_dict(config),
+        "config": config.to_dict(),
         "top1": 100.0 * top1 / max(m, 1),
         "top5": 100.0 * top5 / max(m, 1),
         "nll": float(nll.mean()) if m else math.nan,  # mean cross-entropy of the true class (nats)
@@ -317,8 +333,8 @@ class ResultLog:
         self.path = Path(path)
         self.fingerprint = fingerprint
 
-    def key(self, config: PruneConfig) -> str:
-        return json.dumps({"config": config_to_dict(config), "run": self.fingerprint}, sort_keys=True)
+    def key(self, point: Point) -> str:
+        return json.dumps({"config": point.to_dict(), "run": self.fingerprint}, sort_keys=True)
 
     def load(self) -> dict[str, dict]:
         """Finished records of this run's fingerprint; a torn last line (killed mid-write) is ignored."""
@@ -331,7 +347,7 @@ class ResultLog:
             except json.JSONDecodeError:
                 continue
             if rec.pop("run", None) == self.fingerprint and "config" in rec:
-                done[self.key(config_from_dict(rec["config"]))] = rec
+                done[self.key(Point.from_dict(rec["config"]))] = rec
         return done
 
     def append(self, record: dict) -> None:
@@ -350,23 +366,19 @@ class ResultLog:
 
 def run_sweep(
     model: nn.Module,
-    configs: Sequence[PruneConfig],
+    points: Sequence[Point],
     make_batches: Callable[[], Iterable[Batch]],
-    *,
     total: int,
+    *,
     log: ResultLog | None = None,
-    batch_size: int = 64,
-    device: str | torch.device = "cpu",
-    skip_bad: bool = False,
     calibration: Callable[[Tensor], Tensor] | None = None,
-    progress: bool = True,
-    storage: str | Path | None = None,
+    settings: SweepSettings = SweepSettings(),
 ) -> tuple[list[dict], dict]:
-    """Evaluate ``configs`` (skipping those ``log`` has), appending each finished one to ``log``.
+    """Evaluate ``points`` (skipping those ``log`` has), appending each finished one to ``log``.
 
-    ``make_batches()`` is called only if something is left to do. ``calibration`` maps the cached
-    sample indices to a boolean mask of the calibration images (budget mode). Returns the records in
-    ``configs`` order and timing {"cache_s", "configs_s", "skipped"}.
+    ``make_batches()`` (``total`` images) is called only if something is left to do. ``calibration`` maps
+    the cached sample indices to a boolean mask of the calibration images (adaptive keep). Returns the
+    records in ``points`` order and timing {"cache_s", "configs_s", "skipped", "ran"}.
 
     Under ``torchrun`` every process calls this with its own share of the images (``make_batches``,
     ``total``; ``Batch.indices`` positions in the whole sample list): rank 0 reads ``log`` and tells the
@@ -374,27 +386,70 @@ def run_sweep(
     """
     main = D.rank() == 0
     done = D.broadcast_object(log.load() if log and main else {})
-    keyed = [(c, log.key(c) if log else str(i)) for i, c in enumerate(configs)]
+    keyed = [(c, log.key(c) if log else str(i)) for i, c in enumerate(points)]
     todo = [(c, k) for c, k in keyed if k not in done]
     timing = {"cache_s": 0.0, "configs_s": 0.0, "skipped": 0, "ran": len(todo)}
-    for c, _ in todo:  # a bad option fails here, before decoding, not after earlier configs ran
-        pruned_view(model, c.prune_config if isinstance(c, SweepConfig) else c)
+    for c, _ in todo:  # a bad option or budget fails here, before decoding, not after earlier points ran
+        pruned_view(model, c)
     if todo:
-        depth = len(model.blocks)
-        start = min(first_location(c, depth) for c, _ in todo)
-        cache = build_cache(
-            model, make_batches(), start, total=total, device=device, skip_bad=skip_bad,
-            progress=progress, storage=storage,
-        )  # fmt: skip
+        st = settings
+        start = min(first_location(c, len(model.blocks)) for c, _ in todo)
+        cache = build_cache(model, make_batches(), start, total=total, device=st.device, skip_bad=st.skip_bad,
+                            progress=st.progress, storage=st.storage)  # fmt: skip
         skipped = D.all_reduce_sum(torch.tensor([cache.skipped], dtype=torch.int64))
         timing["cache_s"], timing["skipped"] = cache.seconds, int(skipped[0])
         mask = calibration(cache.indices) if calibration else None
-        for c, k in tqdm(todo, desc="configs", unit="cfg", disable=not progress):
-            rec = run_config(
-                model, c, cache, batch_size=batch_size, device=device, calibration=mask, progress=progress
-            )
+        for c, k in tqdm(todo, desc="configs", unit="cfg", disable=not st.progress):
+            rec = run_config(model, c, cache, batch_size=st.batch_size, device=st.device, calibration=mask,
+                             progress=st.progress)  # fmt: skip
             timing["configs_s"] += rec["seconds"]
             if log and main:
                 log.append(rec)
             done[k] = rec
     return [done[k] for _, k in keyed], timing
+
+
+def fingerprint(model: str, weights: str, data: str, samples: Sequence, part: str = "all") -> dict:
+    """What makes records comparable: model, weights (``models.model.weights_id``), data source key, image
+    list (its file names' SHA-256) and which part of it."""
+    names = "\n".join(Path(s.path).name for s in samples).encode()
+    return {"model": model, "weights": weights, "data": data, "images": len(samples), "part": part,
+            "list_sha256": hashlib.sha256(names).hexdigest()[:16]}  # fmt: skip
+
+
+def _loader(samples: Sequence, transform: Callable, settings: SweepSettings):
+    from torch.utils.data import DataLoader
+
+    from ..data.images import ImageDataset, collate
+
+    return DataLoader(ImageDataset(samples, transform), batch_size=settings.batch_size, shuffle=False,
+                      num_workers=settings.workers, collate_fn=collate)  # fmt: skip
+
+
+def _global_batches(loader, positions: Tensor):
+    """The loader's batches with ``indices`` mapped from positions in a shard to the whole sample list."""
+    for batch in loader:
+        yield batch._replace(indices=positions[batch.indices])
+
+
+def sweep_samples(model: nn.Module, points: Sequence[Point], samples: Sequence, log: ResultLog,
+                  transform: Callable, settings: SweepSettings = SweepSettings()) -> tuple[list[dict], dict]:
+    """Run ``points`` on ``samples`` (items with ``path`` and ``label``; resuming ``log``); records, timing.
+
+    Under torchrun (a joined process group) this process decodes and runs only its share of the images
+    (``distributed.batch_shard``); the records are gathered as one process makes them. The log's folder is
+    locked meanwhile (``output_lock``: one writer per folder; re-entrant). Adaptive points calibrate on
+    the calibration half (``tune.is_calibration``).
+    """
+    world = torch.distributed.get_world_size() if D.is_distributed() else 1
+    shard = D.batch_shard(len(samples), settings.batch_size, D.rank(), world)
+    positions = torch.tensor(shard, dtype=torch.int64)
+    mine = [samples[int(i)] for i in positions]
+
+    def calibration(idx: Tensor) -> Tensor:  # dtype: a process may hold no image
+        return torch.tensor([is_calibration(samples[int(i)].path) for i in idx], dtype=torch.bool)
+
+    with output_lock(log.path.parent, collective=True):
+        batches = lambda: _global_batches(_loader(mine, transform, settings), positions)  # noqa: E731
+        return run_sweep(model, points, batches, len(mine), log=log, calibration=calibration,
+                         settings=settings)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from torch import nn
 
 from ..core.api import prune, unpatched_copy
-from ..core.plans import MergePlan, PrunePlan, Stage, per_stage, stage_options, tome_schedule
+from ..core.plans import MergePlan, PrunePlan, tome_schedule
 from ..core.selection import check_fusion, keep_count
+from .build import PatchArgs, build_plan
 from .flops import count_gmacs
 
 __all__ = [
@@ -179,45 +181,31 @@ def solve_tome_r(shape: VitShape, budget: float, schedule: str = "constant") -> 
     raise ValueError(f"budget {budget} is below what merging can reach")
 
 
-def plan_for_budget(
-    model: nn.Module,
-    method: str,
-    budget: float,
-    *,
-    criterion: str | Callable | Sequence[str | Callable] = "renyi",
-    alpha: float | Sequence[float] = 1.0,
-    locations: Sequence[int] = (3, 6, 9),
-    removed: str = "drop",
-    fusion: str | None = None,
-    schedule: str = "constant",
-    **options,
-) -> PrunePlan | MergePlan:
-    """The plan of ``method`` ("prune" or "tome") with the largest GMACs <= ``budget`` x unpruned ``model``.
+def plan_for_budget(model: nn.Module, method: str | PrunePlan | MergePlan, budget: float, **options: Any
+                    ) -> PrunePlan | MergePlan:
+    """The plan like ``method`` with the largest GMACs <= ``budget`` x unpruned ``model``.
 
-    "prune": one keep rate at every location, solved from the token counts, then lowered one
-    first-location patch at a time until the counted GMACs (``count_gmacs`` on a parameter-sharing copy,
-    which also sees a criterion's own products, e.g. Shannon's p @ K) fit; ``options`` go to the
-    criterion, and ``alpha`` (one, or one per location like ``criterion``) to those that take it. "tome":
-    the smallest r of ``schedule``, ``alpha`` the merge order's; ``options`` may hold ``entropy_weight``
-    and ``merge_order``. ``model`` itself is not changed, and may be pruned or merged already (the plan is
-    made for the unpatched model).
+    ``method``: a plan whose keep rate (one, at every location) or r is solved, or "prune" / "tome" with
+    ``options`` as ``patch`` takes them (criterion, alpha, locations, removed, fusion, schedule, criterion
+    options). Pruning: the keep rate solved from the token counts, then lowered one first-location patch at
+    a time until the counted GMACs (``count_gmacs`` on a parameter-sharing copy, which also sees a
+    criterion's own products, e.g. Shannon's p @ K) fit. ToMe: the smallest r of its schedule. ``model``
+    itself is not changed, and may be pruned or merged already (the plan is made for the unpatched model).
     """
+    if isinstance(method, str):
+        if method not in ("prune", "tome"):
+            raise ValueError(f"method must be 'prune' or 'tome', got {method!r}")
+        method = build_plan(PatchArgs.bind(method=method, **options))
+    elif options:
+        raise ValueError(f"plan_for_budget of a plan takes no options, got {', '.join(sorted(options))}")
     shape = VitShape.of(model)
-    if method == "tome":
-        merge_opts = {k: options.pop(k) for k in ("entropy_weight", "merge_order") if k in options}
-        if options:
-            raise ValueError(f"method tome takes no option {', '.join(sorted(options))}")
-        a = alpha[0] if isinstance(alpha, (list, tuple)) else alpha
-        return MergePlan(r=solve_tome_r(shape, budget, schedule), schedule=schedule, alpha=a, **merge_opts)
-    if method != "prune":
-        raise ValueError(f"method must be 'prune' or 'tome', got {method!r}")
-    rate = solve_keep_rate(shape, budget, tuple(locations), fuse=removed == "fuse", merge=removed == "merge",
-                           fusion=check_fusion(fusion))  # fmt: skip
-    locs = [int(i) for i in locations]
-    crits, alphas = per_stage(criterion, len(locs), "criterion"), per_stage(alpha, len(locs), "alpha")
-    stages = [Stage(loc, rate, None, c, stage_options(c, a, options))
-              for loc, c, a in zip(locs, crits, alphas, strict=True)]  # fmt: skip
-    plan = PrunePlan(tuple(stages), removed=removed, fusion=fusion)
+    if isinstance(method, MergePlan):
+        return replace(method, r=solve_tome_r(shape, budget, method.schedule))
+    if not method.stages or any(s.tokens is not None for s in method.stages):
+        raise ValueError("a budget is solved for a plan with pruning locations and keep rates, not tokens")
+    rate = solve_keep_rate(shape, budget, method.locations, fuse=method.removed == "fuse",
+                           merge=method.removed == "merge", fusion=method.fusion or "evit")  # fmt: skip
+    plan = method.with_keep_rate(rate)
     if not hasattr(model, "patch_embed"):
         return plan
     target = budget * shape.gmacs(shape.unpruned()) * (1 + 1e-9)

@@ -10,25 +10,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
 
-from ..core.plans import MergePlan, PrunePlan
+from ..core.plans import MergePlan, PrunePlan, parse_stages, plan_from_dict
 from ..models.model import create_model
-from .build import build_plan
-from .specs import PruneConfig, config_from_dict, parse_stages, patch_kwargs
+from .budget import plan_for_budget
+from .build import PatchArgs, build_plan
 
 __all__ = [
     "POLICY_DIR",
     "best",
     "load_policy",
     "policy_entry",
-    "entry_config",
+    "entry_args",
+    "entry_plan",
     "resolve_best",
-    "resolve_budget",
     "budget_entry",
-    "budget_config",
+    "budget_plan",
 ]
 
 POLICY_DIR = Path(__file__).resolve().parent / "policies"
@@ -69,16 +70,20 @@ def policy_entry(policy: dict, keep_rate: float, criterion: str | None = None) -
     return by[criterion]
 
 
-def entry_config(entry: dict, keep_rate: float, locations: Sequence[int], fuse: bool) -> PruneConfig:
-    """A ``PruneConfig`` from a policy entry at ``keep_rate``."""
-    return PruneConfig(
-        entry["criterion"],
-        float(keep_rate),
-        float(entry.get("alpha", 1.0)),
-        tuple(locations),
-        bool(fuse),
-        tuple(sorted(entry.get("options", {}).items())),
-    )
+def entry_args(entry: dict, base: PatchArgs) -> PatchArgs:
+    """``base`` with a policy entry's criterion, order and options (a per-stage choice such as
+    ``headvar@3+evit@6`` brings its own locations); options of ``base`` go over the tuned ones."""
+    crit, alpha, locs = entry["criterion"], float(entry.get("alpha", 1.0)), base.locations
+    if "@" in crit:
+        crit, alpha, locs = parse_stages(crit)
+    return replace(base, criterion=crit, alpha=alpha, locations=locs,
+                   options={**entry.get("options", {}), **base.options})  # fmt: skip
+
+
+def entry_plan(entry: dict, keep_rate: float, locations: Sequence[int], fuse: bool) -> PrunePlan:
+    """The plan of a policy entry at ``keep_rate``."""
+    base = PatchArgs(float(keep_rate), locations=tuple(locations), fuse=fuse)
+    return build_plan(entry_args(entry, base))
 
 
 def resolve_best(
@@ -98,29 +103,11 @@ def budget_entry(policy: dict, budget: float) -> dict | None:
     return budgets[f]["best"]
 
 
-def resolve_budget(
-    budget: float, model: str = "deit_tiny_patch16_224", path: str | Path | None = None
-) -> dict | None:
-    """``patch()`` arguments (method, criterion, removed, schedule, ...) the policy chose for the
-    budget nearest ``budget``, without the budget itself; None if the policy has no budget section."""
-    config = budget_config(load_policy(path, model), float(budget))
-    if config is None:
-        return None
-    kwargs = patch_kwargs(config)
-    for k in ("budget", "keep_rate"):
-        kwargs.pop(k, None)
-    return kwargs
-
-
-def budget_config(policy: dict, budget: float):
-    """The config of the method the policy chose at the tuned budget nearest ``budget``, with its
-    schedule to be solved for ``budget`` itself; None if the policy has no budget section."""
+def budget_plan(policy: dict, budget: float) -> PrunePlan | MergePlan | None:
+    """The plan of the method the policy chose at the tuned budget nearest ``budget``, its keep rate or r
+    still to be solved for ``budget`` (``plan_for_budget``); None if the policy has no budget section."""
     entry = budget_entry(policy, budget)
-    if entry is None:
-        return None
-    c = config_from_dict(entry["config"])
-    return PruneConfig(c.criterion, c.keep_rate, c.alpha, c.locations, c.fuse,
-                       tuple(sorted({**dict(c.options), "budget": budget}.items())))
+    return None if entry is None else plan_from_dict(entry["config"])
 
 
 def best(
@@ -130,44 +117,35 @@ def best(
     *,
     model: nn.Module | None = None,
     path: str | Path | None = None,
-    locations: Sequence[int] | None = None,
-    removed: str | None = None,
-    fuse: bool = False,
-    fusion: str | None = None,
-    tokens: int | Sequence[int] | None = None,
-    **options,
+    args: PatchArgs | None = None,
 ) -> PrunePlan | MergePlan:
     """The plan the tuned policy of ``model_name`` (or the file ``path``) chooses.
 
-    With ``keep_rate``: the criterion and its settings tuned at the nearest keep rate, pruning at
-    ``locations`` (a per-stage choice such as ``headvar@3+evit@6`` brings its own) with ``removed`` tokens'
-    fate. With ``budget`` (a GMACs fraction): the method chosen at the nearest tuned budget, solved for
-    ``budget`` on ``model`` (default: the registered ``model_name`` built with random weights, which has
-    the same token counts); a policy tuned per keep rate only gives its criterion at the keep rate that
-    meets the budget. ``options`` go to the criterion.
+    With ``keep_rate``: the criterion and its settings tuned at the nearest keep rate, with the locations,
+    removed tokens' fate, tokens and criterion options of ``args`` (``patch``'s arguments). With ``budget``
+    (a GMACs fraction): the method chosen at the nearest tuned budget, solved for ``budget`` on ``model``
+    (default: the registered ``model_name`` built with random weights, which has the same token counts);
+    a policy tuned per keep rate only gives its criterion at the keep rate that meets the budget.
     """
     if (keep_rate is None) == (budget is None):
         raise ValueError("policy.best takes either keep_rate or budget")
-    if budget is not None and tokens is not None:
+    args = args or PatchArgs()
+    if budget is not None and args.tokens is not None:
         raise ValueError("pass either budget or tokens, not both")
     policy = load_policy(path, model_name)
-    if budget is not None:
-        model = create_model(model_name) if model is None else model
-        config = budget_config(policy, float(budget))
-        if config is not None:  # the policy chose a method for this budget (pruning, merging or ToMe)
-            kwargs = patch_kwargs(config)
-            kwargs.pop("keep_rate", None)
-            return build_plan(model, **{**kwargs, **options})
-        pruned = build_plan(model, budget=budget, locations=locations, removed=removed, fuse=fuse,
-                            fusion=fusion)  # fmt: skip
-        keep_rate = pruned.stages[0].keep_rate
-    if isinstance(keep_rate, (list, tuple)):
-        raise ValueError('criterion="best" takes one keep_rate')
-    entry = policy_entry(policy, float(keep_rate))
-    crit, alpha, tuned = entry["criterion"], float(entry.get("alpha", 1.0)), dict(entry.get("options", {}))
-    if "@" in crit:
-        crit, alpha, locations = parse_stages(crit)
-    kw = dict(locations=locations, removed=removed, fuse=fuse, fusion=fusion, **{**tuned, **options})
-    if budget is not None:
-        return build_plan(model, criterion=crit, alpha=alpha, budget=budget, **kw)
-    return build_plan(None, keep_rate, crit, alpha, tokens=tokens, **kw)
+    if budget is None:
+        if isinstance(keep_rate, (list, tuple)):
+            raise ValueError('criterion="best" takes one keep_rate')
+        entry = policy_entry(policy, float(keep_rate))
+        return build_plan(entry_args(entry, replace(args, keep_rate=keep_rate)))
+    model = create_model(model_name) if model is None else model
+    chosen = budget_plan(policy, float(budget))
+    if chosen is not None:  # the policy chose a method for this budget (pruning, merging or ToMe)
+        if args.options and isinstance(chosen, PrunePlan):
+            chosen = replace(chosen, stages=tuple(
+                replace(s, options={**s.options, **args.options}) for s in chosen.stages))  # fmt: skip
+        return plan_for_budget(model, chosen, budget)
+    plain = replace(args, criterion=None, alpha=1.0, options={}, keep_rate=None, budget=budget)
+    rate = plan_for_budget(model, build_plan(plain), budget).stages[0].keep_rate
+    entry = policy_entry(policy, rate)
+    return plan_for_budget(model, build_plan(entry_args(entry, replace(args, keep_rate=None))), budget)

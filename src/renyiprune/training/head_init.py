@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.plans import UNPRUNED as UNPRUNED_PLAN
 from ..data.datasets import DatasetSplit
 from ..experiments.probe import (
     FeatureCache,
@@ -32,7 +33,7 @@ from ..experiments.probe import (
     fit_probe,
     is_holdout,
 )
-from ..planning.specs import PruneConfig
+from ..planning.points import Point
 from ..utils import distributed as D
 from ..utils.io import atomic_path
 
@@ -40,7 +41,7 @@ __all__ = ["HEAD_INITS", "probe_head", "init_head_from_probe"]
 
 #: ``new``: random (or the checkpoint's, see ``resolve_head``); ``probe``: the fitted linear probe.
 HEAD_INITS = ("new", "probe")
-UNPRUNED = PruneConfig(criterion=None)
+UNPRUNED = Point(UNPRUNED_PLAN)
 
 
 def _head_path(cache: FeatureCache, images: ImageSet, num_classes: int) -> Path:

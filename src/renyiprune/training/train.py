@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from ..api import patch
-from ..core.api import share_parameters
+from ..core.api import apply, share_parameters
+from ..core.plans import UNPRUNED
 from ..data.augment import mixup_cutmix, soft_target_cross_entropy
 from ..data.datasets import DEFAULT_SPLITS, DatasetSplit, load_split, open_sample
 from ..data.images import ImageDataset, Item, collate
@@ -47,7 +47,8 @@ from ..experiments.evaluate import evaluate, pruned_view
 from ..experiments.probe import FeatureCache, ProbeConfig
 from ..models.model import create_model, get_spec, weights_id
 from ..models.weights import download, read_state_dict
-from ..planning.specs import PruneConfig, split_criterion
+from ..planning.points import Point
+from ..planning.specs import split_criterion
 from ..utils import distributed as D
 from ..utils.io import atomic_write, output_lock
 from .bookkeeping import EpochTally, extend_schedule, readable, reduce_step, say
@@ -258,14 +259,17 @@ class _Log:
         atomic_write(self.out / "metrics.csv", lambda tmp: Path(tmp).write_text(text))
 
 
-def _eval_configs(cfg: TrainConfig) -> list[PruneConfig]:
-    configs = [PruneConfig(criterion=None)]
-    if cfg.criterion != "none":
-        for r in dict.fromkeys(cfg.eval_keep):
-            crit, opts = split_criterion(cfg.criterion)
-            opts = tuple(opts.items())
-            configs.append(PruneConfig(crit, r, cfg.alpha, tuple(cfg.locations), cfg.fuse, opts))
-    return configs
+def _plan(cfg: TrainConfig, keep_rate: float) -> Point:
+    """The trained criterion (options in brackets: ``renyi[cls_key=exclude]``) at ``keep_rate``."""
+    crit, opts = split_criterion(cfg.criterion)
+    return Point.from_spec(crit, keep_rate, cfg.alpha, tuple(cfg.locations), cfg.fuse, opts)
+
+
+def _eval_configs(cfg: TrainConfig) -> list[Point]:
+    """The unpruned model and the trained criterion at each evaluation keep rate."""
+    if cfg.criterion == "none":
+        return [Point(UNPRUNED)]
+    return [Point(UNPRUNED), *(_plan(cfg, r) for r in dict.fromkeys(cfg.eval_keep))]
 
 
 def _evaluate(
@@ -546,8 +550,7 @@ def _trainee(cfg: TrainConfig, model: nn.Module, dist: D.DistInfo) -> tuple[nn.M
     frozen = freeze_prefix(model, cfg.freeze_blocks)  # shared with the trainee (and the EMA copy)
     trainee = share_parameters(model)
     if cfg.criterion != "none":
-        crit, opts = split_criterion(cfg.criterion)  # 'renyi[cls_key=exclude]': options in brackets
-        patch(trainee, cfg.keep, crit, cfg.alpha, cfg.locations, cfg.fuse, **opts)
+        apply(trainee, _plan(cfg, cfg.keep).plan)
     trainee.train()
     for m in frozen_modules(trainee, cfg.freeze_blocks):
         m.eval()  # a fixed feature extractor: no drop-path

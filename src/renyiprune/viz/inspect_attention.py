@@ -22,7 +22,7 @@ from ..core.criteria import make_criterion
 from ..core.selection import keep_count
 from ..core.state import StageRecord, is_patched
 from ..experiments.evaluate import pruned_view
-from ..planning.specs import PruneConfig
+from ..planning.build import PatchArgs, build_plan
 
 __all__ = [
     "MaskSpec",
@@ -156,8 +156,9 @@ def prune_records(
     ``model`` itself is untouched. Each record holds the survivors' original patch numbers
     (``patch_index``), the stage's scores and the indices it kept.
     """
-    config = PruneConfig(spec.criterion, keep_rate, spec.alpha, tuple(locations), fuse, spec.options)
-    view = pruned_view(model, config)
+    args = PatchArgs(keep_rate, spec.criterion, spec.alpha, tuple(locations), fuse,
+                     options=dict(spec.options))
+    view = pruned_view(model, build_plan(args))
     view(images)
     return list(view.renyiprune.records)
 
