@@ -67,8 +67,29 @@ class Stage:
         return f"{text}(a={self.options['alpha']:g})" if "alpha" in self.options else text
 
 
+class _Recorded:
+    """What both plan types share: one label and one JSON form (``plan_label``, ``plan_record``)."""
+
+    @property
+    def label(self) -> str:
+        """The plan's name in tables and records: ``renyi a=2 r=0.7 +fuse``, ``tome r=16``."""
+        return plan_label(self)
+
+    def to_dict(self) -> dict:
+        """JSON form (``plan_record``); ``from_dict`` reads it back."""
+        return plan_record(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping):
+        """Inverse of ``to_dict`` (also reads records written before plans had it)."""
+        plan = plan_from_dict(d)
+        if not isinstance(plan, cls):
+            raise ValueError(f"{d.get('criterion')!r} does not describe a {cls.__name__}")
+        return plan
+
+
 @dataclass(frozen=True)
-class PrunePlan:
+class PrunePlan(_Recorded):
     """Prune at each ``Stage`` (increasing, distinct locations). ``removed``: ``drop``, ``fuse`` (one extra
     token of the pruned ones weighted by CLS attention; ``fusion`` ``"evit"``, the default, or
     ``"renorm"``, see ``selection``) or ``merge`` (each into its most similar kept token, with
@@ -114,30 +135,13 @@ class PrunePlan:
     def locations(self) -> tuple[int, ...]:
         return tuple(s.location for s in self.stages)
 
-    @property
-    def label(self) -> str:
-        """The plan's name in tables and records (``plan_label``): ``renyi a=2 r=0.7 +fuse``."""
-        return plan_label(self)
-
-    def to_dict(self) -> dict:
-        """JSON form (``plan_record``); ``plan_from_dict`` reads it back."""
-        return plan_record(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> PrunePlan:
-        """Inverse of ``to_dict`` (also reads records written before plans had it)."""
-        plan = plan_from_dict(d)
-        if not isinstance(plan, cls):
-            raise ValueError(f"{d.get('criterion')!r} is not a pruning plan")
-        return plan
-
     def with_keep_rate(self, keep_rate: float) -> PrunePlan:
         """The same plan keeping ``keep_rate`` of the patches at every location."""
         return replace(self, stages=tuple(replace(s, keep_rate=keep_rate, tokens=None) for s in self.stages))
 
 
 @dataclass(frozen=True)
-class MergePlan:
+class MergePlan(_Recorded):
     """ToMe: merge ``r`` tokens by bipartite soft matching after every block (an int, one int per block, or
     ``schedule="decreasing"``: 2r at the first block down to 0 at the last). ``entropy_weight`` > 0 adds
     that weight x the merge order ``merge_order`` (of Rényi order ``alpha``) to the match similarities."""
@@ -161,23 +165,6 @@ class MergePlan:
     def per_block(self, depth: int) -> list[int]:
         """Tokens merged after each of ``depth`` blocks."""
         return tome_schedule(self.r, self.schedule, depth)
-
-    @property
-    def label(self) -> str:
-        """The plan's name in tables and records (``plan_label``): ``tome r=16``."""
-        return plan_label(self)
-
-    def to_dict(self) -> dict:
-        """JSON form (``plan_record``); ``plan_from_dict`` reads it back."""
-        return plan_record(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> MergePlan:
-        """Inverse of ``to_dict``."""
-        plan = plan_from_dict(d)
-        if not isinstance(plan, cls):
-            raise ValueError(f"{d.get('criterion')!r} is not a merging plan")
-        return plan
 
 
 UNPRUNED = PrunePlan(())  # the reference: no pruning location

@@ -139,14 +139,17 @@ class Block(nn.Module):
 class ViTConfig:
     """A VisionTransformer's shape and regularisation (timm's constructor arguments and defaults)."""
 
+    # input and output
     img_size: int = 224
     patch_size: int = 16
     in_chans: int = 3
     num_classes: int = 1000
+    # width and depth
     embed_dim: int = 768
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
+    # details
     qkv_bias: bool = True
     norm_eps: float = 1e-6
     drop_path_rate: float = 0.0
