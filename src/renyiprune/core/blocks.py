@@ -56,7 +56,7 @@ class PruningBlock:
     def forward(self, x: Tensor) -> Tensor:
         state = self._renyiprune
         cfg = state.stages[self._renyiprune_stage]
-        n = state.patch_index.shape[1]
+        n = state.candidates().shape[1]
         h = self.norm1(x)
         site = _site(state, h, num_patches=n, stage=self._renyiprune_stage, step=state.step,
                      num_prefix=state.num_prefix)  # fmt: skip
@@ -66,6 +66,7 @@ class PruningBlock:
         metric = keys.mean(dim=1) if state.removed == "merge" else None
         del h, ctx, keys  # q, k, v (views of the whole qkv projection) go before the MLP
         x = x + self.drop_path1(y)
+        del y  # (B, N, C): the MLP below runs on the kept tokens only, so must not hold it
         k = cfg.keep(n)
         if state.removed == "merge":
             kept = top_k_sorted(scores, k)
