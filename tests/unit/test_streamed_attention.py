@@ -269,6 +269,94 @@ def test_undeclared_reads_fail_at_the_first_forward_naming_the_field():
     torch.testing.assert_close(fn(ctx), scores)
 
 
+def test_undeclared_statistic_reads_fail_naming_the_field():
+    """A criterion that declared one statistic and reads another (another Rényi order, the attention
+    received, a column norm, the keys, a registered statistic) fails with a ValueError naming the
+    ``Needs`` field to add, on every streamed case (CLS row only: SDPA; row entropies: chunks)."""
+    q, k, v = qkv(2, 2, 9, 4, seed=11)
+    reads = {
+        "row_entropy": lambda ctx: ctx.row_entropy(3.0),
+        "received": lambda ctx: ctx.received,
+        "column_norm": lambda ctx: ctx.column_norm(2.0),
+        "mean_attention": lambda ctx: ctx.mean_attention,
+        "key=True": lambda ctx: ctx.key,
+        "statistics": lambda ctx: ctx.statistic("anything"),
+        "full=True": lambda ctx: ctx.logits,
+    }
+    for declared in (Needs(cls_row=True), Needs(row_entropy=(2.0,))):
+        for field, read in reads.items():
+
+            def criterion(ctx, read=read):
+                _ = ctx.cls_attn if declared.cls_row else ctx.row_entropy(2.0)  # what it declared: fine
+                return read(ctx)
+
+            criterion.needs = declared
+            fn = make_criterion(criterion)
+            with pytest.raises(ValueError, match=rf"did not declare: add {field}"):
+                attend(Operands(q, k, v, 0.5), fn.needs, Site(), fn)
+
+
+# --- a new statistic and its criterion, written here only: nothing in renyiprune changes -----------
+
+
+def _start_row_peak(B, H, N, dtype, device):
+    return torch.empty(B, H, N, dtype=dtype, device=device)
+
+
+def _fold_row_peak(state, chunk):
+    state[chunk.images, :, chunk.rows] = chunk.probs.amax(dim=-1)
+    return state
+
+
+@pytest.fixture
+def row_peak_criterion():
+    """Registers the statistic ``row_peak`` (each row's largest probability, per head) and the criterion
+    ``peaky`` that reads it (peaked rows rank high), then removes both."""
+    from renyiprune.core.attention import STATISTICS, register_statistic
+    from renyiprune.core.criteria import register_criterion
+
+    register_statistic("row_peak", _start_row_peak, _fold_row_peak, finish=lambda s: s.clone())
+
+    @register_criterion("peaky", needs=Needs(statistics=("row_peak",)))
+    def peaky(ctx):
+        return ctx.patches(ctx.statistic("row_peak").mean(dim=1))
+
+    yield peaky
+    del CRITERIA["peaky"], STATISTICS["row_peak"]
+
+
+def test_a_new_statistic_needs_no_edit_of_the_package(row_peak_criterion):
+    """The statistic and its criterion above are streamed in chunks (any chunk size), equal the explicit
+    context's in float64, keep the explicit path's tokens in a patched model, and an undeclared read of
+    it fails naming the field."""
+    B, H, N, d = 3, 2, 37, 8
+    q, k, v = qkv(B, H, N, d, seed=12)
+    want = reference(q, k, v, 0.3)
+    peak = torch.stack([p.amax(-1) for p in (q @ k.transpose(-1, -2) * 0.3).softmax(-1).unbind(0)])
+    fn = make_criterion("peaky")
+    assert fn.needs.per_query and fn.needs == Needs(statistics=("row_peak",))
+    for chunk in (1, 3000, None):
+        out, ctx, scores = attend(Operands(q, k, v, 0.3), fn.needs, Site(chunk_bytes=chunk), fn)
+        assert isinstance(ctx, StreamedContext)
+        torch.testing.assert_close(out, want["out"], atol=F64, rtol=0)
+        torch.testing.assert_close(scores, peak.mean(1)[:, 1:], atol=F64, rtol=0)
+    _, explicit, scores = attend(Operands(q, k, v, 0.3), FULL, Site(), fn)
+    torch.testing.assert_close(scores, peak.mean(1)[:, 1:], atol=F64, rtol=0)
+    (ls, ks), (le, ke) = _both_paths(small_vit(), torch.randn(2, 3, 64, 64, dtype=torch.float64),
+                                     keep_rate=0.6, criterion="peaky", locations=(1, 3))  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(ks, ke, strict=True))
+    torch.testing.assert_close(ls, le, atol=1e-10, rtol=0)
+
+    def sneaky(ctx):
+        return ctx.patches(ctx.statistic("row_peak").mean(dim=1))
+
+    sneaky.needs = Needs(row_entropy=(2.0,))
+    with pytest.raises(ValueError, match="add statistics=\\('row_peak',\\)"):
+        attend(Operands(q, k, v, 0.3), sneaky.needs, Site(), make_criterion(sneaky))
+    with pytest.raises(ValueError, match="unknown statistic 'nope'"):
+        attend(Operands(q, k, v, 0.3), Needs(statistics=("nope",)), Site())
+
+
 def test_make_criterion_runs_no_attention(monkeypatch):
     """Options are checked without computing any attention: the pipeline is never called."""
     from renyiprune.core import streamed

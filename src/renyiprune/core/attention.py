@@ -3,8 +3,10 @@
 ``Needs`` is a criterion's declaration of what it reads (row entropies, the CLS row, column statistics,
 keys, values, or the full attention), so that a pruning block computes only that (``streamed.attend``).
 ``Statistics`` computes every declarable statistic from probabilities, one chunk of queries at a time:
-the streamed chunks and an explicit context both use it, so a new statistic is an edit of this module
-only (a ``Needs`` field, its buffer and fold in ``Statistics``, a property of ``AttentionContext``).
+the streamed chunks and an explicit context both use it. A new statistic is written where its criterion
+is: ``register_statistic(name, start, fold)`` there, ``Needs(statistics=(name,))`` in the criterion's
+declaration and ``ctx.statistic(name)`` in its body; the pipeline folds it chunk by chunk like the
+built-in ones, and nothing in this package changes (tests/unit/test_streamed_attention.py does it).
 ``AttentionContext`` holds one block's explicit logits and computes what criteria read at most once.
 Nothing here knows about models or the registry of criteria.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -22,7 +25,7 @@ from .entropy import accumulation_dtype, check_alpha, entropy_from_probs, renyi_
 
 __all__ = [
     "AttentionContext", "Needs", "FULL", "Operands", "Site", "Statistics", "Chunk", "attention_logits",
-    "softmax_in_place", "explicit_qkv", "ranking_qkv",
+    "softmax_in_place", "explicit_qkv", "ranking_qkv", "Statistic", "STATISTICS", "register_statistic",
 ]  # fmt: skip
 
 
@@ -35,7 +38,8 @@ class Needs:
     token receives, mean over queries (``ctx.received``); ``column_norm``: orders n of the l_n norms of the
     head-mean attention columns (``ctx.column_norm``); ``mean_attention``: the head-mean (B, N, N)
     attention (``ctx.mean_attention``); ``key`` / ``value``: the block's keys / values; ``full``: the
-    explicit (B, H, N, N) logits and probabilities (``ctx.logits`` / ``ctx.probs``), for anything else.
+    explicit (B, H, N, N) logits and probabilities (``ctx.logits`` / ``ctx.probs``), for anything else;
+    ``statistics``: names of statistics registered with ``register_statistic`` (``ctx.statistic(name)``).
     Needs combine with ``|``.
     """
 
@@ -47,10 +51,12 @@ class Needs:
     key: bool = False
     value: bool = False
     full: bool = False
+    statistics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "row_entropy", tuple(sorted({check_alpha(a) for a in self.row_entropy})))
         object.__setattr__(self, "column_norm", tuple(sorted({float(n) for n in self.column_norm})))
+        object.__setattr__(self, "statistics", tuple(sorted(set(self.statistics))))
 
     def __or__(self, other: Needs) -> Needs:
         merged = {}
@@ -62,7 +68,8 @@ class Needs:
     @property
     def per_query(self) -> bool:
         """Whether the block must look at every query's row (entropies or column statistics)."""
-        return bool(self.row_entropy or self.received or self.column_norm or self.mean_attention)
+        return bool(self.row_entropy or self.received or self.column_norm or self.mean_attention
+                    or self.statistics)  # fmt: skip
 
 
 FULL = Needs(full=True)  # what an undeclared criterion gets: the explicit attention, as before
@@ -106,6 +113,42 @@ class Site:
     chunk_bytes: int | None = None
     out_dtype: torch.dtype | None = None
     explicit: bool = False
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A statistic registered by name (``register_statistic``), folded over the chunks of queries.
+
+    ``start(B, H, N, dtype=, device=)`` returns its initial state, ``fold(state, chunk)`` folds one ``Chunk``
+    in and returns the new state, ``finish(state)`` (default: none) gives what ``ctx.statistic(name)``
+    returns. Chunks arrive as (images, query rows) blocks in any order a cost model picks, and an explicit
+    context folds the whole (B, H, N, N) probabilities as one chunk.
+    """
+
+    start: Callable
+    fold: Callable
+    finish: Callable | None = None  # None: the state itself
+
+    def result(self, state):
+        return state if self.finish is None else self.finish(state)
+
+
+STATISTICS: dict[str, Statistic] = {}
+
+
+def register_statistic(
+    name: str, start: Callable, fold: Callable, finish: Callable | None = None
+) -> Statistic:
+    """Make a statistic declarable as ``Needs(statistics=(name,))``; see ``Statistic``."""
+    STATISTICS[name] = Statistic(start, fold, finish)
+    return STATISTICS[name]
+
+
+def _registered(name: str) -> Statistic:
+    if name not in STATISTICS:
+        raise ValueError(f"unknown statistic {name!r}: register it with register_statistic; known: "
+                         f"{', '.join(sorted(STATISTICS)) or 'none'}")  # fmt: skip
+    return STATISTICS[name]
 
 
 @dataclass
@@ -155,6 +198,7 @@ class Statistics:
         # l_n column norms, online (Eq. col): running column maximum m and sum of (p / m)^n
         self.peak = {n: torch.zeros(B, N, **new) for n in needs.column_norm}
         self.power = {n: torch.zeros(B, N, **new) for n in needs.column_norm if not math.isinf(n)}
+        self.registered = {s: _registered(s).start(B, H, N, **new) for s in needs.statistics}
 
     def from_logits(self, s: Tensor, images: slice, rows: slice) -> None:
         """Orders that ``safe_from_probs`` refuses, by log-sum-exp from the chunk's logits (b, H, c, N)."""
@@ -181,6 +225,8 @@ class Statistics:
             if self.mean_attention is not None:
                 self.mean_attention[bs, rs] = p_mean
             self._add_columns(bs, p_mean)
+        for name, state in self.registered.items():
+            self.registered[name] = STATISTICS[name].fold(state, chunk)
 
     def _add_columns(self, bs: slice, p_mean: Tensor) -> None:
         """Online l_n sums: with m the running column maximum, sum (p/m)^n is rescaled by (m_old/m_new)^n."""
@@ -201,8 +247,9 @@ class Statistics:
             tiny = torch.finfo(peak.dtype).tiny
             norms[n] = peak if math.isinf(n) else peak.clamp_min(tiny) * self.power[n].pow(1.0 / n)
         received = None if self.received is None else self.received / self.num_keys
+        registered = {name: STATISTICS[name].result(state) for name, state in self.registered.items()}
         return dict(row_entropy=self.entropy, cls_row=self.cls, received=received, column_norm=norms,
-                    mean_attention=self.mean_attention)  # fmt: skip
+                    mean_attention=self.mean_attention, statistics=registered)  # fmt: skip
 
 
 class AttentionContext:
@@ -312,6 +359,10 @@ class AttentionContext:
         """l_n norm of every key's column (over queries) of the head-mean attention (B, N), prefix included;
         scaled by the column maximum so that p^n cannot underflow to 0 for small attention."""
         return self._statistic("column_norm", float(n))
+
+    def statistic(self, name: str):
+        """The registered statistic ``name`` (``register_statistic``) of this block's attention."""
+        return self._statistic("statistics", name)
 
     @property
     def cls_attn(self) -> Tensor:

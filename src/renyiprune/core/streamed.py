@@ -82,11 +82,11 @@ class StreamedContext(AttentionContext):
 
     def _statistic(self, field: str, order: float | None = None):
         value = self._values.get(field)
-        if order is not None:
-            value = (value or {}).get(float(order))
+        if order is not None:  # a Rényi order, an l_n norm or a registered statistic's name
+            value = (value or {}).get(order)
         if value is None:
-            hint = f"{field}=({order:g},)" if order is not None else f"{field}=True"
-            raise self._missing(f"{field}" + (f" of order {order:g}" if order is not None else ""), hint)
+            hint = f"{field}=({order!r},)" if order is not None else f"{field}=True"
+            raise self._missing(f"{field}" + (f" {order!r}" if order is not None else ""), hint)
         return value
 
     @property
