@@ -164,7 +164,7 @@ def attend(
     if needs.per_query:
         out, values = _chunked(ops, needs, site, out_dtype)
     else:
-        out, values = _fused(ops, needs, site, out_dtype)
+        out, values = _fused(ops, needs, out_dtype)
     ctx = StreamedContext(needs, values, site, ops)
     return out, ctx, _run(score, ctx)
 
@@ -195,22 +195,19 @@ def _explicit(ops: Operands, site: Site, out_dtype: torch.dtype, score: Scorer |
     return (ctx.probs @ full.value).to(out_dtype), ctx, scores
 
 
-def _fused(ops: Operands, needs: Needs, site: Site, out_dtype: torch.dtype):
-    """Fused SDPA for the output; the CLS query's row per head when declared, one image block at a time."""
+def _fused(ops: Operands, needs: Needs, out_dtype: torch.dtype):
+    """Fused SDPA for the output; the CLS query's row per head when declared, for the whole batch."""
     q, k = ops.query, ops.key
     B, H, N, d = q.shape
     mask = None if ops.bias is None else ops.bias.to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, ops.value, attn_mask=mask, scale=ops.scale).to(out_dtype)
     stats = Statistics(Needs(cls_row=needs.cls_row), (B, H, N), q)
-    if needs.cls_row:
+    if needs.cls_row:  # (B, H, 1, N), and k in float32 for half-precision: within any memory_budget
         acc = accumulation_dtype(q)
-        images = _plan(ops, site, 1, out.dtype)[0]
-        for b0 in range(0, B, images):
-            bs = slice(b0, min(B, b0 + images))
-            s = torch.matmul(q[bs, :, :1].to(acc), k[bs].to(acc).transpose(-2, -1)).mul_(ops.scale)
-            if ops.bias is not None:
-                s.add_(ops.bias[bs].to(acc))
-            stats.add(Chunk(s.softmax(dim=-1), bs, slice(0, 1)))
+        s = torch.matmul(q[:, :, :1].to(acc), k.to(acc).transpose(-2, -1)).mul_(ops.scale)
+        if ops.bias is not None:
+            s.add_(ops.bias.to(acc))
+        stats.add(Chunk(s.softmax(dim=-1), slice(None), slice(0, 1)))
     return out, stats.result()
 
 
