@@ -459,21 +459,23 @@ def test_training_uses_the_explicit_path_and_gets_gradients():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pruned_peak_memory_at_most_unpruned(dtype):
+def test_pruned_peak_memory_at_most_unpruned(dtype, request):
     """The issue's memory target on DeiT-S at 384 px (batch 1): at keep 0.9 a pruned forward's peak is at
-    most 1.02 x the unpruned one for EViT (SDPA + CLS row) and Rényi (chunks); the explicit path, which
+    most the unpruned one for EViT (SDPA + CLS row) and Rényi (chunks); the explicit path, which
     this tracker also measures, is far above (its (B, H, N, N) float32 attention, N = 577)."""
     import renyiprune as rp
     from renyiprune.core.api import share_parameters
     from renyiprune.experiments.benchmark import forward_memory
     from renyiprune.models.model import create_model
 
+    if dtype == torch.bfloat16:
+        request.getfixturevalue("bf16_attention")  # skips where torch cannot run bfloat16 attention
     torch.manual_seed(0)
     model = create_model("deit_small_patch16_224", img_size=384).eval()
     x = torch.randn(1, 3, 384, 384)
     base = forward_memory(model, x, dtype).peak
     for crit, alpha in (("evit", 1.0), ("renyi", 1.0), ("renyi", math.inf)):
         view = rp.patch(share_parameters(model), keep_rate=0.9, criterion=crit, alpha=alpha)
-        assert forward_memory(view, x, dtype).peak <= 1.02 * base, crit
+        assert forward_memory(view, x, dtype).peak <= base, crit
         view.renyiprune.attention = "explicit"
         assert forward_memory(view, x, dtype).peak > 1.1 * base, crit
