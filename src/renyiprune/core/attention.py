@@ -56,7 +56,8 @@ class Needs:
     def __post_init__(self) -> None:
         object.__setattr__(self, "row_entropy", tuple(sorted({check_alpha(a) for a in self.row_entropy})))
         object.__setattr__(self, "column_norm", tuple(sorted({float(n) for n in self.column_norm})))
-        object.__setattr__(self, "statistics", tuple(sorted(set(self.statistics))))
+        names = (self.statistics,) if isinstance(self.statistics, str) else self.statistics
+        object.__setattr__(self, "statistics", tuple(sorted(set(names))))
 
     def __or__(self, other: Needs) -> Needs:
         merged = {}
