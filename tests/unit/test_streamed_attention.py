@@ -286,7 +286,7 @@ def test_undeclared_statistic_reads_fail_naming_the_field():
     for declared in (Needs(cls_row=True), Needs(row_entropy=(2.0,))):
         for field, read in reads.items():
 
-            def criterion(ctx, read=read):
+            def criterion(ctx, read=read, declared=declared):
                 _ = ctx.cls_attn if declared.cls_row else ctx.row_entropy(2.0)  # what it declared: fine
                 return read(ctx)
 
