@@ -69,13 +69,14 @@ def test_eval_alpha_reaches_exactly_the_criteria_that_take_it(tmp_path, model_an
 
 def test_evit_renyi_runs_the_order_asked_for(tmp_path, model_and_images):
     """The report that started this: ``eval --criterion evit_renyi --alpha 2`` ran α = 1."""
-    from renyiprune.core.blocks import _scored_attention
+    from renyiprune.core.attention import Site
     from renyiprune.core.criteria import make_criterion
+    from renyiprune.core.streamed import score_block
 
     (cfg,) = _configs(tmp_path, "evit_renyi", "2")
     model, images = model_and_images
     view = pruned_view(model, cfg)
-    view.renyiprune.attention = "explicit"  # the path _scored_attention below recomputes, bit for bit
+    view.renyiprune.attention = "explicit"  # the path score_block below recomputes, bit for bit
     assert [s.name for s in view.renyiprune.stages] == ["evit_renyi(a=2)"] * 2
     with torch.no_grad():
         view(images)
@@ -84,9 +85,9 @@ def test_evit_renyi_runs_the_order_asked_for(tmp_path, model_and_images):
         x = torch.cat([model.cls_token.expand(2, -1, -1), x], dim=1) + model.pos_embed
         x = model.blocks[0](x)
         blk = model.blocks[1]
-        ctx = dict(num_patches=16)
-        at2 = _scored_attention(blk.attn, blk.norm1(x), make_criterion("evit_renyi", alpha=2.0), ctx)[1]
-        at1 = _scored_attention(blk.attn, blk.norm1(x), make_criterion("evit_renyi", alpha=1.0), ctx)[1]
+        site = Site(num_patches=16, explicit=True)
+        at2 = score_block(blk.attn, blk.norm1(x), make_criterion("evit_renyi", alpha=2.0), site)[1]
+        at1 = score_block(blk.attn, blk.norm1(x), make_criterion("evit_renyi", alpha=1.0), site)[1]
     assert torch.equal(view.renyiprune.records[0].scores, at2) and not torch.equal(at2, at1)
 
 

@@ -14,6 +14,7 @@ from tolerances import assert_close_normwise, vit_rtol
 from torch import nn
 
 import renyiprune as rp
+from renyiprune.core.attention import Operands
 from renyiprune.core.criteria import CRITERIA, AttentionContext, attention_logits
 from renyiprune.core.entropy import renyi_entropy
 from renyiprune.core.hosts import UnsupportedModelError, check_token_layout
@@ -253,7 +254,8 @@ def test_renyi_scores_only_the_patches(alpha, fused):
         for i in range(n):
             want[b, i] = -torch.stack([renyi_entropy(logits[b, h, P + i], alpha) for h in range(H)]).mean()
     plain = AttentionContext(logits.clone(), n, num_prefix=P)
-    fast = AttentionContext(logits.clone(), n, query=q, key=k, scale=0.5, reuse_logits=True, num_prefix=P)
+    ops = Operands(q, k, scale=0.5)
+    fast = AttentionContext(logits.clone(), n, operands=ops, reuse_logits=True, num_prefix=P)
     for ctx in (plain, fast):
         got = CRITERIA["renyi"](ctx, alpha=alpha)
         assert got.shape == (B, n)

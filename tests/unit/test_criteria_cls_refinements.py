@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import renyiprune as rp
+from renyiprune.core.attention import Operands
 from renyiprune.core.criteria import CRITERIA, AttentionContext, attention_logits, make_criterion
 from renyiprune.models.model import VisionTransformer
 
@@ -21,7 +22,7 @@ def ctx(seed=0, fast=False, **kw):
     q, k, v = qkv(seed, **kw)
     logits = attention_logits(q, k, 0.5)
     n = logits.shape[-1] - 1
-    return AttentionContext(logits, n, query=q, key=k, value=v, scale=0.5, reuse_logits=fast)
+    return AttentionContext(logits, n, operands=Operands(q, k, v, 0.5), reuse_logits=fast)
 
 
 def naive_probs(seed=0, **kw):
@@ -133,7 +134,7 @@ def test_new_cls_criteria_prune_a_model_as_their_scores_say(criterion, removed):
     with torch.no_grad():
         out = m(x)
         q, k, v = blk.attn.qkv_heads(blk.norm1(captured["x"]))
-        c = AttentionContext(attention_logits(q, k, blk.attn.scale), 16, key=k, value=v)
+        c = AttentionContext(attention_logits(q, k, blk.attn.scale), 16, operands=Operands(key=k, value=v))
         ref = CRITERIA[criterion](c).topk(8, dim=1).indices.sort(dim=1).values
     assert out.shape == (2, 5) and torch.isfinite(out).all()
     assert torch.equal(m.renyiprune.records[0].kept, ref)
@@ -175,7 +176,7 @@ def test_diverse_prunes_a_near_duplicate_before_a_distinct_patch():
     q = torch.zeros(B, H, N, d, dtype=torch.float64)
     logits = torch.zeros(B, H, N, N, dtype=torch.float64)
     logits[:, :, 0, 1:] = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)  # CLS prefers 1 > 2 > 3 > 4
-    c = AttentionContext(logits, 4, query=q, key=k)
+    c = AttentionContext(logits, 4, operands=Operands(q, k))
     assert CRITERIA["evit"](c).argmin().item() == 3  # EViT prunes patch 4 first
     assert CRITERIA["diverse"](c, beta=4.0).argmin().item() == 2  # diverse prunes the duplicate
 

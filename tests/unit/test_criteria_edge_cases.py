@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import renyiprune as rp
-from renyiprune.core.attention import AttentionContext
+from renyiprune.core.attention import AttentionContext, Operands
 from renyiprune.core.criteria import make_criterion
 from renyiprune.core.selection import keep_count, select_tokens
 from renyiprune.models.model import VisionTransformer
@@ -59,7 +59,7 @@ def test_every_criterion_keeps_exactly_k_valid_tokens(att, r, fuse):
     k = keep_count(n, r)
     finite = all(bool(torch.isfinite(t).all()) for t in (logits, keys, values))
     for name, opts in all_criteria():
-        ctx = AttentionContext(logits, n, key=keys, value=values)
+        ctx = AttentionContext(logits, n, operands=Operands(key=keys, value=values))
         scores = make_criterion(name, **opts)(ctx)
         assert scores.shape == (B, n)
         if finite:

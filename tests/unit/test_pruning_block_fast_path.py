@@ -7,10 +7,11 @@ import torch
 from tolerances import assert_close_normwise, vit_rtol
 
 import renyiprune as rp
-from renyiprune.core.blocks import _scored_attention
+from renyiprune.core.attention import Operands, Site
 from renyiprune.core.criteria import AttentionContext, attention_logits
 from renyiprune.core.entropy import renyi_entropy
 from renyiprune.core.selection import keep_count
+from renyiprune.core.streamed import score_block
 from renyiprune.experiments.benchmark import PeakTensorMemory
 from renyiprune.models.model import VisionTransformer
 
@@ -110,7 +111,7 @@ def test_row_entropy_from_probabilities_matches_log_sum_exp(alpha, dtype, tol):
     q, k = _qk(dtype)
     logits = attention_logits(q, k, 0.5)
     want = renyi_entropy(logits[:, :, 1:15], alpha)
-    ctx = AttentionContext(logits.clone(), 14, query=q, key=k, scale=0.5, reuse_logits=True)
+    ctx = AttentionContext(logits.clone(), 14, operands=Operands(q, k, scale=0.5), reuse_logits=True)
     got = ctx.row_entropy(alpha)
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     # The logits buffer became the probabilities in place; the output path still gets softmax(logits).
@@ -118,25 +119,26 @@ def test_row_entropy_from_probabilities_matches_log_sum_exp(alpha, dtype, tol):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_shannon_with_and_without_the_kept_log_sum_exp(dtype, tol):
-    """Shannon from the in-place softmax's log-sum-exp, and (probabilities made earlier by another
-    reader, no log-sum-exp) from the argmax form: both equal the log-sum-exp reference."""
+def test_shannon_from_the_kept_row_maximum(dtype, tol):
+    """Shannon from the probabilities, L = max s - log max p with the row maximum the softmax keeps,
+    whether the entropy or another reader (fused softmax first) made the probabilities: both equal the
+    log-sum-exp reference."""
     q, k = _qk(dtype)
     logits = attention_logits(q, k, 0.5)
     want = renyi_entropy(logits[:, :, 1:15], 1.0)
-    ctx = AttentionContext(logits.clone(), 14, query=q, key=k, scale=0.5, reuse_logits=True)
+    ctx = AttentionContext(logits.clone(), 14, operands=Operands(q, k, scale=0.5), reuse_logits=True)
     torch.testing.assert_close(ctx.row_entropy(1.0), want, atol=tol, rtol=tol)
-    assert ctx._lse is not None
-    ctx = AttentionContext(logits.clone(), 14, query=q, key=k, scale=0.5, reuse_logits=True)
-    assert ctx.probs.shape == logits.shape  # fused softmax first: no log-sum-exp kept
-    assert ctx._lse is None
+    assert ctx._logits is None  # the logits buffer became the probabilities
+    ctx = AttentionContext(logits.clone(), 14, operands=Operands(q, k, scale=0.5), reuse_logits=True)
+    assert ctx.probs.shape == logits.shape
+    torch.testing.assert_close(ctx._row_max, logits.amax(-1), atol=0, rtol=0)
     torch.testing.assert_close(ctx.row_entropy(1.0), want, atol=tol, rtol=tol)
 
 
 def test_logits_stay_readable_after_in_place_softmax():
     q, k = _qk(torch.float32)
     logits = attention_logits(q, k, 0.25)
-    ctx = AttentionContext(logits.clone(), 15, query=q, key=k, scale=0.25, reuse_logits=True)
+    ctx = AttentionContext(logits.clone(), 15, operands=Operands(q, k, scale=0.25), reuse_logits=True)
     p = ctx.probs  # in place
     assert torch.equal(ctx.logits, logits)  # recomputed with the same formula
     assert torch.equal(ctx.probs, p)
@@ -145,7 +147,7 @@ def test_logits_stay_readable_after_in_place_softmax():
 def test_reading_logits_first_keeps_them_intact():
     q, k = _qk(torch.float32)
     logits = attention_logits(q, k, 0.25)
-    ctx = AttentionContext(logits, 15, query=q, key=k, scale=0.25, reuse_logits=True)
+    ctx = AttentionContext(logits, 15, operands=Operands(q, k, scale=0.25), reuse_logits=True)
     before = ctx.logits.clone()
     assert ctx.probs.shape == logits.shape
     ctx.row_entropy(2.0)
@@ -154,7 +156,8 @@ def test_reading_logits_first_keeps_them_intact():
 
 @pytest.mark.parametrize("criterion,alpha", [("evit", 1), ("renyi", 1), ("renyi", 2), ("renyi", math.inf)])
 def test_pruning_block_holds_one_attention_matrix(criterion, alpha):
-    """Peak tensor memory of a pruning block's attention stays below two B x H x N x N buffers."""
+    """Peak tensor memory of a pruning block's explicit attention stays below two B x H x N x N buffers;
+    the cost model's chunks (4 B N C floats here, N = 257, C = 12) stay far below one."""
     m = small_vit(torch.float32, img_size=128, patch_size=8, embed_dim=12, num_heads=3)
     rp.patch(m, keep_rate=0.5, criterion=criterion, alpha=alpha, locations=(1,))
     blk = m.blocks[1]
@@ -163,8 +166,11 @@ def test_pruning_block_holds_one_attention_matrix(criterion, alpha):
     nn_bytes = 2 * 3 * 257 * 257 * 4
     crit = m.renyiprune.stages[0].criterion
     with torch.inference_mode(), PeakTensorMemory() as tracker:
-        _scored_attention(blk.attn, x, crit, dict(num_patches=256))
+        score_block(blk.attn, x, crit, Site(num_patches=256, explicit=True))
     assert nn_bytes <= tracker.peak < 1.5 * nn_bytes
+    with torch.inference_mode(), PeakTensorMemory() as tracker:
+        score_block(blk.attn, x, crit, Site(num_patches=256))
+    assert tracker.peak < nn_bytes / 4
 
 
 def test_bfloat16_autocast_on_cpu_runs(bf16_attention):
@@ -187,7 +193,7 @@ def test_bfloat16_entropy_from_in_place_probabilities(alpha):
     q, k = _qk(torch.bfloat16)
     logits = attention_logits(q, k, 0.5)
     want = renyi_entropy(logits[:, :, 1:15], alpha)  # float32 from the bf16 logits
-    ctx = AttentionContext(logits.clone(), 14, query=q, key=k, scale=0.5, reuse_logits=True)
+    ctx = AttentionContext(logits.clone(), 14, operands=Operands(q, k, scale=0.5), reuse_logits=True)
     got = ctx.row_entropy(alpha)
     assert got.dtype == torch.float32 and ctx.probs.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, atol=0.03, rtol=0.03)  # bf16 probabilities: 8-bit mantissa

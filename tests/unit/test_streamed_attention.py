@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from renyiprune.core.attention import FULL, Needs
+from renyiprune.core.attention import FULL, Needs, Operands, Site
 from renyiprune.core.criteria import CRITERIA, make_criterion, needs_of
 from renyiprune.core.entropy import renyi_entropy
-from renyiprune.core.streamed import StreamedContext, attend, chunk_plan
+from renyiprune.core.streamed import StreamedContext, attend, chunk_plan, memory_budget
 from renyiprune.experiments.benchmark import PeakTensorMemory
 
 ALPHAS = (0.0, 0.5, 0.7, 1.0, 2.0, 3.0, math.inf)
@@ -21,6 +21,13 @@ EVERYTHING = Needs(row_entropy=ALPHAS, cls_row=True, received=True, column_norm=
 def qkv(B, H, N, d, dtype=torch.float64, seed=0, spread=2.0):
     g = torch.Generator().manual_seed(seed)
     return (spread * torch.randn(3, B, H, N, d, generator=g, dtype=torch.float64)).to(dtype).unbind(0)
+
+
+def run(q, k, v, scale, needs, bias=None, chunk_bytes=None, num_prefix=1):
+    """``attend`` on these operands: (output, context)."""
+    site = Site(num_prefix=num_prefix, chunk_bytes=chunk_bytes)
+    out, ctx, _ = attend(Operands(q, k, v, scale, bias), needs, site)
+    return out, ctx
 
 
 def reference(q, k, v, scale, bias=None):
@@ -44,7 +51,7 @@ def reference(q, k, v, scale, bias=None):
 
 def check(q, k, v, scale, bias, chunk, atol, out_atol=None, needs=EVERYTHING, num_prefix=1):
     ref = reference(q, k, v, scale, bias)
-    out, ctx = attend(q, k, v, scale, needs, bias=bias, chunk_bytes=chunk, num_prefix=num_prefix)
+    out, ctx = run(q, k, v, scale, needs, bias, chunk, num_prefix)
     assert isinstance(ctx, StreamedContext) and out.dtype == v.dtype and out.shape == v.shape
     torch.testing.assert_close(out.double(), ref["out"], atol=out_atol or atol, rtol=0)
     for a in needs.row_entropy:
@@ -69,7 +76,7 @@ def check(q, k, v, scale, bias, chunk, atol, out_atol=None, needs=EVERYTHING, nu
 F64 = 1e-12
 
 
-@pytest.mark.parametrize("chunk", [1, 3000, 40_000, None])  # one row, rows of an image, images, default
+@pytest.mark.parametrize("chunk", [1, 3000, 40_000, None])  # one row, rows of an image, images, cost model
 @pytest.mark.parametrize("bias", ["none", "sizes", "masked"])
 def test_float64_equals_explicit(chunk, bias):
     B, H, N, d = 3, 2, 37, 8  # N prime: no chunk size divides it
@@ -112,10 +119,10 @@ def test_half_precision_chunks_in_float32_without_full_copies(dtype):
     full32 = B * H * N * N * 4
     needs = Needs(row_entropy=(1.0, 2.0, math.inf), cls_row=True, received=True)
     with torch.inference_mode(), PeakTensorMemory() as mem:
-        out, ctx = attend(q, k, v, 0.35, needs, chunk_bytes=full32 // 16)
+        out, ctx = run(q, k, v, 0.35, needs, chunk_bytes=full32 // 16)
     assert mem.peak < full32 / 2
     assert out.dtype == dtype and ctx.row_entropy(2.0).dtype == torch.float32
-    _, want = attend(q.float(), k.float(), v.float(), 0.35, needs, chunk_bytes=full32 // 16)
+    _, want = run(q.float(), k.float(), v.float(), 0.35, needs, chunk_bytes=full32 // 16)
     for a in needs.row_entropy:
         torch.testing.assert_close(ctx.row_entropy(a), want.row_entropy(a), atol=1e-5, rtol=0)
     torch.testing.assert_close(ctx.received, want.received, atol=1e-6, rtol=0)
@@ -132,10 +139,10 @@ def test_never_a_full_attention_tensor():
     full = B * H * N * N * 4
     for needs in (Needs(row_entropy=(1.0,)), Needs(received=True, cls_row=True), Needs(column_norm=(4.0,))):
         with torch.inference_mode(), PeakTensorMemory() as mem:
-            attend(q, k, v, 0.3, needs, chunk_bytes=full // 12)
+            run(q, k, v, 0.3, needs, chunk_bytes=full // 12)
         assert mem.peak < full / 4, needs
     with torch.inference_mode(), PeakTensorMemory() as mem:
-        attend(q, k, v, 0.3, FULL)
+        run(q, k, v, 0.3, FULL)
     assert mem.peak >= full  # the same tracker does see the explicit path's (B, H, N, N) tensor
 
 
@@ -182,12 +189,26 @@ def test_chunk_plan():
     for B, H, N, budget in [(64, 6, 197, 4 << 20), (64, 6, 577, 4 << 20), (2, 1, 5, 1), (3, 2, 10, 10**9)]:
         images, rows = chunk_plan(B, H, N, 4, budget)
         assert 1 <= images <= B and 1 <= rows <= N
-        assert rows == 1 or 2 * images * H * rows * N * 4 <= budget
+        assert rows == 1 or images * H * rows * N * 4 <= budget
         assert images == 1 or rows == N
     assert chunk_plan(3, 2, 10, 4, 10**9) == (3, 10)
-    assert chunk_plan(64, 6, 577, 4, 4 << 20) == (1, 151)  # 4 MiB / (2 buffers * 6 * 577 * 4 B)
+    assert chunk_plan(64, 6, 577, 8, 4 << 20) == (1, 151)  # 4 MiB / (6 heads * 577 keys * 8 B)
     with pytest.raises(ValueError, match="positive"):
         chunk_plan(1, 1, 4, 4, 0)
+
+
+def test_cost_model_whole_batch_at_224_chunks_at_384():
+    """The cost model (4 B N C activations for the buffer): DeiT-S (6 heads, C = 384) in float32 takes
+    the whole batch at 224 px (N = 197: one image's 6 x 197^2 logits < 4 x 197 x 384) and query rows of
+    one image at 384 px (N = 577: 6 x 577^2 > 4 x 577 x 384, so 4 x 384 / 6 = 256 rows fit)."""
+    for B in (1, 16, 64):
+        assert chunk_plan(B, 6, 197, 4, memory_budget(B, 197, 384, 4)) == (B, 197)
+    assert chunk_plan(1, 6, 577, 4, memory_budget(1, 577, 384, 4)) == (1, 256)
+    assert chunk_plan(16, 6, 577, 4, memory_budget(16, 577, 384, 4)) == (7, 577)  # 16 * 256 rows: 7 images
+    assert chunk_plan(64, 6, 577, 4, memory_budget(64, 577, 384, 4)) == (28, 577)
+    # bfloat16 activations: half the budget, float32 buffers; log-sum-exp orders: three buffers
+    assert chunk_plan(1, 6, 197, 4, memory_budget(1, 197, 384, 2)) == (1, 128)
+    assert chunk_plan(1, 6, 197, 12, memory_budget(1, 197, 384, 4)) == (1, 85)
 
 
 def test_every_criterion_scores_equal_explicit_float64():
@@ -203,8 +224,8 @@ def test_every_criterion_scores_equal_explicit_float64():
     for name, opts in options:
         fn = make_criterion(name, **opts)
         for b in (None, bias):
-            _, ctx = attend(q, k, v, 0.3, fn.needs, bias=b, chunk_bytes=2000)
-            _, explicit = attend(q, k, v, 0.3, FULL, bias=b)
+            _, ctx = run(q, k, v, 0.3, fn.needs, bias=b, chunk_bytes=2000)
+            _, explicit = run(q, k, v, 0.3, FULL, bias=b)
             got, want = fn(ctx), fn(explicit)
             torch.testing.assert_close(got, want, atol=F64, rtol=0, msg=f"{name} {opts}")
             kept = lambda s: s.topk(12, dim=1).indices.sort(dim=1).values  # noqa: E731
@@ -225,25 +246,130 @@ def test_needs_declarations():
         row_entropy=(1.0, 2.0), key=True)  # fmt: skip
 
 
-def test_undeclared_reads_fail_when_the_criterion_is_made():
-    """A criterion that reads more than it declared fails at make_criterion, naming what to declare;
-    an undeclared custom criterion gets the full attention and works as before."""
+def test_undeclared_reads_fail_at_the_first_forward_naming_the_field():
+    """make_criterion runs no forward pass; a criterion that reads more than it declared fails at its
+    first scoring, naming what to declare; an undeclared custom criterion gets the full attention."""
 
     def sneaky(ctx):
         return ctx.patches(ctx.probs[:, :, 0].mean(1))
 
     sneaky.needs = Needs(cls_row=True)
+    fn = make_criterion(sneaky)
+    q, k, v = qkv(1, 2, 9, 4, seed=8)
     with pytest.raises(ValueError, match="full=True"):
-        make_criterion(sneaky)
+        attend(Operands(q, k, v, 0.5), fn.needs, Site(), fn)
 
     def undeclared(ctx):
         return ctx.patches(ctx.probs[:, :, 0].mean(1))
 
     fn = make_criterion(undeclared)
     assert fn.needs == FULL
-    q, k, v = qkv(1, 2, 9, 4, seed=8)
-    _, ctx = attend(q, k, v, 0.5, fn.needs)
-    torch.testing.assert_close(fn(ctx), reference(q, k, v, 0.5)["cls"].mean(1)[:, 1:])
+    _, ctx, scores = attend(Operands(q, k, v, 0.5), fn.needs, Site(), fn)
+    torch.testing.assert_close(scores, reference(q, k, v, 0.5)["cls"].mean(1)[:, 1:])
+    torch.testing.assert_close(fn(ctx), scores)
+
+
+def test_undeclared_statistic_reads_fail_naming_the_field():
+    """A criterion that declared one statistic and reads another (another Rényi order, the attention
+    received, a column norm, the keys, a registered statistic) fails with a ValueError naming the
+    ``Needs`` field to add, on every streamed case (CLS row only: SDPA; row entropies: chunks)."""
+    q, k, v = qkv(2, 2, 9, 4, seed=11)
+    reads = {
+        "row_entropy": lambda ctx: ctx.row_entropy(3.0),
+        "received": lambda ctx: ctx.received,
+        "column_norm": lambda ctx: ctx.column_norm(2.0),
+        "mean_attention": lambda ctx: ctx.mean_attention,
+        "key=True": lambda ctx: ctx.key,
+        "statistics": lambda ctx: ctx.statistic("anything"),
+        "full=True": lambda ctx: ctx.logits,
+    }
+    for declared in (Needs(cls_row=True), Needs(row_entropy=(2.0,))):
+        for field, read in reads.items():
+
+            def criterion(ctx, read=read, declared=declared):
+                _ = ctx.cls_attn if declared.cls_row else ctx.row_entropy(2.0)  # what it declared: fine
+                return read(ctx)
+
+            criterion.needs = declared
+            fn = make_criterion(criterion)
+            with pytest.raises(ValueError, match=rf"did not declare: add {field}"):
+                attend(Operands(q, k, v, 0.5), fn.needs, Site(), fn)
+
+
+# --- a new statistic and its criterion, written here only: nothing in renyiprune changes -----------
+
+
+def _start_row_peak(B, H, N, dtype, device):
+    return torch.empty(B, H, N, dtype=dtype, device=device)
+
+
+def _fold_row_peak(state, chunk):
+    state[chunk.images, :, chunk.rows] = chunk.probs.amax(dim=-1)
+    return state
+
+
+@pytest.fixture
+def row_peak_criterion():
+    """Registers the statistic ``row_peak`` (each row's largest probability, per head) and the criterion
+    ``peaky`` that reads it (peaked rows rank high), then removes both."""
+    from renyiprune.core.attention import STATISTICS, register_statistic
+    from renyiprune.core.criteria import register_criterion
+
+    register_statistic("row_peak", _start_row_peak, _fold_row_peak, finish=lambda s: s.clone())
+
+    @register_criterion("peaky", needs=Needs(statistics=("row_peak",)))
+    def peaky(ctx):
+        return ctx.patches(ctx.statistic("row_peak").mean(dim=1))
+
+    yield peaky
+    del CRITERIA["peaky"], STATISTICS["row_peak"]
+
+
+def test_a_new_statistic_needs_no_edit_of_the_package(row_peak_criterion):
+    """The statistic and its criterion above are streamed in chunks (any chunk size), equal the explicit
+    context's in float64, keep the explicit path's tokens in a patched model, and an undeclared read of
+    it fails naming the field."""
+    B, H, N, d = 3, 2, 37, 8
+    q, k, v = qkv(B, H, N, d, seed=12)
+    want = reference(q, k, v, 0.3)
+    peak = torch.stack([p.amax(-1) for p in (q @ k.transpose(-1, -2) * 0.3).softmax(-1).unbind(0)])
+    fn = make_criterion("peaky")
+    assert fn.needs.per_query and fn.needs == Needs(statistics=("row_peak",))
+    for chunk in (1, 3000, None):
+        out, ctx, scores = attend(Operands(q, k, v, 0.3), fn.needs, Site(chunk_bytes=chunk), fn)
+        assert isinstance(ctx, StreamedContext)
+        torch.testing.assert_close(out, want["out"], atol=F64, rtol=0)
+        torch.testing.assert_close(scores, peak.mean(1)[:, 1:], atol=F64, rtol=0)
+    _, explicit, scores = attend(Operands(q, k, v, 0.3), FULL, Site(), fn)
+    torch.testing.assert_close(scores, peak.mean(1)[:, 1:], atol=F64, rtol=0)
+    (ls, ks), (le, ke) = _both_paths(small_vit(), torch.randn(2, 3, 64, 64, dtype=torch.float64),
+                                     keep_rate=0.6, criterion="peaky", locations=(1, 3))  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(ks, ke, strict=True))
+    torch.testing.assert_close(ls, le, atol=1e-10, rtol=0)
+
+    def sneaky(ctx):
+        return ctx.patches(ctx.statistic("row_peak").mean(dim=1))
+
+    sneaky.needs = Needs(row_entropy=(2.0,))
+    with pytest.raises(ValueError, match="add statistics=\\('row_peak',\\)"):
+        attend(Operands(q, k, v, 0.3), sneaky.needs, Site(), make_criterion(sneaky))
+    with pytest.raises(ValueError, match="unknown statistic 'nope'"):
+        attend(Operands(q, k, v, 0.3), Needs(statistics=("nope",)), Site())
+
+
+def test_make_criterion_runs_no_attention(monkeypatch):
+    """Options are checked without computing any attention: the pipeline is never called."""
+    from renyiprune.core import streamed
+
+    def boom(*a, **k):
+        raise AssertionError("make_criterion computed attention")
+
+    monkeypatch.setattr(streamed, "attend", boom)
+    monkeypatch.setattr(torch, "matmul", boom)
+    for name in CRITERIA:
+        make_criterion(name)
+    with pytest.raises(ValueError, match="norm"):
+        make_criterion("column_norm", norm=0.5)
 
 
 def test_bad_alpha_in_needs():
@@ -333,21 +459,23 @@ def test_training_uses_the_explicit_path_and_gets_gradients():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pruned_peak_memory_at_most_unpruned(dtype):
+def test_pruned_peak_memory_at_most_unpruned(dtype, request):
     """The issue's memory target on DeiT-S at 384 px (batch 1): at keep 0.9 a pruned forward's peak is at
-    most 1.02 x the unpruned one for EViT (SDPA + CLS row) and Rényi (chunks); the explicit path, which
+    most the unpruned one for EViT (SDPA + CLS row) and Rényi (chunks); the explicit path, which
     this tracker also measures, is far above (its (B, H, N, N) float32 attention, N = 577)."""
     import renyiprune as rp
     from renyiprune.core.api import share_parameters
     from renyiprune.experiments.benchmark import forward_memory
     from renyiprune.models.model import create_model
 
+    if dtype == torch.bfloat16:
+        request.getfixturevalue("bf16_attention")  # skips where torch cannot run bfloat16 attention
     torch.manual_seed(0)
     model = create_model("deit_small_patch16_224", img_size=384).eval()
     x = torch.randn(1, 3, 384, 384)
     base = forward_memory(model, x, dtype).peak
     for crit, alpha in (("evit", 1.0), ("renyi", 1.0), ("renyi", math.inf)):
         view = rp.patch(share_parameters(model), keep_rate=0.9, criterion=crit, alpha=alpha)
-        assert forward_memory(view, x, dtype).peak <= 1.02 * base, crit
+        assert forward_memory(view, x, dtype).peak <= base, crit
         view.renyiprune.attention = "explicit"
         assert forward_memory(view, x, dtype).peak > 1.1 * base, crit

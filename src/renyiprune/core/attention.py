@@ -1,24 +1,32 @@
-"""What a criterion sees at a pruning block, and what it declares it needs.
+"""What a criterion sees at a pruning block, what it declares it needs, and how each statistic is made.
 
 ``Needs`` is a criterion's declaration of what it reads (row entropies, the CLS row, column statistics,
 keys, values, or the full attention), so that a pruning block computes only that (``streamed.attend``).
-``AttentionContext`` holds one block's explicit logits (and, from a pruning block, its queries, keys and
-values) and computes the probabilities, CLS attention, row entropies and column statistics at most once,
-so that criteria share them. Nothing here knows about models or the registry of criteria.
+``Statistics`` computes every declarable statistic from probabilities, one chunk of queries at a time:
+the streamed chunks and an explicit context both use it. A new statistic is written where its criterion
+is: ``register_statistic(name, start, fold)`` there, ``Needs(statistics=(name,))`` in the criterion's
+declaration and ``ctx.statistic(name)`` in its body; the pipeline folds it chunk by chunk like the
+built-in ones, and nothing in this package changes (tests/unit/test_streamed_attention.py does it).
+``AttentionContext`` holds one block's explicit logits and computes what criteria read at most once.
+Nothing here knows about models or the registry of criteria.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
 
-from .entropy import check_alpha, renyi_entropy
+from .entropy import accumulation_dtype, check_alpha, entropy_from_probs, renyi_entropy, safe_from_probs
 
-__all__ = ["AttentionContext", "Needs", "FULL", "attention_logits", "explicit_qkv", "ranking_qkv"]
+__all__ = [
+    "AttentionContext", "Needs", "FULL", "Operands", "Site", "Statistics", "Chunk", "attention_logits",
+    "softmax_in_place", "explicit_qkv", "ranking_qkv", "Statistic", "STATISTICS", "register_statistic",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,8 @@ class Needs:
     token receives, mean over queries (``ctx.received``); ``column_norm``: orders n of the l_n norms of the
     head-mean attention columns (``ctx.column_norm``); ``mean_attention``: the head-mean (B, N, N)
     attention (``ctx.mean_attention``); ``key`` / ``value``: the block's keys / values; ``full``: the
-    explicit (B, H, N, N) logits and probabilities (``ctx.logits`` / ``ctx.probs``), for anything else.
+    explicit (B, H, N, N) logits and probabilities (``ctx.logits`` / ``ctx.probs``), for anything else;
+    ``statistics``: names of statistics registered with ``register_statistic`` (``ctx.statistic(name)``).
     Needs combine with ``|``.
     """
 
@@ -42,10 +51,13 @@ class Needs:
     key: bool = False
     value: bool = False
     full: bool = False
+    statistics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "row_entropy", tuple(sorted({check_alpha(a) for a in self.row_entropy})))
         object.__setattr__(self, "column_norm", tuple(sorted({float(n) for n in self.column_norm})))
+        names = (self.statistics,) if isinstance(self.statistics, str) else self.statistics
+        object.__setattr__(self, "statistics", tuple(sorted(set(names))))
 
     def __or__(self, other: Needs) -> Needs:
         merged = {}
@@ -57,10 +69,188 @@ class Needs:
     @property
     def per_query(self) -> bool:
         """Whether the block must look at every query's row (entropies or column statistics)."""
-        return bool(self.row_entropy or self.received or self.column_norm or self.mean_attention)
+        return bool(self.row_entropy or self.received or self.column_norm or self.mean_attention
+                    or self.statistics)  # fmt: skip
 
 
 FULL = Needs(full=True)  # what an undeclared criterion gets: the explicit attention, as before
+
+
+@dataclass
+class Operands:
+    """What a block's attention is computed from: logits = (query @ key^T) * scale + bias.
+
+    ``bias`` (B, 1, 1, N) is added to every row (proportional attention: log token sizes; -inf masks a
+    key). ``streamed.attend`` may replace the tensors with contiguous copies, which releases the views of
+    the block's qkv projection that the caller passed in.
+    """
+
+    query: Tensor | None = None
+    key: Tensor | None = None
+    value: Tensor | None = None
+    scale: float = 1.0
+    bias: Tensor | None = None
+
+    def logits(self) -> Tensor:
+        """The (B, H, N, N) logits, bias included."""
+        s = attention_logits(self.query, self.key, self.scale)
+        return s if self.bias is None else s.add_(self.bias.to(s.dtype))
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a block's attention is scored (token layout, stage, forward step) and how.
+
+    ``num_patches`` defaults to the tokens after the ``num_prefix`` prefix tokens. ``chunk_bytes``
+    overrides the cost model's budget for the chunk buffers (``streamed.memory_budget``); ``explicit``
+    asks for the full (B, H, N, N) attention (autograd, tracing, export, ``attention="explicit"``).
+    ``out_dtype``: dtype of the attention output (default: the values').
+    """
+
+    num_patches: int | None = None
+    num_prefix: int = 1
+    stage: int = 0
+    step: int = 0
+    chunk_bytes: int | None = None
+    out_dtype: torch.dtype | None = None
+    explicit: bool = False
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A statistic registered by name (``register_statistic``), folded over the chunks of queries.
+
+    ``start(B, H, N, dtype=, device=)`` returns its initial state, ``fold(state, chunk)`` folds one ``Chunk``
+    in and returns the new state, ``finish(state)`` (default: none) gives what ``ctx.statistic(name)``
+    returns. Chunks arrive as (images, query rows) blocks in any order a cost model picks, and an explicit
+    context folds the whole (B, H, N, N) probabilities as one chunk.
+    """
+
+    start: Callable
+    fold: Callable
+    finish: Callable | None = None  # None: the state itself
+
+    def result(self, state):
+        return state if self.finish is None else self.finish(state)
+
+
+STATISTICS: dict[str, Statistic] = {}
+
+
+def register_statistic(
+    name: str, start: Callable, fold: Callable, finish: Callable | None = None
+) -> Statistic:
+    """Make a statistic declarable as ``Needs(statistics=(name,))``; see ``Statistic``."""
+    STATISTICS[name] = Statistic(start, fold, finish)
+    return STATISTICS[name]
+
+
+def _registered(name: str) -> Statistic:
+    if name not in STATISTICS:
+        raise ValueError(f"unknown statistic {name!r}: register it with register_statistic; known: "
+                         f"{', '.join(sorted(STATISTICS)) or 'none'}")  # fmt: skip
+    return STATISTICS[name]
+
+
+@dataclass
+class Chunk:
+    """Probabilities of query rows ``rows`` of images ``images`` (b, H, c, N), and what they came from:
+    the chunk's queries (b, H, c, d), the images' keys (b, H, N, d) and key bias, and each row's largest
+    logit before the softmax (b, H, c), which the Shannon entropy needs (``shannon_terms``)."""
+
+    probs: Tensor
+    images: slice
+    rows: slice
+    query: Tensor | None = None
+    key: Tensor | None = None
+    scale: float = 1.0
+    bias: Tensor | None = None
+    row_max: Tensor | None = None
+
+    def shannon_terms(self) -> tuple[Tensor, Tensor]:
+        """(L, sum_j p_j s_j) of every row, without the logits: L = max s - log max p (the argmax key
+        has s_j - log p_j = L), and sum_j p_j s_j = scale q.(p K) + p.b."""
+        acc = accumulation_dtype(self.probs)
+        lse = self.row_max.to(acc) - self.probs.amax(dim=-1).to(acc).log()
+        expected_key = (self.probs @ self.key.to(self.probs.dtype)).to(acc)  # sum_j p_j k_j
+        mean = expected_key.mul_(self.query.to(acc)).sum(dim=-1).mul_(self.scale)
+        if self.bias is not None:  # masked keys: p = 0 times the most negative finite bias is 0, not NaN
+            b = self.bias.to(acc).clamp_min(torch.finfo(acc).min).transpose(-1, -2)  # (b, 1, N, 1)
+            mean += (self.probs.to(acc) @ b).squeeze(-1)
+        return lse, mean
+
+
+class Statistics:
+    """Every statistic a criterion may declare, for (B, H, N) attention, folded chunk by chunk.
+
+    The one place where row entropies, the CLS rows, the attention received, the head-mean attention
+    and the column norms are computed: ``streamed.attend`` folds its chunks in, an explicit context
+    folds its whole probability tensor as one chunk. ``result`` names each by its ``Needs`` field.
+    """
+
+    def __init__(self, needs: Needs, shape: tuple[int, int, int], like: Tensor):
+        B, H, N = shape
+        new = dict(dtype=accumulation_dtype(like), device=like.device)
+        self.needs, self.num_keys = needs, N
+        self.entropy = {a: torch.empty(B, H, N, **new) for a in needs.row_entropy}
+        self.cls = torch.empty(B, H, N, **new) if needs.cls_row else None
+        self.received = torch.zeros(B, H, N, **new) if needs.received else None
+        self.mean_attention = torch.empty(B, N, N, **new) if needs.mean_attention else None
+        # l_n column norms, online (Eq. col): running column maximum m and sum of (p / m)^n
+        self.peak = {n: torch.zeros(B, N, **new) for n in needs.column_norm}
+        self.power = {n: torch.zeros(B, N, **new) for n in needs.column_norm if not math.isinf(n)}
+        self.registered = {s: _registered(s).start(B, H, N, **new) for s in needs.statistics}
+
+    def from_logits(self, s: Tensor, images: slice, rows: slice) -> None:
+        """Orders that ``safe_from_probs`` refuses, by log-sum-exp from the chunk's logits (b, H, c, N)."""
+        for a in self.unsafe_orders():
+            self.entropy[a][images, :, rows] = renyi_entropy(s, a)
+
+    def unsafe_orders(self) -> list[float]:
+        return [a for a in self.needs.row_entropy if not safe_from_probs(a, self.num_keys)]
+
+    def add(self, chunk: Chunk) -> None:
+        """Fold one chunk's probabilities in."""
+        p, bs, rs = chunk.probs, chunk.images, chunk.rows
+        acc = accumulation_dtype(p)
+        for a in self.needs.row_entropy:
+            if safe_from_probs(a, self.num_keys):
+                terms = chunk.shannon_terms() if a == 1.0 else ()
+                self.entropy[a][bs, :, rs] = entropy_from_probs(p, a, *terms)
+        if self.received is not None:
+            self.received[bs] += p.sum(dim=2, dtype=acc)
+        if self.cls is not None and rs.start == 0:
+            self.cls[bs] = p[:, :, 0]
+        if self.mean_attention is not None or self.peak:
+            p_mean = p.mean(dim=1, dtype=acc)  # (b, c, N)
+            if self.mean_attention is not None:
+                self.mean_attention[bs, rs] = p_mean
+            self._add_columns(bs, p_mean)
+        for name, state in self.registered.items():
+            self.registered[name] = STATISTICS[name].fold(state, chunk)
+
+    def _add_columns(self, bs: slice, p_mean: Tensor) -> None:
+        """Online l_n sums: with m the running column maximum, sum (p/m)^n is rescaled by (m_old/m_new)^n."""
+        tiny = torch.finfo(p_mean.dtype).tiny
+        for n, peak in self.peak.items():
+            new_peak = torch.maximum(peak[bs], p_mean.amax(dim=1))
+            if not math.isinf(n):
+                floor = new_peak.clamp_min(tiny)
+                rescale = (peak[bs] / floor).pow_(n)  # earlier chunks' terms, relative to the new peak
+                terms = (p_mean / floor.unsqueeze(1)).pow_(n).sum(1)
+                self.power[n][bs] = self.power[n][bs] * rescale + terms
+            peak[bs] = new_peak
+
+    def result(self) -> dict[str, object]:
+        """{Needs field: value}: per-order (B, H, N) entropies and per-n (B, N) column norms as dicts."""
+        norms = {}
+        for n, peak in self.peak.items():
+            tiny = torch.finfo(peak.dtype).tiny
+            norms[n] = peak if math.isinf(n) else peak.clamp_min(tiny) * self.power[n].pow(1.0 / n)
+        received = None if self.received is None else self.received / self.num_keys
+        registered = {name: STATISTICS[name].result(state) for name, state in self.registered.items()}
+        return dict(row_entropy=self.entropy, cls_row=self.cls, received=received, column_norm=norms,
+                    mean_attention=self.mean_attention, statistics=registered)  # fmt: skip
 
 
 class AttentionContext:
@@ -70,51 +260,44 @@ class AttentionContext:
     0..P-1 are the ``num_prefix`` prefix tokens (token 0 is CLS, then e.g. a distillation token), never
     candidates; tokens P..P+n-1 are the candidate patches, a fused token (if any) comes last.
 
-    A pruning block also passes its queries, keys and scale (``attention_logits``) and lets
-    the context turn the logits buffer into the probabilities in place, so that the block holds one
-    (B, H, N, N) tensor at a time and ``row_entropy`` is derived from the probabilities without another
-    pass over the logits. Reading ``logits`` after that recomputes them (same matmul, same values).
+    A pruning block also passes the ``Operands`` the logits came from and lets the context turn the
+    logits buffer into the probabilities in place (``reuse_logits``), so that the block holds one
+    (B, H, N, N) tensor at a time; reading ``logits`` after that recomputes them (same values).
+    Statistics come from ``Statistics`` over the whole tensor, computed once each.
     """
 
     def __init__(
         self,
-        logits: Tensor,
+        logits: Tensor | None,
         num_patches: int,
         stage: int = 0,
         step: int = 0,
         *,
-        query: Tensor | None = None,
-        key: Tensor | None = None,
-        value: Tensor | None = None,
-        scale: float = 1.0,
+        operands: Operands | None = None,
         reuse_logits: bool = False,
         num_prefix: int = 1,
     ):
-        self._logits: Tensor | None = logits
+        self._logits = logits
         self.num_patches = num_patches
         self.num_prefix = num_prefix  # prefix tokens (CLS, distillation, ...) before the patches
         self.stage = stage
         self.step = step
-        self._query = query
-        self._key = key
-        self._value = value
-        self._scale = scale  # logits = (query @ key^T) * scale
+        self._ops = operands or Operands()
+        has_qk = self._ops.query is not None and self._ops.key is not None
         # In-place softmax needs a way to get the logits back, and no autograd graph through them.
-        self._reuse = reuse_logits and query is not None and key is not None and not logits.requires_grad
+        self._reuse = reuse_logits and has_qk and logits is not None and not logits.requires_grad
         self._probs: Tensor | None = None
-        self._lse: Tensor | None = None  # (B, H, N) log-sum-exp of each logits row, when known
-        self._cls_rows: Tensor | None = None
-        self._entropy: dict[float, Tensor] = {}
+        self._row_max: Tensor | None = None  # (B, H, N) largest logit of each row, kept by the softmax
+        self._stats: dict[tuple, object] = {}
 
     def __repr__(self) -> str:
-        shape = tuple((self._logits if self._logits is not None else self._probs).shape)
-        return f"AttentionContext(logits={shape}, num_patches={self.num_patches}, stage={self.stage})"
+        return f"{type(self).__name__}(num_patches={self.num_patches}, stage={self.stage})"
 
     @property
     def logits(self) -> Tensor:
         """The attention logits (B, H, N, N); once a criterion has read them they are never overwritten."""
         if self._logits is None:  # became the probabilities in place: recompute
-            self._logits = attention_logits(self._query, self._key, self._scale)
+            self._logits = self._ops.logits()
         self._reuse = False
         return self._logits
 
@@ -123,30 +306,12 @@ class AttentionContext:
         """softmax(logits) over keys (B, H, N, N), computed once and shared with the attention output."""
         if self._probs is None:
             s = self._logits if self._logits is not None else self.logits
+            self._row_max = s.amax(dim=-1)
             if not self._reuse:
                 self._probs = s.softmax(dim=-1)
-            elif s.dtype in (torch.float32, torch.float64):
-                self._probs = torch.softmax(s, dim=-1, out=s)  # in place: one N x N buffer
-                self._logits = None
-            else:  # float16/bfloat16 (autocast): in place too, with the normalizer summed in float32
-                self._softmax_keeping_lse(s)
+            else:  # in place: one N x N buffer
+                self._probs, self._logits = softmax_in_place(s), None
         return self._probs
-
-    def _softmax_keeping_lse(self, s: Tensor) -> None:
-        """In-place softmax of the logits buffer in steps (max, exp, sum, divide) that also leave the
-        row log-sum-exp L = max + log(sum); Shannon entropy needs L, and a fused softmax discards it."""
-        m = s.amax(dim=-1, keepdim=True)
-        s.sub_(m).exp_()
-        z = s.sum(dim=-1, keepdim=True, dtype=_acc_dtype(s))
-        self._probs = s.div_(z)
-        self._lse = (m.to(z.dtype) + z.log()).squeeze(-1)
-        self._logits = None
-
-    def probs_and_lse(self) -> tuple[Tensor, Tensor | None]:
-        """The probabilities and, where the in-place softmax can provide it, the row log-sum-exp."""
-        if self._probs is None and self._reuse:
-            self._softmax_keeping_lse(self._logits if self._logits is not None else self.logits)
-        return self.probs, self._lse
 
     @property
     def batch_size(self) -> int:
@@ -159,38 +324,46 @@ class AttentionContext:
     def _any_attention(self) -> Tensor:
         return self._logits if self._logits is not None else self._probs
 
+    def _statistic(self, field: str, order: float | None = None):
+        """One statistic of ``Statistics`` (one order of it), from the whole probability tensor, cached."""
+        if (field, order) not in self._stats:
+            value = order if order is not None else True
+            stats = Statistics(Needs(**{field: (value,) if order is not None else value}),
+                               tuple(self.probs.shape[:3]), self.probs)  # fmt: skip
+            ops = self._ops
+            stats.add(Chunk(self.probs, slice(None), slice(0, None), ops.query, ops.key, ops.scale, ops.bias,
+                            self._row_max))  # fmt: skip
+            got = stats.result()[field]
+            self._stats[(field, order)] = got[order] if order is not None else got
+        return self._stats[(field, order)]
+
     @property
     def cls_rows(self) -> Tensor:
         """Each head's CLS query (token 0) attention to every token, prefix included (B, H, N); float32
         for float16/bfloat16 attention, its own dtype otherwise."""
-        if self._cls_rows is None:
-            s = self._logits if self._logits is not None else None
-            row = self._probs[:, :, 0] if self._probs is not None else s[:, :, 0].softmax(-1)
-            self._cls_rows = row.to(_acc_dtype(row))
-        return self._cls_rows
+        if self._probs is None and ("cls_row", None) not in self._stats:  # one row, no full softmax
+            row = self._logits[:, :, 0].softmax(dim=-1)
+            self._stats[("cls_row", None)] = row.to(accumulation_dtype(row))
+        return self._statistic("cls_row")
 
     @property
     def received(self) -> Tensor:
         """Attention each token receives per head, mean over the queries (B, H, N), prefix included."""
-        p = self.probs
-        return p.to(_acc_dtype(p)).mean(dim=2)
+        return self._statistic("received")
 
     @property
     def mean_attention(self) -> Tensor:
         """The head-mean attention (B, N queries, N keys)."""
-        p = self.probs
-        return p.to(_acc_dtype(p)).mean(dim=1)
+        return self._statistic("mean_attention")
 
     def column_norm(self, n: float) -> Tensor:
-        """l_n norm of every key's column (over queries) of the head-mean attention (B, N), prefix included.
+        """l_n norm of every key's column (over queries) of the head-mean attention (B, N), prefix included;
+        scaled by the column maximum so that p^n cannot underflow to 0 for small attention."""
+        return self._statistic("column_norm", float(n))
 
-        Scaled by the column maximum so that p^n cannot underflow to 0 for small attention.
-        """
-        cols = self.mean_attention
-        if math.isinf(n):
-            return cols.amax(dim=1)
-        peak = cols.amax(dim=1, keepdim=True).clamp_min(torch.finfo(cols.dtype).tiny)
-        return peak.squeeze(1) * (cols / peak).pow(n).sum(dim=1).pow(1.0 / n)
+    def statistic(self, name: str):
+        """The registered statistic ``name`` (``register_statistic``) of this block's attention."""
+        return self._statistic("statistics", name)
 
     @property
     def cls_attn(self) -> Tensor:
@@ -200,36 +373,44 @@ class AttentionContext:
     @property
     def key(self) -> Tensor:
         """The block's keys (B, H, N, d), for criteria that compare tokens by what they match on."""
-        if self._key is None:
-            raise ValueError("this criterion needs the attention keys; pass key= to AttentionContext")
-        return self._key
+        if self._ops.key is None:
+            raise ValueError("this criterion needs the attention keys; pass operands=Operands(key=...)")
+        return self._ops.key
 
     @property
     def value(self) -> Tensor:
         """The block's values (B, H, N, d), for criteria that weigh attention by what it carries."""
-        if self._value is None:
-            raise ValueError("this criterion needs the attention values; pass value= to AttentionContext")
-        return self._value
+        if self._ops.value is None:
+            raise ValueError("this criterion needs the attention values; pass operands=Operands(value=...)")
+        return self._ops.value
 
     def patches(self, t: Tensor, dim: int = -1) -> Tensor:
         """Slice the candidate patch tokens P..P+n-1 out of ``t`` along ``dim`` (P = ``num_prefix``)."""
         return t.narrow(dim, self.num_prefix, self.num_patches)
 
     def row_entropy(self, alpha: float) -> Tensor:
-        """Per-head Rényi entropy H_alpha of each candidate patch's attention row (B, H, n).
+        """Per-head Rényi entropy H_alpha of each candidate patch's attention row (B, H, n), cached.
 
-        Cached per alpha. With the block's queries and keys it comes from the probabilities that the
-        attention output uses (``_row_entropy_from_probs``); otherwise from the logits by log-sum-exp.
+        From the probabilities the output uses (``Statistics``) when the context has the block's operands
+        and ``safe_from_probs`` allows the order; otherwise from the logits by log-sum-exp.
         """
         a = check_alpha(alpha)
-        if a not in self._entropy:
-            fast = self._reuse or (self._probs is not None and self._query is not None)
-            h = _row_entropy_from_probs(self, a) if fast else None
-            if h is None:
+        if ("row_entropy", a) not in self._stats:
+            keys = self._any_attention().shape[-1]
+            if self._ops.query is not None and self._ops.key is not None and safe_from_probs(a, keys):
+                self._statistic("row_entropy", a)
+            else:
                 s = self._logits if self._logits is not None else self.logits
-                h = renyi_entropy(self.patches(s, dim=2), a, dim=-1)
-            self._entropy[a] = h
-        return self._entropy[a]
+                self._stats[("row_entropy", a)] = renyi_entropy(s, a, dim=-1)
+        return self.patches(self._stats[("row_entropy", a)], dim=2)
+
+
+def softmax_in_place(s: Tensor) -> Tensor:
+    """softmax over the last dim, written over ``s``; float16/bfloat16 in steps, the sums in float32."""
+    if s.dtype in (torch.float32, torch.float64):
+        return torch.softmax(s, dim=-1, out=s)
+    s.sub_(s.amax(dim=-1, keepdim=True)).exp_()
+    return s.div_(s.sum(dim=-1, keepdim=True, dtype=torch.float32))
 
 
 def attention_logits(query: Tensor, key: Tensor, scale: float) -> Tensor:
@@ -264,41 +445,3 @@ def explicit_qkv(attn: nn.Module, x: Tensor) -> tuple[tuple, tuple, contextlib.A
     return (q, k, v), (q.float(), k.float(), v.float()), precision
 
 
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    """float32 for float16/bfloat16 (as ``renyi_entropy``), the tensor's own dtype otherwise."""
-    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
-
-
-def _row_entropy_from_probs(ctx: AttentionContext, a: float) -> Tensor | None:
-    """H_alpha of the patch rows from the probabilities p = softmax(s), s = c q k^T; None where unsafe.
-
-    No (B, H, n, N) temporary: every term is a row reduction of p or a product with q, k:
-      H_inf = -log max_j p_j
-      H_1   = L - sum_j p_j s_j, with sum_j p_j s_j = c q.(p K) and L = log sum_j exp s_j kept by the
-              in-place softmax (else L = s_j* - log p_j*, j* = argmax p)
-      H_a   = a/(1-a) log ||p||_a  (a != 1; only where p^a cannot underflow and |a-1| >= 0.5)
-    """
-    n = ctx.num_patches
-    keys = n + ctx.num_prefix + 1  # at most: prefix, patches and a fused token
-    if a not in (1.0, math.inf) and (abs(a - 1.0) < 0.5 or a == 0.0 or a * math.log(keys) > 60.0):
-        return None  # the log-sum-exp form is exact there
-    probs, lse = ctx.probs_and_lse() if a == 1.0 else (ctx.probs, None)
-    p = ctx.patches(probs, dim=2)  # (B, H, n, N)
-    acc = _acc_dtype(p)
-    if a == 2.0 or (a != 1.0 and not math.isinf(a)):
-        norm = torch.linalg.vector_norm(p, ord=a, dim=-1, dtype=acc)
-        return norm.log() * (a / (1.0 - a))
-    if math.isinf(a):
-        return p.amax(dim=-1).to(acc).log().neg_()  # amax: no argmax indices needed
-    q = ctx.patches(ctx._query, dim=2)  # (B, H, n, d)
-    k = ctx._key
-    if lse is not None:  # H_1 = L - c q.(p K)
-        dot = (p @ k).to(acc).mul_(q).sum(dim=-1).mul_(ctx._scale)
-        return ctx.patches(lse, dim=2).to(acc) - dot
-    pmax, jmax = p.max(dim=-1)
-    log_pmax = pmax.to(acc).log()
-    k_star = k.gather(2, jmax.unsqueeze(-1).expand(-1, -1, -1, k.shape[-1])).to(acc)  # key of argmax
-    expected_k = (p @ k).to(acc)  # sum_j p_j k_j
-    # L - sum_j p_j s_j = c q.(k_j* - sum_j p_j k_j) - log p_j*   (in place: two (B, H, n, d) buffers)
-    dot = k_star.sub_(expected_k).mul_(q).sum(dim=-1)
-    return dot.mul_(ctx._scale).sub_(log_pmax)

@@ -1,8 +1,9 @@
-"""Rényi entropy of softmax distributions, computed from logits.
+"""Rényi entropy of softmax distributions: the one definition, from logits or from probabilities.
 
-Pure tensor math: nothing here knows about models. Every form works on logits s
-(p = softmax(s)) through log-sum-exp, so no probability tensor has to be raised to a
-power and exponent underflow cannot turn a small entropy into log(0).
+Pure tensor math: nothing here knows about models. ``renyi_entropy`` works on logits s (p = softmax(s))
+through log-sum-exp, so exponent underflow cannot turn a small entropy into log(0). ``entropy_from_probs``
+is the same quantity from probabilities a block already holds; ``safe_from_probs`` is the one rule for
+which orders may be computed that way.
 """
 
 from __future__ import annotations
@@ -12,11 +13,51 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["renyi_entropy", "check_alpha", "parse_alpha"]
+__all__ = [
+    "renyi_entropy", "entropy_from_probs", "safe_from_probs", "accumulation_dtype", "check_alpha",
+    "parse_alpha",
+]  # fmt: skip
 
 # Within this distance of alpha = 1 the general form (L(a*s) - a*L(s)) / (1 - a) is a 0/0 that
 # loses precision in float32, so the expm1 form below is used instead (see _renyi_near_one).
 _NEAR_ONE = 0.5
+
+
+#: Largest a * log(N) for which p^a over N keys is computed from probabilities: the smallest term that
+#: matters, (1/N)^a, is then >= e^-60, far above float32's smallest normal (~1e-38 = e^-87).
+_MAX_POWER_LOG = 60.0
+
+
+def accumulation_dtype(t: Tensor) -> torch.dtype:
+    """float32 for float16/bfloat16 tensors, the tensor's own dtype otherwise: where sums are taken."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def safe_from_probs(alpha: float, num_keys: int) -> bool:
+    """Whether H_alpha over ``num_keys`` keys may be computed from probabilities (``entropy_from_probs``):
+    alpha = 1 and inf always; other orders where |alpha - 1| >= 0.5 (no 0/0 near 1) and p^alpha cannot
+    underflow. Elsewhere (alpha = 0 included) the log-sum-exp form ``renyi_entropy`` is used."""
+    a = float(alpha)
+    if a == 1.0 or math.isinf(a):
+        return True
+    return a != 0.0 and abs(a - 1.0) >= _NEAR_ONE and a * math.log(max(num_keys, 2)) <= _MAX_POWER_LOG
+
+
+def entropy_from_probs(p: Tensor, alpha: float, lse: Tensor | None = None, mean_logit: Tensor | None = None):
+    """H_alpha of every row of p = softmax(s) along the last dim, for an order ``safe_from_probs`` allows.
+
+    H_inf = -log max_j p_j;  H_a = a / (1 - a) log ||p||_a (a != 1);  H_1 = L - sum_j p_j s_j, which needs
+    the row log-sum-exp ``lse`` = L(s) and ``mean_logit`` = sum_j p_j s_j. Sums in ``accumulation_dtype``.
+    """
+    a = float(alpha)
+    acc = accumulation_dtype(p)
+    if math.isinf(a):
+        return p.amax(dim=-1).to(acc).log_().neg_()
+    if a != 1.0:
+        return torch.linalg.vector_norm(p, ord=a, dim=-1, dtype=acc).log_().mul_(a / (1.0 - a))
+    if lse is None or mean_logit is None:
+        raise ValueError("the Shannon entropy from probabilities needs the row log-sum-exp and sum_j p_j s_j")
+    return lse.to(acc) - mean_logit.to(acc)
 
 
 def check_alpha(alpha: float) -> float:

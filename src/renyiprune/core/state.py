@@ -79,6 +79,7 @@ class PruneState:
     records: list[StageRecord] = field(default_factory=list)
     patch_index: Tensor | None = None  # (B, n) original patch of each candidate token, -1: fused token
     size: Tensor | None = None  # (B, N, 1) patches per token, once tokens have been merged
+    _grid: tuple = field(default=(), repr=False)  # (batch, patches, device) of the current forward
 
     @property
     def locations(self) -> tuple[int, ...]:
@@ -91,7 +92,15 @@ class PruneState:
         """Reset the per-forward records for a batch of ``batch`` images of ``num_patches`` patches."""
         self.records = []
         self.size = None
-        self.patch_index = torch.arange(num_patches, device=device).expand(batch, -1)
+        self.patch_index = None  # made by the first pruning block (``candidates``): nothing held before it
+        self._grid = (batch, num_patches, device)
+
+    def candidates(self) -> Tensor:
+        """``patch_index`` (B, n) of the current candidate tokens; all patches at the first pruning block."""
+        if self.patch_index is None:
+            batch, num_patches, device = self._grid
+            self.patch_index = torch.arange(num_patches, device=device).expand(batch, -1)
+        return self.patch_index
 
     def key_bias(self) -> Tensor | None:
         """Proportional attention: log(size) of every key, (B, 1, 1, N), or None before any merge."""

@@ -34,9 +34,10 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..core.attention import AttentionContext, attention_logits
+from ..core.attention import Site
 from ..core.criteria import make_criterion
 from ..core.plans import MergePlan
+from ..core.streamed import score_block
 from ..data.images import Batch, check_bad
 from ..planning.flops import count_gmacs
 from ..planning.points import Point
@@ -209,9 +210,8 @@ def first_stage_scores(
     out = []
     for i in range(0, rows.shape[0], batch_size):
         x = cache.tokens[rows[i : i + batch_size]]
-        q, k, v = blk.attn.qkv_heads(blk.norm1(x))
-        logits = attention_logits(q, k, blk.attn.scale)
-        out.append(fn(AttentionContext(logits, num_patches=x.shape[1] - 1, key=k, value=v)).float())
+        site = Site(num_patches=x.shape[1] - 1)  # the block's own scoring path (streamed.score_block)
+        out.append(score_block(blk.attn, blk.norm1(x), fn, site)[1].float())
     return torch.cat(out)
 
 

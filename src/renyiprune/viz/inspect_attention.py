@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core.attention import AttentionContext, attention_logits
+from ..core.attention import Site, attention_logits
 from ..core.criteria import make_criterion
 from ..core.selection import keep_count
 from ..core.state import StageRecord, is_patched
+from ..core.streamed import explicit_context
 from ..experiments.evaluate import pruned_view
 from ..planning.build import PatchArgs, build_plan
 
@@ -73,7 +74,7 @@ def patch_entropy(logits: Tensor, alpha: float, num_patches: int | None = None, 
     """
     n = logits.shape[-1] - 1 if num_patches is None else num_patches
     crit = make_criterion("renyi", **dict(options, alpha=alpha))
-    return -crit(AttentionContext(logits, num_patches=n))
+    return -crit(explicit_context(logits, Site(num_patches=n)))  # the pipeline's explicit case
 
 
 def entropy_maps(
