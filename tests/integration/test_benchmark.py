@@ -98,7 +98,9 @@ def test_bench_takes_every_eval_method(capsys):
             "--removed", "merge", "--reps", "1", "--warmup", "0", "--json"]  # fmt: skip
     assert main(["bench", *args]) == 0
     rows = {r["config"]: r for r in json.loads(capsys.readouterr().out)["results"]}
-    assert {"unpruned", "evit r=0.7 +merge", "tome r=2", "renyi:2@1+evit@2 r=0.7"} <= set(rows)
+    # --removed applies to every pruning configuration: per-stage specs and best's choice too
+    assert {"unpruned", "evit r=0.7 +merge", "tome r=2", "renyi:2@1+evit@2 r=0.7 +merge"} <= set(rows)
+    assert all(r["removed"] == "merge" for c, r in rows.items() if c not in ("unpruned", "tome r=2"))
     assert len(rows) == 5  # plus best's choice at keep 0.7
     assert rows["tome r=2"]["keep_rate"] is None and rows["tome r=2"]["pruned_from"] == 0
     assert rows["evit r=0.7 +merge"]["removed"] == "merge" and rows["evit r=0.7 +merge"]["pruned_from"] == 1
@@ -106,7 +108,7 @@ def test_bench_takes_every_eval_method(capsys):
             "inf", "--reps", "1", "--warmup", "0", "--json"]  # fmt: skip
     assert main(["bench", *args]) == 0
     rows = {r["config"]: r for r in json.loads(capsys.readouterr().out)["results"]}
-    tome = rows["tome entropy_weight=0.05 alpha=inf budget=0.6"]
+    tome = rows["tome alpha=inf entropy_weight=0.05 budget=0.6"]  # the label tune-budget's records carry
     assert tome["budget"] == 0.6 and tome["alpha"] == "inf" and tome["gmacs_ratio"] >= 1 / 0.6
     assert rows["evit budget=0.6"]["budget"] == 0.6 and rows["evit budget=0.6"]["keep_rate"] is None
     assert tome["vs_evit"] is not None  # paired with evit at the same budget
