@@ -17,8 +17,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..data.datasets import BannerCropped
-from ..data.images import EvalTransform, check_labels
+from ..data.datasets import BannerCropped, eval_transform
+from ..data.images import check_labels
 from ..models.model import weights_id
 from ..planning.points import Point
 from ..utils import distributed as D
@@ -26,7 +26,7 @@ from ..utils.io import atomic_write_text, output_lock
 from .sweep import ResultLog, SweepSettings, fingerprint, sweep_samples
 from .tables import markdown_tables, to_csv
 
-__all__ = ["ImageRun", "check_model", "eval_transform", "run_points", "write_outputs", "run_grid_sweep"]
+__all__ = ["ImageRun", "check_model", "run_points", "write_outputs", "run_grid_sweep"]
 
 
 @dataclass(frozen=True)
@@ -53,18 +53,12 @@ def check_model(model: nn.Module, samples: Sequence, locations: Sequence[int], m
                          "0-based)")  # fmt: skip
 
 
-def eval_transform(model: nn.Module) -> EvalTransform:
-    """The evaluation transform of ``model``'s pretrained config."""
-    c = model.pretrained_cfg
-    return EvalTransform(c.img_size, c.crop_pct, c.interpolation, c.mean, c.std)
-
-
 def run_points(run: ImageRun, samples: Sequence, points: Sequence[Point], log_path: Path, part: str
                ) -> tuple[list[dict], dict]:  # fmt: skip
     """``sweep.sweep_samples`` of ``points`` on ``samples`` (``part`` of the run's images), resuming the log
     at ``log_path``; records in ``points`` order, and timing."""
     fp = fingerprint(run.model_name, weights_id(run.model_name, run.weights), run.data_key, samples, part)
-    transform = eval_transform(run.model)
+    transform = eval_transform("center-crop", run.model.pretrained_cfg)
     if run.crop_bottom:
         transform = BannerCropped(transform, run.crop_bottom)
     return sweep_samples(run.model, points, samples, ResultLog(log_path, fp), transform, run.settings)

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..data.datasets import open_sample
-from ..data.images import BadImageError, EvalTransform
+from ..data.datasets import eval_transform, open_sample
+from ..data.images import BadImageError
 from ..utils.io import atomic_write, atomic_write_text
 from . import inspect_attention as ia
 from .report_html import FigureEntry, render_index
@@ -232,8 +232,7 @@ def _summary_figures(writer: _Writer, request: FigureRequest, totals: _Totals) -
 @torch.inference_mode()
 def _render(model: nn.Module, paths: Sequence[Path], request: FigureRequest, writer: _Writer) -> None:
     """Every figure into ``writer``: the per-image ones batch by batch, then those over all images."""
-    cfg = model.pretrained_cfg
-    tf = EvalTransform(cfg.img_size, cfg.crop_pct, cfg.interpolation, cfg.mean, cfg.std)
+    tf = eval_transform("center-crop", model.pretrained_cfg)
     grid, ps = model.patch_embed.grid_size, model.patch_embed.patch_size[0]
     heads = model.blocks[0].attn.num_heads
     totals = _Totals(len(model.blocks), heads, request.alphas, len(request.locations))
