@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from renyiprune.core.attention import FULL, Needs, Operands, Site
 from renyiprune.core.criteria import CRITERIA, make_criterion, needs_of
 from renyiprune.core.entropy import renyi_entropy
-from renyiprune.core.streamed import StreamedContext, attend, chunk_plan, memory_budget
+from renyiprune.core.streamed import CACHE_BYTES, StreamedContext, attend, chunk_plan, memory_budget
 from renyiprune.experiments.benchmark import PeakTensorMemory
 
 ALPHAS = (0.0, 0.5, 0.7, 1.0, 2.0, 3.0, math.inf)
@@ -187,28 +187,37 @@ def test_cls_only_path_uses_sdpa_and_one_row():
 
 def test_chunk_plan():
     for B, H, N, budget in [(64, 6, 197, 4 << 20), (64, 6, 577, 4 << 20), (2, 1, 5, 1), (3, 2, 10, 10**9)]:
-        images, rows = chunk_plan(B, H, N, 4, budget)
-        assert 1 <= images <= B and 1 <= rows <= N
-        assert rows == 1 or images * H * rows * N * 4 <= budget
-        assert images == 1 or rows == N
+        for cache in (None, 1, 1 << 20, 8 << 20):
+            images, rows = chunk_plan(B, H, N, 4, budget, cache_bytes=cache)
+            assert 1 <= images <= B and 1 <= rows <= N
+            assert rows == 1 or images * H * rows * N * 4 <= budget
+            assert images == 1 or rows == N
+            assert images == 1 or cache is None or images * H * N * N * 4 <= cache
     assert chunk_plan(3, 2, 10, 4, 10**9) == (3, 10)
+    assert chunk_plan(3, 2, 10, 4, 10**9, cache_bytes=2 * 2 * 10 * 10 * 4) == (2, 10)
     assert chunk_plan(64, 6, 577, 8, 4 << 20) == (1, 151)  # 4 MiB / (6 heads * 577 keys * 8 B)
+    # the cache cap never splits an image into rows: only the memory budget does
+    assert chunk_plan(2, 6, 577, 4, 10**9, cache_bytes=1) == (1, 577)
     with pytest.raises(ValueError, match="positive"):
         chunk_plan(1, 1, 4, 4, 0)
 
 
-def test_cost_model_whole_batch_at_224_chunks_at_384():
-    """The cost model (4 B N C activations for the buffer): DeiT-S (6 heads, C = 384) in float32 takes
-    the whole batch at 224 px (N = 197: one image's 6 x 197^2 logits < 4 x 197 x 384) and query rows of
-    one image at 384 px (N = 577: 6 x 577^2 > 4 x 577 x 384, so 4 x 384 / 6 = 256 rows fit)."""
-    for B in (1, 16, 64):
+def test_cost_model_at_224_and_384():
+    """The cost model for DeiT-S (6 heads, C = 384) in float32. Memory (4 B N C activations for the
+    buffer) allows the whole batch at 224 px (N = 197: one image's 6 x 197^2 logits < 4 x 197 x 384) and
+    query rows of one image at 384 px (N = 577: 6 x 577^2 > 4 x 577 x 384, so 4 x 384 / 6 = 256 rows
+    fit). The cache cap then takes 8 MiB // (6 x 197^2 x 4 B) = 9 images per chunk at 224 px, and one
+    image (6 x 577^2 x 4 B = 7.99 MB) at 384 px where memory would allow 7 or 28."""
+    for B, images in ((1, 1), (16, 9), (64, 9)):
+        assert chunk_plan(B, 6, 197, 4, memory_budget(B, 197, 384, 4), CACHE_BYTES) == (images, 197)
         assert chunk_plan(B, 6, 197, 4, memory_budget(B, 197, 384, 4)) == (B, 197)
-    assert chunk_plan(1, 6, 577, 4, memory_budget(1, 577, 384, 4)) == (1, 256)
-    assert chunk_plan(16, 6, 577, 4, memory_budget(16, 577, 384, 4)) == (7, 577)  # 16 * 256 rows: 7 images
-    assert chunk_plan(64, 6, 577, 4, memory_budget(64, 577, 384, 4)) == (28, 577)
+    assert chunk_plan(1, 6, 577, 4, memory_budget(1, 577, 384, 4), CACHE_BYTES) == (1, 256)
+    for B, memory_only in ((16, 7), (64, 28)):  # 16 * 256 rows: 7 images
+        assert chunk_plan(B, 6, 577, 4, memory_budget(B, 577, 384, 4)) == (memory_only, 577)
+        assert chunk_plan(B, 6, 577, 4, memory_budget(B, 577, 384, 4), CACHE_BYTES) == (1, 577)
     # bfloat16 activations: half the budget, float32 buffers; log-sum-exp orders: three buffers
-    assert chunk_plan(1, 6, 197, 4, memory_budget(1, 197, 384, 2)) == (1, 128)
-    assert chunk_plan(1, 6, 197, 12, memory_budget(1, 197, 384, 4)) == (1, 85)
+    assert chunk_plan(1, 6, 197, 4, memory_budget(1, 197, 384, 2), CACHE_BYTES) == (1, 128)
+    assert chunk_plan(1, 6, 197, 12, memory_budget(1, 197, 384, 4), CACHE_BYTES) == (1, 85)
 
 
 def test_every_criterion_scores_equal_explicit_float64():

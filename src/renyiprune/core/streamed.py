@@ -7,8 +7,10 @@ declares, by one of three cases:
 - only the CLS row, keys or values: fused SDPA for the output, plus the CLS query's row (q_cls . K^T);
 - row entropies or column statistics: the queries in chunks of images, or of query rows of one image.
   Each chunk's logits (b, H, c, N) get the key bias, then the softmax in place, and ``Statistics`` folds
-  the probabilities in. ``memory_budget`` (the cost model) sizes the chunks: the whole batch at once
-  when its buffer keeps the block's peak memory at or below the unpruned block's, else chunks.
+  the probabilities in. The cost model sizes the chunks: ``memory_budget`` bounds the buffer so that the
+  block's peak memory stays at or below the unpruned block's (rows of one image when one image does not
+  fit), and ``CACHE_BYTES`` bounds how many whole images share one buffer, because a buffer larger than
+  that runs slower, not faster (docs/performance.md, "Cost model").
 float16/bfloat16 inputs are computed in float32 one image block at a time, so rankings use float32
 logits. ``score_block`` is the same for a block module: its q, k, v, this pipeline and the criterion.
 """
@@ -37,7 +39,7 @@ from .entropy import accumulation_dtype
 
 __all__ = [
     "attend", "score_block", "explicit_context", "may_stream", "StreamedContext", "memory_budget",
-    "chunk_plan",
+    "chunk_plan", "CACHE_BYTES",
 ]  # fmt: skip
 
 Scorer = Callable[[AttentionContext], Tensor]
@@ -124,18 +126,33 @@ def memory_budget(batch: int, tokens: int, width: int, act_size: int, qkv_size: 
     return max(8 * m * act_size - 3 * m * qkv_size - m * act_size, m * act_size)
 
 
-def chunk_plan(batch: int, heads: int, n: int, bytes_per_logit: int, budget: int) -> tuple[int, int]:
+#: Bytes of logits beyond which more whole images per chunk make a pruning block slower, not faster
+#: (``benchmarks/chunk_size.py``, docs/performance.md "Cost model"): on DeiT-S shapes, chunks of 1-16
+#: images at 197 tokens ran within 7 % of the fastest (8 images, 7.1 MiB), and the whole batch of 64 took
+#: 1.6x as long; at 577 tokens one image (7.6 MiB) was fastest and 2, 4, 16 took 1.1-1.2x, 1.3x, 1.8x. Each
+#: pass (logits, softmax, statistics, output) re-reads a buffer that large from memory.
+CACHE_BYTES = 8 << 20
+
+
+def chunk_plan(
+    batch: int, heads: int, n: int, bytes_per_logit: int, budget: int, cache_bytes: int | None = None
+) -> tuple[int, int]:
     """(images, query rows) per chunk so that its (images, heads, rows, n) logits fit ``budget`` bytes.
 
-    Whole images when one fits (as many per chunk as fit, up to the batch), else rows of one image (at
-    least one row).
+    Whole images when one fits (as many per chunk as fit both ``budget`` and ``cache_bytes``, at least
+    one, up to the batch), else rows of one image (at least one row). ``cache_bytes=None``: no cap.
+    A pruning block passes ``CACHE_BYTES`` (read at each call).
     """
     if budget < 1:
         raise ValueError(f"chunk budget must be a positive number of bytes, got {budget}")
-    rows = max(1, int(budget) // (heads * n * bytes_per_logit))
-    if rows >= n:
-        return max(1, min(batch, rows // n)), n
-    return 1, rows
+    per_row = heads * n * bytes_per_logit
+    rows = max(1, int(budget) // per_row)
+    if rows < n:
+        return 1, rows
+    images = rows // n
+    if cache_bytes is not None:
+        images = min(images, int(cache_bytes) // (per_row * n))
+    return max(1, min(batch, images)), n
 
 
 def may_stream(x: Tensor) -> bool:
@@ -202,24 +219,35 @@ def _fused(ops: Operands, needs: Needs, out_dtype: torch.dtype):
     mask = None if ops.bias is None else ops.bias.to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, ops.value, attn_mask=mask, scale=ops.scale).to(out_dtype)
     stats = Statistics(Needs(cls_row=needs.cls_row), (B, H, N), q)
-    if needs.cls_row:  # (B, H, 1, N), and k in float32 for half-precision: within any memory_budget
-        acc = accumulation_dtype(q)
-        s = torch.matmul(q[:, :, :1].to(acc), k.to(acc).transpose(-2, -1)).mul_(ops.scale)
-        if ops.bias is not None:
-            s.add_(ops.bias.to(acc))
-        stats.add(Chunk(s.softmax(dim=-1), slice(None), slice(0, 1)))
+    if needs.cls_row:
+        stats.add(Chunk(_cls_rows(ops).softmax(dim=-1), slice(None), slice(0, 1)))
     return out, stats.result()
 
 
+def _cls_rows(ops: Operands) -> Tensor:
+    """The CLS query's logits (B, H, 1, N), one head at a time: k[:, h] (B, N, d) is a strided view of the
+    qkv projection that bmm reads in place, where one (B, H) batched product would copy all the keys.
+    float32 for half-precision operands (one head's keys at a time: within any memory_budget)."""
+    q, k = ops.query, ops.key
+    B, H, N, d = q.shape
+    acc = accumulation_dtype(q)
+    s = torch.empty(H, B, 1, N, dtype=acc, device=q.device)
+    for h in range(H):
+        torch.baddbmm(s[h], q[:, h, :1].to(acc), k[:, h].to(acc).transpose(1, 2), beta=0, alpha=ops.scale,
+                      out=s[h])  # fmt: skip
+    s = s.transpose(0, 1)
+    return s if ops.bias is None else s + ops.bias.to(acc)
+
+
 def _plan(ops: Operands, site: Site, buffers: int, out_dtype: torch.dtype) -> tuple[int, int]:
-    """``chunk_plan`` for these operands: the cost model's budget, or the site's ``chunk_bytes``."""
+    """``chunk_plan`` for these operands: the cost model's budgets, or the site's ``chunk_bytes`` alone."""
     B, H, N, d = ops.query.shape
     acc_size = torch.finfo(accumulation_dtype(ops.query)).bits // 8
-    budget = site.chunk_bytes
-    if budget is None:
-        act_size = torch.finfo(out_dtype).bits // 8
-        budget = memory_budget(B, N, H * d, act_size, ops.query.element_size())
-    return chunk_plan(B, H, N, acc_size * buffers, budget)
+    if site.chunk_bytes is not None:
+        return chunk_plan(B, H, N, acc_size * buffers, site.chunk_bytes)
+    act_size = torch.finfo(out_dtype).bits // 8
+    budget = memory_budget(B, N, H * d, act_size, ops.query.element_size())
+    return chunk_plan(B, H, N, acc_size * buffers, budget, CACHE_BYTES)
 
 
 def _chunked(ops: Operands, needs: Needs, site: Site, out_dtype: torch.dtype):
