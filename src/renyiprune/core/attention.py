@@ -102,9 +102,9 @@ class Site:
     """Where a block's attention is scored (token layout, stage, forward step) and how.
 
     ``num_patches`` defaults to the tokens after the ``num_prefix`` prefix tokens. ``chunk_bytes``
-    overrides the cost model's budget for the chunk buffers (``streamed.memory_budget``); ``explicit``
-    asks for the full (B, H, N, N) attention (autograd, tracing, export, ``attention="explicit"``).
-    ``out_dtype``: dtype of the attention output (default: the values').
+    replaces the cost model (``streamed.memory_budget``, ``CACHE_BYTES``) with one byte budget for the
+    chunk buffers; ``explicit`` asks for the full (B, H, N, N) attention (autograd, tracing, export,
+    ``attention="explicit"``). ``out_dtype``: dtype of the attention output (default: the values').
     """
 
     num_patches: int | None = None
