@@ -212,7 +212,7 @@ def test_benchmark_resumes_skips_and_reports(cars, tmp_path, capsys):
     def cal_top1(bits):
         return sum(b == "1" for b, c in zip(bits, calib, strict=True) if c) / max(sum(calib), 1)
 
-    # ties: fewer GMACs (Shannon counts its q.(pK) product, so alpha = 1 costs more than 2), then the grid
+    # ties: fewer GMACs, then the grid's order
     best = max(names[1:], key=lambda n: (cal_top1(runs[n]["correct"]), -runs[n]["gmacs"], -names.index(n)))
     assert summary["renyi_alpha_chosen"]["0.7"]["run"] == best
     # the policy file (the probe's schema) gives the same α to `--alpha auto`, and its "best" is the run

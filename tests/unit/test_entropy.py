@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from renyiprune.core.entropy import parse_alpha, renyi_entropy
+from renyiprune.core.entropy import entropy_from_probs, parse_alpha, renyi_entropy, safe_from_probs
 
 pytestmark = pytest.mark.numerics
 
@@ -53,6 +53,29 @@ def test_matches_float64_naive(x, alpha):
     t = torch.tensor(x, dtype=torch.float32)
     got = renyi_entropy(t, alpha).double().numpy()
     want = naive(np.array(x), alpha)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows,
+    st.sampled_from([1.0, 0.3, 2.0, 3.0, 10.0, math.inf]),
+    st.lists(st.booleans(), min_size=40, max_size=40),
+)
+def test_probabilities_form_matches_float64_naive(x, alpha, mask):
+    """``entropy_from_probs`` on float32 softmax probabilities, with masked keys (p = 0 exactly) and logits
+    150 below the row maximum (p underflows to 0 in float32), against the float64 textbook value.
+    Tolerance as for the logits form: float32 probabilities carry 2^-24 relative error per term."""
+    t = torch.tensor(x, dtype=torch.float32)
+    n = t.shape[1]
+    keep = torch.tensor(mask[:n])
+    keep[0] = True  # at least one key in the support
+    t = torch.where(keep, t, torch.tensor(-math.inf))
+    t[:, -1] = torch.where(keep[-1], t[:, -1] - 150.0, t[:, -1])  # underflows in float32 when kept
+    if not safe_from_probs(alpha, n):
+        return
+    got = entropy_from_probs(t.softmax(dim=-1), alpha).double().numpy()
+    want = naive(t.double().numpy(), alpha)
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
 
 

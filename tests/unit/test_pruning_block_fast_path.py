@@ -119,10 +119,10 @@ def test_row_entropy_from_probabilities_matches_log_sum_exp(alpha, dtype, tol):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_shannon_from_the_kept_row_maximum(dtype, tol):
-    """Shannon from the probabilities, L = max s - log max p with the row maximum the softmax keeps,
-    whether the entropy or another reader (fused softmax first) made the probabilities: both equal the
-    log-sum-exp reference."""
+def test_shannon_from_probabilities(dtype, tol):
+    """Shannon from the probabilities (-sum p log p), whether the entropy or another reader (fused softmax
+    first) made them: both equal the log-sum-exp reference. float32: a sum of 64 terms of size <= 1/e
+    each, rounded at 2^-24 relative, stays far inside 1e-5."""
     q, k = _qk(dtype)
     logits = attention_logits(q, k, 0.5)
     want = renyi_entropy(logits[:, :, 1:15], 1.0)
@@ -131,7 +131,6 @@ def test_shannon_from_the_kept_row_maximum(dtype, tol):
     assert ctx._logits is None  # the logits buffer became the probabilities
     ctx = AttentionContext(logits.clone(), 14, operands=Operands(q, k, scale=0.5), reuse_logits=True)
     assert ctx.probs.shape == logits.shape
-    torch.testing.assert_close(ctx._row_max, logits.amax(-1), atol=0, rtol=0)
     torch.testing.assert_close(ctx.row_entropy(1.0), want, atol=tol, rtol=tol)
 
 

@@ -155,8 +155,8 @@ def _registered(name: str) -> Statistic:
 @dataclass
 class Chunk:
     """Probabilities of query rows ``rows`` of images ``images`` (b, H, c, N), and what they came from:
-    the chunk's queries (b, H, c, d), the images' keys (b, H, N, d) and key bias, and each row's largest
-    logit before the softmax (b, H, c), which the Shannon entropy needs (``shannon_terms``)."""
+    the chunk's queries (b, H, c, d), the images' keys (b, H, N, d) and key bias, for registered
+    statistics that read them."""
 
     probs: Tensor
     images: slice
@@ -165,19 +165,6 @@ class Chunk:
     key: Tensor | None = None
     scale: float = 1.0
     bias: Tensor | None = None
-    row_max: Tensor | None = None
-
-    def shannon_terms(self) -> tuple[Tensor, Tensor]:
-        """(L, sum_j p_j s_j) of every row, without the logits: L = max s - log max p (the argmax key
-        has s_j - log p_j = L), and sum_j p_j s_j = scale q.(p K) + p.b."""
-        acc = accumulation_dtype(self.probs)
-        lse = self.row_max.to(acc) - self.probs.amax(dim=-1).to(acc).log()
-        expected_key = (self.probs @ self.key.to(self.probs.dtype)).to(acc)  # sum_j p_j k_j
-        mean = expected_key.mul_(self.query.to(acc)).sum(dim=-1).mul_(self.scale)
-        if self.bias is not None:  # masked keys: p = 0 times the most negative finite bias is 0, not NaN
-            b = self.bias.to(acc).clamp_min(torch.finfo(acc).min).transpose(-1, -2)  # (b, 1, N, 1)
-            mean += (self.probs.to(acc) @ b).squeeze(-1)
-        return lse, mean
 
 
 class Statistics:
@@ -215,8 +202,7 @@ class Statistics:
         acc = accumulation_dtype(p)
         for a in self.needs.row_entropy:
             if safe_from_probs(a, self.num_keys):
-                terms = chunk.shannon_terms() if a == 1.0 else ()
-                self.entropy[a][bs, :, rs] = entropy_from_probs(p, a, *terms)
+                self.entropy[a][bs, :, rs] = entropy_from_probs(p, a)
         if self.received is not None:
             self.received[bs] += p.sum(dim=2, dtype=acc)
         if self.cls is not None and rs.start == 0:
@@ -287,7 +273,6 @@ class AttentionContext:
         # In-place softmax needs a way to get the logits back, and no autograd graph through them.
         self._reuse = reuse_logits and has_qk and logits is not None and not logits.requires_grad
         self._probs: Tensor | None = None
-        self._row_max: Tensor | None = None  # (B, H, N) largest logit of each row, kept by the softmax
         self._stats: dict[tuple, object] = {}
 
     def __repr__(self) -> str:
@@ -306,7 +291,6 @@ class AttentionContext:
         """softmax(logits) over keys (B, H, N, N), computed once and shared with the attention output."""
         if self._probs is None:
             s = self._logits if self._logits is not None else self.logits
-            self._row_max = s.amax(dim=-1)
             if not self._reuse:
                 self._probs = s.softmax(dim=-1)
             else:  # in place: one N x N buffer
@@ -331,8 +315,7 @@ class AttentionContext:
             stats = Statistics(Needs(**{field: (value,) if order is not None else value}),
                                tuple(self.probs.shape[:3]), self.probs)  # fmt: skip
             ops = self._ops
-            stats.add(Chunk(self.probs, slice(None), slice(0, None), ops.query, ops.key, ops.scale, ops.bias,
-                            self._row_max))  # fmt: skip
+            stats.add(Chunk(self.probs, slice(None), slice(0, None), ops.query, ops.key, ops.scale, ops.bias))
             got = stats.result()[field]
             self._stats[(field, order)] = got[order] if order is not None else got
         return self._stats[(field, order)]

@@ -43,11 +43,12 @@ def safe_from_probs(alpha: float, num_keys: int) -> bool:
     return a != 0.0 and abs(a - 1.0) >= _NEAR_ONE and a * math.log(max(num_keys, 2)) <= _MAX_POWER_LOG
 
 
-def entropy_from_probs(p: Tensor, alpha: float, lse: Tensor | None = None, mean_logit: Tensor | None = None):
-    """H_alpha of every row of p = softmax(s) along the last dim, for an order ``safe_from_probs`` allows.
+def entropy_from_probs(p: Tensor, alpha: float) -> Tensor:
+    """H_alpha of every row of probabilities p along the last dim, for an order ``safe_from_probs`` allows.
 
-    H_inf = -log max_j p_j;  H_a = a / (1 - a) log ||p||_a (a != 1);  H_1 = L - sum_j p_j s_j, which needs
-    the row log-sum-exp ``lse`` = L(s) and ``mean_logit`` = sum_j p_j s_j. Sums in ``accumulation_dtype``.
+    H_inf = -log max_j p_j;  H_a = a / (1 - a) log ||p||_a (a != 1);  H_1 = -sum_j p_j log p_j, with
+    p_j clamped to the smallest normal number inside the log so that p_j = 0 (a masked or underflowed
+    key) adds 0, not 0 * -inf. Sums in ``accumulation_dtype``.
     """
     a = float(alpha)
     acc = accumulation_dtype(p)
@@ -55,9 +56,27 @@ def entropy_from_probs(p: Tensor, alpha: float, lse: Tensor | None = None, mean_
         return p.amax(dim=-1).to(acc).log_().neg_()
     if a != 1.0:
         return torch.linalg.vector_norm(p, ord=a, dim=-1, dtype=acc).log_().mul_(a / (1.0 - a))
-    if lse is None or mean_logit is None:
-        raise ValueError("the Shannon entropy from probabilities needs the row log-sum-exp and sum_j p_j s_j")
-    return lse.to(acc) - mean_logit.to(acc)
+    return _shannon(p, acc)
+
+
+#: The Shannon entropy's one temporary holds at most this many bytes, and at most an eighth of p's rows.
+_SHANNON_TEMP_BYTES = 1 << 20
+
+
+def _shannon(p: Tensor, acc: torch.dtype) -> Tensor:
+    """-sum_j p_j log max(p_j, tiny) over the last dim, a block of rows at a time: its one temporary is at
+    most an eighth of p (and 1 MiB), so an attention matrix never has a second copy of its size."""
+    tiny = torch.finfo(acc).tiny
+    if torch.is_grad_enabled() and p.requires_grad:
+        return -torch.linalg.vecdot(p.to(acc), p.to(acc).clamp_min(tiny).log())
+    rows = p.reshape(-1, p.shape[-1])
+    out = torch.empty(rows.shape[0], dtype=acc, device=p.device)
+    per_row = rows.shape[1] * (torch.finfo(acc).bits // 8)
+    step = max(1, min(-(-rows.shape[0] // 8), _SHANNON_TEMP_BYTES // per_row))
+    for i in range(0, rows.shape[0], step):
+        x = rows[i : i + step]
+        torch.sum(x.to(acc).clamp_min(tiny).log_().mul_(x), dim=-1, out=out[i : i + step])
+    return out.view(p.shape[:-1]).neg_()
 
 
 def check_alpha(alpha: float) -> float:

@@ -259,9 +259,10 @@ def _chunked(ops: Operands, needs: Needs, site: Site, out_dtype: torch.dtype):
     B, H, N, d = q.shape
     acc = accumulation_dtype(q)
     stats = Statistics(needs, (B, H, N), q)
-    # Orders refused by safe_from_probs need log-sum-exp temporaries the size of the chunk: 3 buffers.
-    images, rows = _plan(ops, site, 3 if stats.unsafe_orders() else 1, out_dtype)
-    shannon = 1.0 in needs.row_entropy
+    # Orders refused by safe_from_probs need log-sum-exp temporaries the size of the chunk (3 buffers);
+    # the Shannon entropy one temporary of at most an eighth of it (counted as a second buffer).
+    images, rows = _plan(ops, site, 3 if stats.unsafe_orders() else 2 if 1.0 in needs.row_entropy else 1,
+                         out_dtype)  # fmt: skip
     out = v.new_empty(B, N, H, d, dtype=out_dtype)  # merge_heads reads (B, H, N, d): a free view of this
     flat = torch.empty(images * H * rows * N, dtype=acc, device=q.device)
     for b0 in range(0, B, images):
@@ -277,9 +278,8 @@ def _chunked(ops: Operands, needs: Needs, site: Site, out_dtype: torch.dtype):
             if bias is not None:
                 s.add_(bias)
             stats.from_logits(s, bs, rs)
-            row_max = s.amax(dim=-1) if shannon else None
             p = softmax_in_place(s)
-            stats.add(Chunk(p, bs, rs, q[bs, :, rs], k[bs], scale, bias, row_max))
+            stats.add(Chunk(p, bs, rs, q[bs, :, rs], k[bs], scale, bias))
             for j in range(bs.stop - b0):
                 _store(out[b0 + j, rs], torch.bmm(p[j], v[b0 + j].to(acc)))
     return out.transpose(1, 2), stats.result()
