@@ -2,7 +2,7 @@
 against the plan memory alone would pick.
 
     python benchmarks/cost_model_grid.py [--sizes 224,384] [--batches 1,16,64] [--threads 1,2] [--keep 0.9]
-                                         [--reps 5]
+                                         [--reps 5 (0: no timing)]
 
 DeiT-S, float32, random weights, pruning at blocks 3, 6, 9. For each cell:
 - the chunk plans ``streamed.chunk_plan`` returned for Rényi's pruning blocks (images x query rows per
@@ -97,7 +97,7 @@ def cell(model, size: int, batch: int, keep: float, reps: int) -> list[dict]:
               f"{last['peak'] / 2**20:.1f} MB {last['choice']}", file=sys.stderr, flush=True)  # fmt: skip
     runners = {(label, "cap"): cap for label, (cap, _) in timed.items()}
     runners.update({(label, "memory"): memory for label, (_, memory) in timed.items()})
-    if runners:
+    if runners and reps > 0:  # --reps 0: plans and peak memory only
         t = time_interleaved(runners, x, warmup=1, reps=reps)
         for r in rows:
             if r["config"] in timed:
