@@ -196,6 +196,14 @@ class Statistics:
     def unsafe_orders(self) -> list[float]:
         return [a for a in self.needs.row_entropy if not safe_from_probs(a, self.num_keys)]
 
+    def chunk_buffers(self) -> int:
+        """Chunk-sized buffers a chunk of queries takes while folded in, for the cost model: 3 with an
+        order computed by log-sum-exp (``from_logits``), 2 with the Shannon entropy (its temporary, at most
+        an eighth of the chunk), else 1."""
+        if self.unsafe_orders():
+            return 3
+        return 2 if 1.0 in self.needs.row_entropy else 1
+
     def add(self, chunk: Chunk) -> None:
         """Fold one chunk's probabilities in."""
         p, bs, rs = chunk.probs, chunk.images, chunk.rows

@@ -259,10 +259,7 @@ def _chunked(ops: Operands, needs: Needs, site: Site, out_dtype: torch.dtype):
     B, H, N, d = q.shape
     acc = accumulation_dtype(q)
     stats = Statistics(needs, (B, H, N), q)
-    # Orders refused by safe_from_probs need log-sum-exp temporaries the size of the chunk (3 buffers);
-    # the Shannon entropy one temporary of at most an eighth of it (counted as a second buffer).
-    images, rows = _plan(ops, site, 3 if stats.unsafe_orders() else 2 if 1.0 in needs.row_entropy else 1,
-                         out_dtype)  # fmt: skip
+    images, rows = _plan(ops, site, stats.chunk_buffers(), out_dtype)
     out = v.new_empty(B, N, H, d, dtype=out_dtype)  # merge_heads reads (B, H, N, d): a free view of this
     flat = torch.empty(images * H * rows * N, dtype=acc, device=q.device)
     for b0 in range(0, B, images):
