@@ -13,12 +13,13 @@ table gives the median time and its ratio to the fastest chunk size of the same 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
 import torch
 
-from renyiprune.core.attention import Needs, Operands, Site
+from renyiprune.core.attention import Needs, Operands, Site, Statistics
 from renyiprune.core.streamed import CACHE_BYTES, attend
 
 HEADS, HEAD_DIM = 6, 64
@@ -35,8 +36,10 @@ def operands(batch: int, tokens: int, seed: int = 0) -> Operands:
 def measure(batch: int, tokens: int, images: list[int], alpha: float, reps: int) -> dict[int, float]:
     """Median seconds of ``attend`` per number of images per chunk."""
     ops, needs = operands(batch, tokens), Needs(row_entropy=(alpha,))
-    per_image = HEADS * tokens * tokens * 4
-    sites = {i: Site(chunk_bytes=i * per_image) for i in images}
+    # the plan divides the budget by every buffer a chunk takes (Shannon's temporary included)
+    buffers = Statistics(needs, (batch, HEADS, tokens), ops.query).chunk_buffers()
+    per_image = HEADS * tokens * tokens * 4 * buffers
+    sites = {i: Site(chunk_bytes=math.ceil(i * per_image)) for i in images}
     times: dict[int, list[float]] = {i: [] for i in images}
     with torch.inference_mode():
         for r in range(reps + 1):  # round 0 warms up

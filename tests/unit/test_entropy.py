@@ -154,3 +154,22 @@ def test_parse_alpha():
     assert parse_alpha("2") == 2.0
     with pytest.raises(ValueError):
         parse_alpha("-1")
+
+
+def test_shannon_temporary_is_at_most_its_share_of_the_probabilities():
+    """The cost model counts a Shannon chunk as 1 + SHANNON_TEMP_SHARE buffers: what ``entropy_from_probs``
+    allocates beyond p (its temporary and the (rows,) result) must stay within that share, for a p small
+    enough that the share (not the 1 MiB cap) binds and for one large enough that the cap does."""
+    from renyiprune.core.entropy import SHANNON_TEMP_SHARE
+    from renyiprune.experiments.benchmark import PeakTensorMemory
+
+    for shape in ((2, 3, 64, 64), (8, 6, 197, 197)):
+        p = torch.softmax(torch.randn(shape, generator=torch.Generator().manual_seed(0)), dim=-1)
+        rows = p.numel() // p.shape[-1]
+        with torch.inference_mode(), PeakTensorMemory() as mem:
+            h = entropy_from_probs(p, 1.0)
+        one_row = p.shape[-1] * 4  # the share is rounded up to whole rows
+        assert mem.peak <= SHANNON_TEMP_SHARE * p.nbytes + one_row + rows * 4
+        assert mem.peak <= (1 << 20) + one_row + rows * 4
+        want = -(p.double() * p.double().log()).sum(-1)
+        torch.testing.assert_close(h.double(), want, atol=2e-6, rtol=0)  # float32 sums of <= 197 terms

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from renyiprune.core.attention import FULL, Needs, Operands, Site
+from renyiprune.core.attention import FULL, Needs, Operands, Site, Statistics
 from renyiprune.core.criteria import CRITERIA, make_criterion, needs_of
 from renyiprune.core.entropy import renyi_entropy
 from renyiprune.core.streamed import CACHE_BYTES, StreamedContext, attend, chunk_plan, memory_budget
@@ -218,6 +218,10 @@ def test_cost_model_at_224_and_384():
     # bfloat16 activations: half the budget, float32 buffers; log-sum-exp orders: three buffers
     assert chunk_plan(1, 6, 197, 4, memory_budget(1, 197, 384, 2), CACHE_BYTES) == (1, 128)
     assert chunk_plan(1, 6, 197, 12, memory_budget(1, 197, 384, 4), CACHE_BYTES) == (1, 85)
+    # Shannon: the chunk plus a temporary of an eighth of it, 8 MiB // (1.125 x 6 x 197^2 x 4 B) = 8 images
+    shannon = Statistics(Needs(row_entropy=(1.0,)), (16, 6, 197), torch.empty(0)).chunk_buffers()
+    assert shannon == 1.125
+    assert chunk_plan(16, 6, 197, 4 * shannon, memory_budget(16, 197, 384, 4), CACHE_BYTES) == (8, 197)
 
 
 def test_every_criterion_scores_equal_explicit_float64():

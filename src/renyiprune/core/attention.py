@@ -21,7 +21,14 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor, nn
 
-from .entropy import accumulation_dtype, check_alpha, entropy_from_probs, renyi_entropy, safe_from_probs
+from .entropy import (
+    SHANNON_TEMP_SHARE,
+    accumulation_dtype,
+    check_alpha,
+    entropy_from_probs,
+    renyi_entropy,
+    safe_from_probs,
+)
 
 __all__ = [
     "AttentionContext", "Needs", "FULL", "Operands", "Site", "Statistics", "Chunk", "attention_logits",
@@ -196,13 +203,13 @@ class Statistics:
     def unsafe_orders(self) -> list[float]:
         return [a for a in self.needs.row_entropy if not safe_from_probs(a, self.num_keys)]
 
-    def chunk_buffers(self) -> int:
+    def chunk_buffers(self) -> float:
         """Chunk-sized buffers a chunk of queries takes while folded in, for the cost model: 3 with an
-        order computed by log-sum-exp (``from_logits``), 2 with the Shannon entropy (its temporary, at most
-        an eighth of the chunk), else 1."""
+        order computed by log-sum-exp (``from_logits``), 1 + ``SHANNON_TEMP_SHARE`` with the Shannon
+        entropy (the chunk and its temporary, at most that share of it), else 1."""
         if self.unsafe_orders():
-            return 3
-        return 2 if 1.0 in self.needs.row_entropy else 1
+            return 3.0
+        return 1.0 + SHANNON_TEMP_SHARE if 1.0 in self.needs.row_entropy else 1.0
 
     def add(self, chunk: Chunk) -> None:
         """Fold one chunk's probabilities in."""

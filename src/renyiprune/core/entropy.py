@@ -15,7 +15,7 @@ from torch import Tensor
 
 __all__ = [
     "renyi_entropy", "entropy_from_probs", "safe_from_probs", "accumulation_dtype", "check_alpha",
-    "parse_alpha",
+    "parse_alpha", "SHANNON_TEMP_SHARE",
 ]  # fmt: skip
 
 # Within this distance of alpha = 1 the general form (L(a*s) - a*L(s)) / (1 - a) is a 0/0 that
@@ -59,8 +59,10 @@ def entropy_from_probs(p: Tensor, alpha: float) -> Tensor:
     return _shannon(p, acc)
 
 
-#: The Shannon entropy's one temporary holds at most this many bytes, and at most an eighth of p's rows.
+#: The Shannon entropy's one temporary holds at most this many bytes, and at most this share of p's rows
+#: (rounded up to a whole row): a chunk of probabilities takes 1 + SHANNON_TEMP_SHARE of its size.
 _SHANNON_TEMP_BYTES = 1 << 20
+SHANNON_TEMP_SHARE = 1 / 8
 
 
 def _shannon(p: Tensor, acc: torch.dtype) -> Tensor:
@@ -72,7 +74,7 @@ def _shannon(p: Tensor, acc: torch.dtype) -> Tensor:
     rows = p.reshape(-1, p.shape[-1])
     out = torch.empty(rows.shape[0], dtype=acc, device=p.device)
     per_row = rows.shape[1] * (torch.finfo(acc).bits // 8)
-    step = max(1, min(-(-rows.shape[0] // 8), _SHANNON_TEMP_BYTES // per_row))
+    step = max(1, min(math.ceil(rows.shape[0] * SHANNON_TEMP_SHARE), _SHANNON_TEMP_BYTES // per_row))
     for i in range(0, rows.shape[0], step):
         x = rows[i : i + step]
         torch.sum(x.to(acc).clamp_min(tiny).log_().mul_(x), dim=-1, out=out[i : i + step])

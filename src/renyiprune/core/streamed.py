@@ -135,23 +135,24 @@ CACHE_BYTES = 8 << 20
 
 
 def chunk_plan(
-    batch: int, heads: int, n: int, bytes_per_logit: int, budget: int, cache_bytes: int | None = None
+    batch: int, heads: int, n: int, bytes_per_logit: float, budget: int, cache_bytes: int | None = None
 ) -> tuple[int, int]:
     """(images, query rows) per chunk so that its (images, heads, rows, n) logits fit ``budget`` bytes.
 
-    Whole images when one fits (as many per chunk as fit both ``budget`` and ``cache_bytes``, at least
-    one, up to the batch), else rows of one image (at least one row). ``cache_bytes=None``: no cap.
-    A pruning block passes ``CACHE_BYTES`` (read at each call).
+    ``bytes_per_logit``: what one logit of the chunk takes with the temporaries folded in (4.5 for a
+    float32 chunk plus a temporary of an eighth of it). Whole images when one fits (as many per chunk as
+    fit both ``budget`` and ``cache_bytes``, at least one, up to the batch), else rows of one image (at
+    least one row). ``cache_bytes=None``: no cap. A pruning block passes ``CACHE_BYTES`` (read at each call).
     """
     if budget < 1:
         raise ValueError(f"chunk budget must be a positive number of bytes, got {budget}")
     per_row = heads * n * bytes_per_logit
-    rows = max(1, int(budget) // per_row)
+    rows = max(1, int(budget // per_row))
     if rows < n:
         return 1, rows
     images = rows // n
     if cache_bytes is not None:
-        images = min(images, int(cache_bytes) // (per_row * n))
+        images = min(images, int(cache_bytes // (per_row * n)))
     return max(1, min(batch, images)), n
 
 
@@ -239,7 +240,7 @@ def _cls_rows(ops: Operands) -> Tensor:
     return s if ops.bias is None else s + ops.bias.to(acc)
 
 
-def _plan(ops: Operands, site: Site, buffers: int, out_dtype: torch.dtype) -> tuple[int, int]:
+def _plan(ops: Operands, site: Site, buffers: float, out_dtype: torch.dtype) -> tuple[int, int]:
     """``chunk_plan`` for these operands: the cost model's budgets, or the site's ``chunk_bytes`` alone."""
     B, H, N, d = ops.query.shape
     acc_size = torch.finfo(accumulation_dtype(ops.query)).bits // 8
