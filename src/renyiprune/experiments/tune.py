@@ -94,15 +94,15 @@ def policy_document(
     *,
     locations: Sequence[int],
     fuse: bool,
-    calibration_images: int,
-    evaluation_images: int,
+    images: tuple[int, int],
     candidates: Sequence[str],
     alphas: Sequence[float | str],
     **about,
 ) -> dict:
     """A policy file's content (what ``planning.policy.load_policy`` reads): the per-keep-rate choices of
-    :func:`choose` under ``keep``, with how they were made; ``about`` adds descriptive keys (dataset,
-    protocol, lambdas)."""
+    :func:`choose` under ``keep``, with how they were made: ``images`` = (calibration, evaluation) image
+    counts; ``about`` adds descriptive keys (dataset, protocol, lambdas)."""
+    calibration_images, evaluation_images = images
     return {
         "model": model,
         **about,

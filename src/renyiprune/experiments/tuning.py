@@ -134,7 +134,7 @@ def tune_alpha(run: ImageRun, tuning: Tuning, calib: Sequence, evals: Sequence) 
     rows = [_alpha_row(r, entry, ev, points) for r, entry in chosen.items()]
     policy = policy_document(run.model_name, {f"{r:g}": entry for r, entry in chosen.items()},
                              locations=tuple(tuning.grid.locations), fuse=tuning.grid.fuse[0],
-                             calibration_images=len(calib), evaluation_images=len(evals),
+                             images=(len(calib), len(evals)),
                              candidates=tuning.criteria, alphas=tuning.grid.alpha,
                              lambdas=tuning.grid.lambdas)  # fmt: skip
     atomic_write_text(tuning.policy_path, json.dumps(policy, indent=2, allow_nan=False) + "\n")
