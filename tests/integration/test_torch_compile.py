@@ -48,3 +48,48 @@ def test_traced_graph_matches_eager(keep, criterion, fuse):
         want = m(x)
         got = compiled(x)
     assert_close_normwise(got, want, RTOL)
+
+
+@pytest.mark.parametrize("criterion", ["renyi", "evit", "random"])
+def test_a_compiled_model_does_not_recompile_at_each_forward(criterion):
+    """The forward counter (``PruneState.step``) changes at every forward; as an int it was a constant to
+    dynamo and recompiled the model at every call until the recompile limit (8), after which it ran eager.
+    After the first call no forward may recompile (``error_on_recompile``), and the counter still counts."""
+    m = rp.patch(tiny(2), keep_rate=0.5, criterion=criterion, alpha=2.0, locations=(1, 2))
+    compiled = torch.compile(m, backend="eager")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        compiled(x)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            kept = []
+            for _ in range(4):
+                got = compiled(x)
+                kept.append(m.renyiprune.records[0].kept.clone())
+        m.renyiprune.step -= 1  # eager at the last compiled forward's step: the same draws for random
+        want = m(x)
+    assert int(m.renyiprune.step) == 5
+    assert_close_normwise(got, want, RTOL)
+    if criterion == "random":  # a new draw per forward, as in eager
+        assert not all(torch.equal(kept[0], k) for k in kept[1:])
+
+
+def test_benchmark_room_compiles_every_view():
+    """``bench --compile`` times many weight-sharing views whose classes share one forward; past dynamo's
+    recompile limit (8) the rest would silently run eagerly. Ten views: all ten compile inside the room
+    ``benchmark_configs`` makes (one graph each, no graph break in a Rényi forward)."""
+    from torch._dynamo.utils import counters
+
+    from renyiprune.experiments.benchmark import _compile_room
+    from renyiprune.experiments.evaluate import pruned_view
+    from renyiprune.planning.points import Point
+
+    m = tiny(3)
+    keeps = (0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4, 0.35, 0.3, 0.25)
+    views = [pruned_view(m, Point.from_spec("renyi", k, 2.0, (1, 2))) for k in keeps]
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad(), _compile_room(len(views)):
+        for v in views:
+            torch.compile(v, backend="eager")(x)
+    assert counters["stats"]["unique_graphs"] == len(views)

@@ -409,7 +409,7 @@ def _both_paths(model, x, **kw):
     out = []
     for attention in ("streamed", "explicit"):
         model.renyiprune.attention = attention
-        model.renyiprune.step = 0  # criterion random draws per forward step
+        model.renyiprune.step.zero_()  # criterion random draws per forward step
         with torch.inference_mode():
             logits = model(x)
         out.append((logits, [r.kept.clone() for r in model.renyiprune.records]))

@@ -119,7 +119,7 @@ class _HFPrunedModel:
         n = (pixels.shape[-2] // ph) * (pixels.shape[-1] // pw)
         state.begin(pixels.shape[0], n, pixels.device)
         out = super().forward(*args, **kwargs)
-        state.step += 1
+        state.end()
         return out
 
 

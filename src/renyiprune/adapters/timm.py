@@ -121,7 +121,7 @@ class _TimmPrunedModel:
         state.begin(x.shape[0], _num_patches(self.patch_embed, x, getattr(self, "dynamic_img_size", False)),
                     x.device)  # fmt: skip
         out = super().forward_features(x, *args, **kwargs)
-        state.step += 1
+        state.end()
         return out
 
     def forward_intermediates(self, *args, **kwargs):

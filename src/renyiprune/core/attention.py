@@ -117,7 +117,7 @@ class Site:
     num_patches: int | None = None
     num_prefix: int = 1
     stage: int = 0
-    step: int = 0
+    step: int | Tensor = 0  # forwards run so far (PruneState.step: a 0-d tensor)
     chunk_bytes: int | None = None
     out_dtype: torch.dtype | None = None
     explicit: bool = False
@@ -272,7 +272,7 @@ class AttentionContext:
         logits: Tensor | None,
         num_patches: int,
         stage: int = 0,
-        step: int = 0,
+        step: int | Tensor = 0,
         *,
         operands: Operands | None = None,
         reuse_logits: bool = False,

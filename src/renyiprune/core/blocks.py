@@ -148,7 +148,7 @@ class PrunedModel:
         state = self.renyiprune
         state.begin(x.shape[0], self.patch_embed.num_patches, x.device)
         out = super().forward(x)
-        state.step += 1
+        state.end()
         return out
 
 

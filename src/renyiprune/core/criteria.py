@@ -217,11 +217,14 @@ def evit(ctx: AttentionContext) -> Tensor:
 @register_criterion("random", needs=Needs())
 def random(ctx: AttentionContext, seed: int = 0) -> Tensor:
     """Uniform random scores, independent per image and stage, reproducible for a seed."""
-    seed = int(seed)
-    device = ctx.device
+    return _uniform_scores(ctx.batch_size, ctx.num_patches, int(seed), ctx.step, ctx.stage, ctx.device)
+
+
+@torch.compiler.disable  # eager: compiled, the per-forward seed would recompile the model at every forward
+def _uniform_scores(batch: int, n: int, seed: int, step: int | Tensor, stage: int, device) -> Tensor:
     g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + ctx.step * 1009 + ctx.stage) % (2**63))
-    return torch.rand(ctx.batch_size, ctx.num_patches, generator=g, device=device)
+    g.manual_seed((seed * 1_000_003 + int(step) * 1009 + stage) % (2**63))
+    return torch.rand(batch, n, generator=g, device=device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,6 +49,15 @@ class StageRecord:
     num_fused: int
 
 
+
+def forward_counter() -> Tensor:
+    """A patched model's forward counter (``PruneState.step``): a 0-d int64 tensor, not an int, because
+    torch.compile takes a module's int attributes for constants and so recompiled a patched model at every
+    forward; an in-place add is part of the graph. Made outside inference mode so that it stays writable."""
+    with torch.inference_mode(False):
+        return torch.zeros((), dtype=torch.int64)
+
+
 @dataclass
 class PruneState:
     """Configuration and per-forward bookkeeping, shared by the patched model and its blocks.
@@ -75,7 +84,7 @@ class PruneState:
     attention: str = "streamed"
     chunk_bytes: int | None = None  # memory budget of the streamed chunks (None: streamed's default)
     # Filled during a forward:
-    step: int = 0
+    step: Tensor = field(default_factory=forward_counter)  # forwards run so far
     records: list[StageRecord] = field(default_factory=list)
     patch_index: Tensor | None = None  # (B, n) original patch of each candidate token, -1: fused token
     size: Tensor | None = None  # (B, N, 1) patches per token, once tokens have been merged
@@ -94,6 +103,12 @@ class PruneState:
         self.size = None
         self.patch_index = None  # made by the first pruning block (``candidates``): nothing held before it
         self._grid = (batch, num_patches, device)
+
+    def end(self) -> None:
+        """Count the forward that just ran (``step``); not while tracing or exporting, whose graphs hold no
+        counter (torch.export refuses a graph that mutates a constant)."""
+        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()):
+            self.step += 1
 
     def candidates(self) -> Tensor:
         """``patch_index`` (B, n) of the current candidate tokens; all patches at the first pruning block."""

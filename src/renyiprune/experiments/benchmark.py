@@ -245,6 +245,21 @@ def peak_forward_memory(
     return forward_memory(model, x, dtype).peak
 
 
+def _compile_room(models: int):
+    """Room in dynamo's per-function cache for ``models`` compiled views: they share their classes'
+    forward code, and past the recompile limit (default 8) dynamo silently runs a function eagerly."""
+    if not models:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(recompile_limit=max(8, 4 * models))
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def compile_model(model: nn.Module) -> Callable[[Tensor], Tensor]:
     """``torch.compile`` with automatic dynamic shapes (the token count changes at each pruning block)."""
     return torch.compile(model, dynamic=None)
@@ -396,13 +411,20 @@ def benchmark_configs(
     """
     say, st = progress or (lambda _msg: None), settings
     meta, runners = _runners(model, configs, extra, st.compile)
-    # A compiled model compiles on its first call and recompiles once more on its second (the pruning
-    # state's per-forward counter becomes dynamic); neither may land in a timed round.
+    # A compiled model compiles on its first call (and may once more when dynamo marks a size dynamic);
+    # neither may land in a timed round.
     warmup = max(st.warmup, 2) if st.compile else st.warmup
     image = x[:1].float().to(next(model.parameters()).dtype)
     gmacs = {name: count_gmacs(m, image) for name, (_, _, m) in meta.items()}
     say(f"timing {len(runners)} configurations: {warmup} warm-up + {st.reps} interleaved rounds")
-    timings = time_interleaved(runners, x, warmup=warmup, reps=st.reps, dtype=st.dtype, progress=say)
+    with _compile_room(len(runners) if st.compile else 0):
+        time_interleaved(runners, x, warmup=warmup, reps=0, dtype=st.dtype, progress=say)
+        graphs = _compiled_graphs()
+        timings = time_interleaved(runners, x, warmup=0, reps=st.reps, dtype=st.dtype, progress=say)
+    late = _compiled_graphs() - graphs
+    if st.compile and late:
+        say(f"warning: torch.compile compiled {late} graph(s) during the timed rounds: the compiled timings "
+            "include compilation")
     if st.memory:
         say("measuring peak memory")
     def runner(name: str):  # a compiled module's memory is measured compiled on CUDA only

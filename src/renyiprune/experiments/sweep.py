@@ -175,7 +175,7 @@ def run_view(
             x = blk(x)
         out.append(view.forward_head(view.norm(x)).float().cpu())
         if state is not None:
-            state.step += 1
+            state.end()
         if bar is not None:
             bar.update(x.shape[0])
     return torch.cat(out) if out else torch.empty(0)
