@@ -221,7 +221,9 @@ def random(ctx: AttentionContext, seed: int = 0) -> Tensor:
 
 
 @torch.compiler.disable  # eager: compiled, the per-forward seed would recompile the model at every forward
-def _uniform_scores(batch: int, n: int, seed: int, step: int | Tensor, stage: int, device) -> Tensor:
+def _uniform_scores(
+    batch: int, n: int, seed: int, step: int | Tensor, stage: int, device: torch.device
+) -> Tensor:
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + int(step) * 1009 + stage) % (2**63))
     return torch.rand(batch, n, generator=g, device=device)

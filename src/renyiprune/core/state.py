@@ -49,7 +49,6 @@ class StageRecord:
     num_fused: int
 
 
-
 def forward_counter() -> Tensor:
     """A patched model's forward counter (``PruneState.step``): a 0-d int64 tensor, not an int, because
     torch.compile takes a module's int attributes for constants and so recompiled a patched model at every
