@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .criteria import Criterion
 from .selection import keep_count
+from .streamed import tracing_or_exporting
 
 __all__ = ["StageConfig", "StageRecord", "PruneState", "is_patched", "records", "unpatch"]
 
@@ -106,7 +107,7 @@ class PruneState:
     def end(self) -> None:
         """Count the forward that just ran (``step``); not while tracing or exporting, whose graphs hold no
         counter (torch.export refuses a graph that mutates a constant)."""
-        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()):
+        if not tracing_or_exporting():
             self.step += 1
 
     def candidates(self) -> Tensor:

@@ -39,7 +39,7 @@ from .entropy import accumulation_dtype
 
 __all__ = [
     "attend", "score_block", "explicit_context", "may_stream", "StreamedContext", "memory_budget",
-    "chunk_plan", "CACHE_BYTES",
+    "chunk_plan", "CACHE_BYTES", "tracing_or_exporting",
 ]  # fmt: skip
 
 Scorer = Callable[[AttentionContext], Tensor]
@@ -156,12 +156,17 @@ def chunk_plan(
     return max(1, min(batch, images)), n
 
 
+def tracing_or_exporting() -> bool:
+    """Whether the forward is being traced (torch.jit) or exported (ONNX, torch.export) into a graph."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
 def may_stream(x: Tensor) -> bool:
     """Whether a block's attention may be computed in chunks: not with autograd through it (the chunks
     write into buffers), not while tracing or exporting."""
     if torch.is_grad_enabled() and x.requires_grad:
         return False
-    return not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting())
+    return not tracing_or_exporting()
 
 
 def attend(
