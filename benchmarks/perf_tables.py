@@ -83,6 +83,24 @@ def _configs(keeps, criteria) -> list[Point]:
     return [Point.from_spec(c, r, a, (3, 6, 9)) for r in keeps for c, a in criteria or CRITERIA]
 
 
+def reference_models(model: torch.nn.Module, configs: list[Point], image: torch.Tensor) -> dict:
+    """The A/A reference, and one floor per keep rate: ``ReferenceViT`` with the token counts of the first
+    configuration at that rate (what the smaller matmuls alone give, with no scoring or selection)."""
+    from renyiprune.core.state import records
+    from renyiprune.experiments.evaluate import pruned_view
+
+    out = {"reference (SDPA)": ReferenceViT(model)}
+    for c in configs:
+        name = f"floor r={c.plan.stages[0].keep_rate:g}"
+        if name not in out:
+            view = pruned_view(model, c)
+            with torch.inference_mode():
+                view(image)
+            tokens = {r.location: 1 + r.kept.shape[1] + r.num_fused for r in records(view)}
+            out[name] = ReferenceViT(model, tokens)
+    return out
+
+
 def run_setting(
     name: str, reps: int, warmup: int, device: str = "cpu", keeps=None, reference: bool = True, criteria=None
 ) -> dict:
@@ -97,7 +115,7 @@ def run_setting(
         configs,
         x,
         BenchSettings(dtype=DTYPES[dtype], reps=reps, warmup=warmup),
-        extra={"reference (SDPA)": ReferenceViT(model)} if reference else None,
+        extra=reference_models(model, configs, x[:1]) if reference else None,
         progress=lambda m: print(f"{name}: {m}", file=sys.stderr, flush=True),
     )
     return dict(

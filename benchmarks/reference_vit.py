@@ -2,7 +2,9 @@
 
 It holds no modules of its own, only the weights of a renyiprune ``VisionTransformer`` (timm names),
 and runs the plainest forward torch offers: one fused qkv matmul, SDPA, one projection, the MLP.
-``bench`` compares the unpruned model against it in the same run.
+``bench`` compares the unpruned model against it in the same run. With ``tokens`` it is also the floor
+of a pruned forward: at the given blocks, after the attention residual, it keeps the first tokens (no
+scoring, selection or fusion), so its efficiency is what the smaller matmuls alone give.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from torch import Tensor, nn
 class ReferenceViT(nn.Module):
     """Same math as ``models.model.VisionTransformer.forward``, written as straight-line tensor code."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, tokens: dict[int, int] | None = None):
+        """``tokens``: {block index: tokens kept after its attention}, e.g. a pruned forward's counts."""
         super().__init__()
+        self.tokens = dict(tokens or {})
         self.p = dict(model.named_parameters())
         self.heads = model.blocks[0].attn.num_heads
         self.patch = model.patch_embed.patch_size[0]
@@ -37,6 +41,8 @@ class ReferenceViT(nn.Module):
             q, k, v = qkv.view(B, -1, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
             a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, C)
             x = x + F.linear(a, p[b + "attn.proj.weight"], p[b + "attn.proj.bias"])
+            if i in self.tokens:
+                x = x[:, : self.tokens[i]].contiguous()
             h = F.layer_norm(x, (C,), p[b + "norm2.weight"], p[b + "norm2.bias"], eps)
             h = F.gelu(F.linear(h, p[b + "mlp.fc1.weight"], p[b + "mlp.fc1.bias"]))
             x = x + F.linear(h, p[b + "mlp.fc2.weight"], p[b + "mlp.fc2.bias"])

@@ -4,9 +4,16 @@ import json
 
 import pytest
 import torch
+from tolerances import assert_close_normwise, vit_rtol
 
 from renyiprune.cli import main
+from renyiprune.core.attention import Needs
+from renyiprune.core.plans import PrunePlan
+from renyiprune.core.state import records
 from renyiprune.experiments.benchmark import PeakTensorMemory, Timing, paired_ratio, time_interleaved
+from renyiprune.experiments.evaluate import pruned_view
+from renyiprune.models.model import create_model
+from renyiprune.planning.points import Point
 
 TINY = ["--model", "deit_tiny_patch16_224", "--image-size", "48", "--batch-size", "2", "--locations", "1,2"]
 
@@ -120,9 +127,6 @@ def test_forward_memory_per_block():
     tensors, < 1 KB here) and lowers the later blocks' peaks; the whole forward's peak is at least every
     block's."""
     from renyiprune.experiments.benchmark import forward_memory
-    from renyiprune.experiments.evaluate import pruned_view
-    from renyiprune.models.model import create_model
-    from renyiprune.planning.points import Point
 
     torch.manual_seed(0)
     model = create_model("deit_tiny_patch16_224", img_size=64).eval()
@@ -153,3 +157,35 @@ def test_streamed_top1_identical_to_explicit_on_shared_images(shared_assets):
     for name, got in stats.items():
         assert got["images"] == 300 and got["differ"] == 0, (name, got)
         assert got["top1_streamed"] == got["top1_explicit"] > 60.0, (name, got)
+
+
+def _first_patches(ctx):
+    """A criterion that ranks patches by position: the first ones win (reads nothing of the attention)."""
+    return -torch.arange(ctx.num_patches, dtype=torch.float32, device=ctx.device).expand(ctx.batch_size, -1)
+
+
+_first_patches.needs = Needs()
+
+
+def test_reference_vit_matches_the_model_and_its_floor_matches_keeping_the_first_patches():
+    """benchmarks/reference_vit.py: the A/A reference computes the unpruned model's output, and the floor
+    (``tokens``) computes a pruned model's that keeps the first patches at the same blocks (drop)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from reference_vit import ReferenceViT
+
+    torch.manual_seed(0)
+    model = create_model("deit_tiny_patch16_224", img_size=64).eval()  # 16 patches
+    x = torch.randn(3, 3, 64, 64)
+    rtol = vit_rtol(torch.float32, depth=12, dim=192, heads=3, tokens=17)
+    plan = PrunePlan.uniform(None, _first_patches, locations=(2, 5), tokens=(9, 4))
+    with torch.inference_mode():
+        assert_close_normwise(ReferenceViT(model)(x), model(x), rtol)
+        pruned = pruned_view(model, Point(plan))
+        want = pruned(x)
+        assert [r.kept.tolist() for r in records(pruned)] == [[list(range(9))] * 3, [list(range(4))] * 3]
+        floor = ReferenceViT(model, {2: 1 + 9, 5: 1 + 4})(x)
+        assert_close_normwise(floor, want, rtol)
+        assert (floor - model(x)).abs().max() > 1e3 * rtol * want.abs().max()  # pruning changed the output

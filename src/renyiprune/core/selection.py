@@ -81,15 +81,16 @@ def select_tokens(
         extra = "" if fusion == "evit" else " + at most one fused token"
         raise ValueError(f"{N} tokens do not fit {P} prefix token(s) + {n} scored tokens{extra}")
     kept = top_k_sorted(scores, k)
-    candidates = x[:, P : P + n]
-    kept_tokens = candidates.gather(1, kept.unsqueeze(-1).expand(-1, -1, C))
-    parts = [x[:, :P], kept_tokens]
-    if fuse and (k < n or has_fused):
-        if cls_attn is None:
-            raise ValueError("fusion needs the CLS attention")
+    fused = fuse and (k < n or has_fused)
+    if fused and cls_attn is None:
+        raise ValueError("fusion needs the CLS attention")
+    # One gather writes the prefix, the kept tokens and a slot for the fused token (filled below).
+    rows = [torch.arange(P, device=x.device).expand(B, P), kept + P, kept[:, :1].new_zeros(B, int(fused))]
+    out = x.gather(1, torch.cat(rows, dim=1).unsqueeze(-1).expand(-1, -1, C))
+    if fused:
         w = cls_attn[:, P:].to(x.dtype).clone()  # weights of the n candidates (and a carried fused token)
         w[:, :n].scatter_(1, kept, 0.0)  # kept tokens do not join the fused token
         if fusion == "renorm":
             w = w / w.sum(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-        parts.append(torch.einsum("bn,bnc->bc", w, x[:, P:]).unsqueeze(1))
-    return torch.cat(parts, dim=1), kept
+        out[:, -1] = torch.einsum("bn,bnc->bc", w, x[:, P:])
+    return out, kept
