@@ -84,9 +84,11 @@ def select_tokens(
     fused = fuse and (k < n or has_fused)
     if fused and cls_attn is None:
         raise ValueError("fusion needs the CLS attention")
-    # One gather writes the prefix, the kept tokens and a slot for the fused token (filled below).
+    # One row copy writes the prefix, the kept tokens and a slot for the fused token (filled below);
+    # index_select on the (B N, C) rows copies whole rows, where gather reads an index per element.
     rows = [torch.arange(P, device=x.device).expand(B, P), kept + P, kept[:, :1].new_zeros(B, int(fused))]
-    out = x.gather(1, torch.cat(rows, dim=1).unsqueeze(-1).expand(-1, -1, C))
+    flat = torch.cat(rows, dim=1) + N * torch.arange(B, device=x.device).unsqueeze(1)
+    out = x.reshape(B * N, C).index_select(0, flat.view(-1)).view(B, -1, C)
     if fused:
         w = cls_attn[:, P:].to(x.dtype).clone()  # weights of the n candidates (and a carried fused token)
         w[:, :n].scatter_(1, kept, 0.0)  # kept tokens do not join the fused token
