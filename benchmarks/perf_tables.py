@@ -3,10 +3,11 @@
     python benchmarks/perf_tables.py [--only NAME ...] [--reps 5] [--keeps 0.7,0.5] [--criteria evit,renyi:2]
                                      [--threads N] [--memory-only] [--render-only] [--device cuda]
 
-Each setting is one in-process run (unpruned, the SDPA reference ViT of ``reference_vit.py``, and every
-criterion x keep rate, interleaved); its JSON goes to ``benchmarks/results/NAME.json`` (CPU) or
-``benchmarks/results/gpu/NAME.json`` (``--device cuda``). ``--memory-only`` measures only the peak
-memory (one forward per configuration: deterministic, no timing) into ``NAME_memory.json``. The tables
+Each setting is one in-process run (unpruned, the SDPA reference ViT of ``reference_vit.py`` and its
+scoring-free floor per keep rate, and every criterion x keep rate, interleaved); its JSON goes to
+``benchmarks/results/NAME.json`` (CPU) or ``benchmarks/results/gpu/NAME.json`` (``--device cuda``).
+``--memory-only`` measures only the peak memory (one forward per configuration: deterministic, no
+timing) into ``NAME_memory.json``. The tables
 of all JSON files present are then written into docs/performance.md between ``<!-- perf:start -->`` and
 ``<!-- perf:end -->`` (memory: ``memory``; GPU: ``perf-gpu``, ``memory-gpu``), with the load average
 of the machine before and after each run.
@@ -238,7 +239,8 @@ def main() -> None:
                     help="keep rates instead of the setting's 0.9,0.7,0.5")
     ap.add_argument("--criteria", type=parse_criteria, default=None,
                     help="instead of evit,renyi:1,renyi:2,renyi:inf (name[:alpha], comma list)")
-    ap.add_argument("--no-reference", action="store_true", help="leave out the SDPA reference ViT")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="leave out the SDPA reference ViT and its floors")
     ap.add_argument("--memory-only", action="store_true", help="peak memory only, no timing")
     args = ap.parse_args()
     gpu = use_device(args)
