@@ -86,7 +86,7 @@ def select_tokens(
         raise ValueError("fusion needs the CLS attention")
     # One row copy writes the prefix, the kept tokens and a slot for the fused token (filled below);
     # index_select on the (B N, C) rows copies whole rows, where gather reads an index per element.
-    rows = [torch.arange(P, device=x.device).expand(B, P), kept + P, kept[:, :1].new_zeros(B, int(fused))]
+    rows = [torch.arange(P, device=x.device).expand(B, P), kept + P, kept.new_zeros(B, int(fused))]
     flat = torch.cat(rows, dim=1) + N * torch.arange(B, device=x.device).unsqueeze(1)
     out = x.reshape(B * N, C).index_select(0, flat.view(-1)).view(B, -1, C)
     if fused:
