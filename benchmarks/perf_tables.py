@@ -7,10 +7,9 @@ Each setting is one in-process run (unpruned, the SDPA reference ViT of ``refere
 scoring-free floor per keep rate, and every criterion x keep rate, interleaved); its JSON goes to
 ``benchmarks/results/NAME.json`` (CPU) or ``benchmarks/results/gpu/NAME.json`` (``--device cuda``).
 ``--memory-only`` measures only the peak memory (one forward per configuration: deterministic, no
-timing) into ``NAME_memory.json``. The tables
-of all JSON files present are then written into docs/performance.md between ``<!-- perf:start -->`` and
-``<!-- perf:end -->`` (memory: ``memory``; GPU: ``perf-gpu``, ``memory-gpu``), with the load average
-of the machine before and after each run.
+timing) into ``NAME_memory.json``. The tables of all JSON files present are then written into
+docs/performance.md between ``<!-- perf:start -->`` and ``<!-- perf:end -->`` (memory: ``memory``; GPU:
+``perf-gpu``, ``memory-gpu``), with the load average of the machine before and after each run.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_vit import ReferenceViT  # noqa: E402
 
 from renyiprune.cli.bench import format_rows  # noqa: E402
+from renyiprune.core.state import records  # noqa: E402
 from renyiprune.experiments.benchmark import (  # noqa: E402
     DTYPES,
     BenchRow,
@@ -36,6 +36,7 @@ from renyiprune.experiments.benchmark import (  # noqa: E402
     forward_memory,
     machine_info,
 )
+from renyiprune.experiments.evaluate import pruned_view  # noqa: E402
 from renyiprune.models.model import create_model  # noqa: E402
 from renyiprune.planning.points import Point  # noqa: E402
 
@@ -90,9 +91,6 @@ def _configs(keeps, criteria) -> list[Point]:
 def reference_models(model: torch.nn.Module, configs: list[Point], image: torch.Tensor) -> dict:
     """The A/A reference, and one floor per keep rate: ``ReferenceViT`` with the token counts of the first
     configuration at that rate (what the smaller matmuls alone give, with no scoring or selection)."""
-    from renyiprune.core.state import records
-    from renyiprune.experiments.evaluate import pruned_view
-
     out = {"reference (SDPA)": ReferenceViT(model)}
     for c in configs:
         name = f"floor r={c.plan.stages[0].keep_rate:g}"
@@ -138,8 +136,6 @@ def run_setting(
 
 def memory_setting(name: str, device: str = "cpu", keeps=None, criteria=None) -> dict:
     """Peak memory only (one forward per configuration, whole forward and per block): no timing."""
-    from renyiprune.experiments.evaluate import pruned_view
-
     model_name, size, dtype, batch, default_keeps = SETTINGS[name]
     torch.manual_seed(0)
     model = create_model(model_name, img_size=size).to(device)
