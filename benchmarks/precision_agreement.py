@@ -1,6 +1,7 @@
 """bfloat16 vs float32 on real images: per-stage kept-set agreement and top-1, per criterion.
 
-    python benchmarks/precision_agreement.py [--limit 1000] [--keep 0.7] [--how autocast|weights] [--json F]
+    python benchmarks/precision_agreement.py [--limit 1000] [--keep 0.7] [--how autocast|weights]
+        [--ranking-projection native|float32] [--json F]
 
 Each batch is decoded once and run through a float32 and a bfloat16 copy of the same patched DeiT-Tiny;
 kept sets are compared per image and stage (|kept32 ∩ kept16| / k), top-1 is counted for both. Also
@@ -37,6 +38,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--keep", type=float, default=0.7)
     p.add_argument("--how", choices=("autocast", "weights"), default="autocast")
+    p.add_argument("--ranking-projection", choices=("native", "float32"), default="native",
+                   help="model.renyiprune.ranking_projection of the bfloat16 models (autocast only)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -48,7 +51,9 @@ def main() -> None:
         m = m.bfloat16() if half and args.how == "weights" else m
         if setting is None:
             return m
-        return rp.patch(m, keep_rate=args.keep, criterion=setting[0], alpha=setting[1])
+        m = rp.patch(m, keep_rate=args.keep, criterion=setting[0], alpha=setting[1])
+        m.renyiprune.ranking_projection = args.ranking_projection
+        return m
 
     models = {name: (build(s, False), build(s, True)) for name, s in SETTINGS.items()}
     stats = {name: {"agree": [0, 0, 0], "total": [0, 0, 0], "hit32": 0, "hit16": 0, "up": 0, "down": 0}
@@ -77,7 +82,8 @@ def main() -> None:
                     st["agree"][s] += len(set(p32) & set(p16))
                     st["total"][s] += len(p32)
     n = len(samples)
-    print(f"\nDeiT-Tiny, keep {args.keep}, {n} images, bfloat16 {args.how} vs float32\n")
+    how = args.how + (f", {args.ranking_projection} ranking projection" if args.how == "autocast" else "")
+    print(f"\nDeiT-Tiny, keep {args.keep}, {n} images, bfloat16 {how} vs float32\n")
     print("| criterion | top-1 fp32 | top-1 bf16 | Δ | flips up / down | agreement per stage | all stages |")
     print("|---|---:|---:|---:|---:|---|---:|")
     for name, st in stats.items():
@@ -92,7 +98,8 @@ def main() -> None:
         top1 = f"{st['top1_fp32']:.1f} | {st['top1_bf16']:.1f} | {d:+.1f}"
         print(f"| {name} | {top1} | {flips} | {stages} | {allst} |")
     if args.json:
-        doc = {"keep": args.keep, "how": args.how, "images": n, "stats": stats}
+        doc = {"keep": args.keep, "how": args.how, "ranking_projection": args.ranking_projection, "images": n,
+               "stats": stats}  # fmt: skip
         args.json.write_text(json.dumps(doc, indent=1))
 
 

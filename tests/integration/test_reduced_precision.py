@@ -96,9 +96,10 @@ def test_bfloat16_keeps_what_float32_keeps_on_real_images(shared_assets, how, bf
     assert (a.argmax(1) != b.argmax(1)).sum() <= 1
 
 
-def test_pruning_block_projects_q_k_v_in_float32_under_autocast():
-    """Under autocast the ranking's q, k (and v) equal the float32 projection bit for bit; with bfloat16
-    weights they are the bfloat16 projection, upcast."""
+def test_ranking_projection_under_autocast():
+    """Under autocast the ranking's q, k, v are the block's own autocast projection, upcast to float32 bit
+    for bit; with float32_projection they equal the float32 projection; with bfloat16 weights they are the
+    bfloat16 projection, upcast."""
     from renyiprune.core.attention import explicit_qkv
 
     attn = tiny().blocks[1].attn
@@ -106,9 +107,59 @@ def test_pruning_block_projects_q_k_v_in_float32_under_autocast():
     exact = attn.qkv_heads(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         rounded = attn.qkv_heads(x)
-        _, ranked, _ = explicit_qkv(attn, x)
+        _, native, _ = explicit_qkv(attn, x)
+        _, ranked, _ = explicit_qkv(attn, x, float32_projection=True)
     assert rounded[0].dtype == torch.bfloat16 and not torch.equal(rounded[0].float(), exact[0])
+    pairs = zip(native, rounded, strict=True)
+    assert all(r.dtype == torch.float32 and torch.equal(r, h.float()) for r, h in pairs)
     assert all(r.dtype == torch.float32 and torch.equal(r, e) for r, e in zip(ranked, exact, strict=True))
     half = tiny().bfloat16().blocks[1].attn
-    _, ranked, _ = explicit_qkv(half, x.bfloat16())
+    _, ranked, _ = explicit_qkv(half, x.bfloat16(), float32_projection=True)  # no autocast: no effect
     assert all(torch.equal(r, h.float()) for r, h in zip(ranked, half.qkv_heads(x.bfloat16()), strict=True))
+
+
+def test_ranking_projection_option_reaches_the_pruning_blocks():
+    """model.renyiprune.ranking_projection picks the keys a criterion sees under autocast: bfloat16 by
+    default, float32 with "float32"; an unknown value is refused when the block runs."""
+    from renyiprune.core.attention import Needs
+    from renyiprune.core.criteria import CRITERIA
+
+    seen = []
+
+    @rp.register_criterion("_key_dtype_probe", needs=Needs(cls_row=True, key=True))
+    def probe(ctx):
+        seen.append(ctx.key.dtype)
+        return ctx.patches(ctx.cls_attn)
+
+    try:
+        m = tiny().eval()
+        rp.prune(m, rp.PrunePlan.uniform(0.5, "_key_dtype_probe", locations=(1,)))
+        x = torch.randn(2, 3, 32, 32)
+        for setting, dtype in (("native", torch.bfloat16), ("float32", torch.float32)):
+            m.renyiprune.ranking_projection = setting
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                m(x)
+            assert seen.pop() == dtype
+        m.renyiprune.ranking_projection = "fp32"
+        with pytest.raises(ValueError, match="ranking_projection must be 'native' or 'float32'"):
+            m(x)
+    finally:
+        CRITERIA.pop("_key_dtype_probe", None)
+
+
+def test_half_precision_entropy_block_takes_its_output_from_sdpa(bf16_attention):
+    """Row entropies under bfloat16: the chunks' float32 probabilities give the statistics (equal to the
+    float32-upcast explicit attention's), the output is the bfloat16 SDPA an unpatched block computes."""
+    import torch.nn.functional as F
+
+    from renyiprune.core.attention import Needs, Operands
+    from renyiprune.core.streamed import attend
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 20, 8).bfloat16() for _ in range(3))
+    out, ctx, _ = attend(Operands(q, k, v, 8**-0.5), Needs(row_entropy=(2.0,)))
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, scale=8**-0.5))
+    _, explicit, _ = attend(Operands(q, k, v, 8**-0.5), Needs(full=True))
+    # Both are float32 logits of the same upcast q, k (one matmul each, the same shapes): float32
+    # rounding of entropies ~1 apart, so 1e-5 leaves a decade of room.
+    torch.testing.assert_close(ctx.row_entropy(2.0), explicit.row_entropy(2.0), rtol=0, atol=1e-5)

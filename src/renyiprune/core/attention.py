@@ -112,6 +112,7 @@ class Site:
     replaces the cost model (``streamed.memory_budget``, ``CACHE_BYTES``) with one byte budget for the
     chunk buffers; ``explicit`` asks for the full (B, H, N, N) attention (autograd, tracing, export,
     ``attention="explicit"``). ``out_dtype``: dtype of the attention output (default: the values').
+    ``float32_projection``: see ``ranking_qkv`` (``PruneState.ranking_projection = "float32"``).
     """
 
     num_patches: int | None = None
@@ -121,6 +122,7 @@ class Site:
     chunk_bytes: int | None = None
     out_dtype: torch.dtype | None = None
     explicit: bool = False
+    float32_projection: bool = False  # under autocast, project q, k, v in float32 (``ranking_qkv``)
 
 
 @dataclass(frozen=True)
@@ -416,17 +418,20 @@ def attention_logits(query: Tensor, key: Tensor, scale: float) -> Tensor:
     return torch.matmul(query, key.transpose(-2, -1)).mul_(scale)
 
 
-def ranking_qkv(attn: nn.Module, x: Tensor) -> tuple[tuple[Tensor, ...], contextlib.AbstractContextManager]:
+def ranking_qkv(
+    attn: nn.Module, x: Tensor, float32_projection: bool = False
+) -> tuple[tuple[Tensor, ...], contextlib.AbstractContextManager]:
     """The block's (q, k, v) and the context its ranking attention runs in.
 
-    Rankings are sensitive to rounding: in float16/bfloat16 (weights or autocast) the ranking attention
-    runs in float32 with autocast off (bfloat16 logits of magnitude ~10 are rounded to 1/16); under
-    autocast the q, k, v projection runs in float32 as well.
+    q, k, v are projected as every other block projects them (in the autocast dtype under autocast).
+    Rankings are sensitive to rounding (bfloat16 logits of magnitude ~10 are rounded to 1/16), so with
+    float16/bfloat16 q, k, v the ranking attention runs with autocast off and upcasts q and k to float32
+    for its logits. ``float32_projection`` (autocast over float32 weights only): project q, k, v in
+    float32 as well, so that they carry no half-precision rounding (~0.4 % of each logit) into the
+    ranking; this runs the pruning blocks' projection and attention in float32 (docs/precision.md).
     """
     full = torch.autocast(x.device.type, enabled=False)
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
-        # Autocast over float32 weights: project in float32 too, so that q and k carry no bfloat16
-        # rounding (~0.4 % of each logit) into the ranking.
+    if float32_projection and x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
         with full:
             return attn.qkv_heads(x), full
     q, k, v = attn.qkv_heads(x)
@@ -435,9 +440,11 @@ def ranking_qkv(attn: nn.Module, x: Tensor) -> tuple[tuple[Tensor, ...], context
     return (q, k, v), full
 
 
-def explicit_qkv(attn: nn.Module, x: Tensor) -> tuple[tuple, tuple, contextlib.AbstractContextManager]:
+def explicit_qkv(
+    attn: nn.Module, x: Tensor, float32_projection: bool = False
+) -> tuple[tuple, tuple, contextlib.AbstractContextManager]:
     """(q, k, v), the float32 (q, k, v) the explicit attention runs on, and the context to run it in."""
-    (q, k, v), precision = ranking_qkv(attn, x)
+    (q, k, v), precision = ranking_qkv(attn, x, float32_projection)
     if q.dtype not in (torch.float16, torch.bfloat16):
         return (q, k, v), (q, k, v), precision
     return (q, k, v), (q.float(), k.float(), v.float()), precision

@@ -43,8 +43,13 @@ def _streams(state: PruneState, x: Tensor) -> bool:
 
 
 def _site(state: PruneState, x: Tensor, **layout) -> Site:
-    """The ``Site`` a patched block scores at: the state's chunk override and explicit switch."""
-    return Site(chunk_bytes=state.chunk_bytes, explicit=not _streams(state, x), **layout)
+    """The ``Site`` a patched block scores at: the state's chunk override, explicit switch and ranking
+    projection."""
+    if state.ranking_projection not in ("native", "float32"):
+        raise ValueError(f"model.renyiprune.ranking_projection must be 'native' or 'float32', "
+                         f"got {state.ranking_projection!r}")
+    return Site(chunk_bytes=state.chunk_bytes, explicit=not _streams(state, x),
+                float32_projection=state.ranking_projection == "float32", **layout)  # fmt: skip
 
 
 class PruningBlock:

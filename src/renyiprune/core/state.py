@@ -83,6 +83,10 @@ class PruneState:
     # (B, H, N, N) matrix; "explicit": the full attention matrix, as before (kept for comparison).
     attention: str = "streamed"
     chunk_bytes: int | None = None  # memory budget of the streamed chunks (None: streamed's default)
+    # Under autocast, "native" projects a pruning block's q, k, v in the autocast dtype like every other
+    # block (its ranking logits are float32 all the same); "float32" projects them, and runs the block's
+    # attention, in float32: closer to float32 rankings, slower (docs/precision.md).
+    ranking_projection: str = "native"
     # Filled during a forward:
     step: Tensor = field(default_factory=forward_counter)  # forwards run so far
     records: list[StageRecord] = field(default_factory=list)

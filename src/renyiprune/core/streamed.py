@@ -220,14 +220,19 @@ def _explicit(ops: Operands, site: Site, out_dtype: torch.dtype, score: Scorer |
 
 def _fused(ops: Operands, needs: Needs, out_dtype: torch.dtype):
     """Fused SDPA for the output; the CLS query's row per head when declared, for the whole batch."""
-    q, k = ops.query, ops.key
-    B, H, N, d = q.shape
-    mask = None if ops.bias is None else ops.bias.to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, ops.value, attn_mask=mask, scale=ops.scale).to(out_dtype)
-    stats = Statistics(Needs(cls_row=needs.cls_row), (B, H, N), q)
+    B, H, N, d = ops.query.shape
+    out = _sdpa(ops, out_dtype)
+    stats = Statistics(Needs(cls_row=needs.cls_row), (B, H, N), ops.query)
     if needs.cls_row:
         stats.add(Chunk(_cls_rows(ops).softmax(dim=-1), slice(None), slice(0, 1)))
     return out, stats.result()
+
+
+def _sdpa(ops: Operands, out_dtype: torch.dtype) -> Tensor:
+    """The attention output by fused SDPA in the operands' own dtype, as an unpatched block computes it."""
+    mask = None if ops.bias is None else ops.bias.to(ops.query.dtype)
+    return F.scaled_dot_product_attention(ops.query, ops.key, ops.value, attn_mask=mask,
+                                          scale=ops.scale).to(out_dtype)  # fmt: skip
 
 
 def _cls_rows(ops: Operands) -> Tensor:
@@ -253,6 +258,8 @@ def _plan(ops: Operands, site: Site, buffers: float, out_dtype: torch.dtype) -> 
         return chunk_plan(B, H, N, acc_size * buffers, site.chunk_bytes)
     act_size = torch.finfo(out_dtype).bits // 8
     budget = memory_budget(B, N, H * d, act_size, ops.query.element_size())
+    if acc_size > ops.query.element_size():  # half precision: an image's q and k upcast for its logits
+        budget = max(budget - 2 * N * H * d * acc_size, H * N * acc_size)
     return chunk_plan(B, H, N, acc_size * buffers, budget, CACHE_BYTES)
 
 
@@ -266,7 +273,10 @@ def _chunked(ops: Operands, needs: Needs, site: Site, out_dtype: torch.dtype):
     acc = accumulation_dtype(q)
     stats = Statistics(needs, (B, H, N), q)
     images, rows = _plan(ops, site, stats.chunk_buffers(), out_dtype)
-    out = v.new_empty(B, N, H, d, dtype=out_dtype)  # merge_heads reads (B, H, N, d): a free view of this
+    # float16/bfloat16: the chunks' float32 probabilities feed the statistics only, and the output comes
+    # from the fused half-precision SDPA, which runs several times faster than a float32 product with v.
+    fused = _sdpa(ops, out_dtype).transpose(1, 2) if acc != q.dtype else None
+    out = fused if fused is not None else v.new_empty(B, N, H, d, dtype=out_dtype)  # (B, N, H, d)
     flat = torch.empty(images * H * rows * N, dtype=acc, device=q.device)
     for b0 in range(0, B, images):
         bs = slice(b0, min(B, b0 + images))
@@ -283,7 +293,7 @@ def _chunked(ops: Operands, needs: Needs, site: Site, out_dtype: torch.dtype):
             stats.from_logits(s, bs, rs)
             p = softmax_in_place(s)
             stats.add(Chunk(p, bs, rs, q[bs, :, rs], k[bs], scale, bias))
-            for j in range(bs.stop - b0):
+            for j in range(bs.stop - b0 if fused is None else 0):
                 _store(out[b0 + j, rs], torch.bmm(p[j], v[b0 + j].to(acc)))
     return out.transpose(1, 2), stats.result()
 
@@ -312,12 +322,12 @@ def score_block(
 
     What is computed is ``needs`` (default: ``score.needs``, else the full attention), by ``attend``;
     a block whose input needs autograd, or that is traced or exported, takes the explicit case. Ranking
-    runs in float32 for float16/bfloat16 blocks (``ranking_qkv``). ``keys`` (B, H, N, d) in the block's
+    logits are float32 for float16/bfloat16 blocks (``ranking_qkv``). ``keys`` (B, H, N, d) in the block's
     dtype, for merging by similarity.
     """
     needs = needs or getattr(score, "needs", FULL)
     site = replace(site, explicit=site.explicit or not may_stream(x), out_dtype=_autocast_dtype(x))
-    (q, k, v), precision = ranking_qkv(attn, x)
+    (q, k, v), precision = ranking_qkv(attn, x, site.float32_projection)
     ops = Operands(q, k, v, attn.scale, bias)
     del q, k, v  # ops holds them: the chunked case may swap them for contiguous copies
     with precision:
