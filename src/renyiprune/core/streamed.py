@@ -11,8 +11,9 @@ declares, by one of three cases:
   block's peak memory stays at or below the unpruned block's (rows of one image when one image does not
   fit), and ``CACHE_BYTES`` bounds how many whole images share one buffer, because a buffer larger than
   that runs slower, not faster (docs/performance.md, "Cost model").
-float16/bfloat16 inputs are computed in float32 one image block at a time, so rankings use float32
-logits. ``score_block`` is the same for a block module: its q, k, v, this pipeline and the criterion.
+float16/bfloat16 q and k are upcast to float32 one image at a time, so rankings use float32 logits; the
+output then comes from the half-precision SDPA, as in an unpatched block. ``score_block`` is the same for
+a block module: its q, k, v, this pipeline and the criterion.
 """
 
 from __future__ import annotations
