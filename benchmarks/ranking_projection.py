@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 
 import torch
-from reference_vit import ReferenceViT
+from perf_tables import reference_models
 
 import renyiprune as rp
-from renyiprune.core.state import records
-from renyiprune.experiments.benchmark import autocast_context, time_interleaved
+from renyiprune.experiments.benchmark import time_interleaved
 from renyiprune.experiments.evaluate import pruned_view
 from renyiprune.planning.flops import count_gmacs
+from renyiprune.planning.points import Point
 
 CRITERIA = {"evit": {}, "renyi a=2": {"alpha": 2.0}, "shannon": {}}
 
@@ -48,10 +48,8 @@ def main() -> None:
             view = pruned_view(model, plan)
             view.renyiprune.ranking_projection = projection
             runners[f"{name}, {projection}"] = view
-    with torch.inference_mode(), autocast_context("cpu", dtype):
-        view(x[:1])
-    tokens = {r.location: 1 + r.kept.shape[1] for r in records(view)}
-    runners["floor (no scoring)"] = ReferenceViT(model, tokens)
+    floors = reference_models(model, [Point(plan)], x[:1])  # token counts do not depend on the dtype
+    runners["floor (no scoring)"] = floors[f"floor r={args.keep:g}"]
     fewer = count_gmacs(model) / count_gmacs(view)
     timings = time_interleaved(runners, x, warmup=1, reps=args.reps, dtype=dtype,
                                progress=lambda m: print(m, flush=True))  # fmt: skip

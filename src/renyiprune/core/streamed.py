@@ -276,8 +276,8 @@ def _chunked(ops: Operands, needs: Needs, site: Site, out_dtype: torch.dtype):
     images, rows = _plan(ops, site, stats.chunk_buffers(), out_dtype)
     # float16/bfloat16: the chunks' float32 probabilities feed the statistics only, and the output comes
     # from the fused half-precision SDPA, which runs several times faster than a float32 product with v.
-    fused = _sdpa(ops, out_dtype).transpose(1, 2) if acc != q.dtype else None
-    out = fused if fused is not None else v.new_empty(B, N, H, d, dtype=out_dtype)  # (B, N, H, d)
+    half = acc != q.dtype
+    out = _sdpa(ops, out_dtype).transpose(1, 2) if half else v.new_empty(B, N, H, d, dtype=out_dtype)
     flat = torch.empty(images * H * rows * N, dtype=acc, device=q.device)
     for b0 in range(0, B, images):
         bs = slice(b0, min(B, b0 + images))
@@ -294,7 +294,7 @@ def _chunked(ops: Operands, needs: Needs, site: Site, out_dtype: torch.dtype):
             stats.from_logits(s, bs, rs)
             p = softmax_in_place(s)
             stats.add(Chunk(p, bs, rs, q[bs, :, rs], k[bs], scale, bias))
-            for j in range(bs.stop - b0 if fused is None else 0):
+            for j in range(0 if half else bs.stop - b0):  # output rows from the same probabilities
                 _store(out[b0 + j, rs], torch.bmm(p[j], v[b0 + j].to(acc)))
     return out.transpose(1, 2), stats.result()
 
